@@ -1,0 +1,1 @@
+"""What researchers touch: ls / sync / cat and the Python API."""

@@ -1,0 +1,348 @@
+"""The one `nccid` command. Every sub-command is a thin shell over a library function."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import typer
+
+from nccid.console import console, err_console, human_bytes, progress_bar, table
+from nccid.store import ObjectStore, StoreError, open_store
+from nccid.warehouse.catalog import Catalog, default_catalog_path
+from nccid.warehouse.config import ConfigError, load_config
+from nccid.warehouse.loader import LoadReport
+
+app = typer.Typer(
+    help="nccid: a national chest imaging research database (synthetic data, warehouse, researcher access).",
+    no_args_is_help=True,
+    add_completion=False,
+    rich_markup_mode=None,
+)
+warehouse_app = typer.Typer(
+    help="Central data team: load raw uploads, rebuild the catalog, inspect centres.", no_args_is_help=True
+)
+app.add_typer(warehouse_app, name="warehouse")
+
+STORE_HELP = "Warehouse store: a path, file:///path or s3://bucket (default: $NCCID_STORE)."
+StoreOption = typer.Option(None, "--store", "-s", help=STORE_HELP, envvar="NCCID_STORE")
+CatalogOption = typer.Option(
+    None,
+    "--catalog",
+    help="Catalog file (default: beside a local store, or under ~/.local/state/nccid).",
+    envvar="NCCID_CATALOG",
+)
+
+
+def _store(url: str | None) -> ObjectStore:
+    if not url:
+        err_console.print("[red]error:[/] no store given: pass --store PATH|s3://bucket or set NCCID_STORE")
+        raise typer.Exit(2)
+    try:
+        return open_store(url)
+    except StoreError as exc:
+        err_console.print(f"[red]error:[/] {exc}")
+        raise typer.Exit(2) from exc
+
+
+def _catalog(store: ObjectStore, path: Path | None) -> Catalog:
+    return Catalog(path or default_catalog_path(store.url))
+
+
+def _fail(exc: Exception) -> typer.Exit:
+    err_console.print(f"[red]error:[/] {exc}")
+    return typer.Exit(1)
+
+
+# -- reports ------------------------------------------------------------------------------------------
+def show_load_report(report: LoadReport, *, limit: int = 20) -> None:
+    order = ["filed", "duplicate", "pending", "conflict", "quarantined", "held"]
+    rows = [
+        [o, report.counts.get(o, 0), report.outstanding.get(o, "") if o not in ("filed", "duplicate") else ""]
+        for o in order
+    ]
+    rows.append(["unchanged (seen before)", report.unchanged, ""])
+    title = f"Load {report.run_id} ({report.mode}) in {report.duration_s:.1f} s"
+    console.print(table(title, ["outcome", "this run", "outstanding in total"], rows))
+    rate = report.bytes_filed / report.duration_s if report.duration_s else 0
+    console.print(f"images filed: {report.images_filed}, {human_bytes(report.bytes_filed)} ({human_bytes(rate)}/s)")
+    if report.items:
+        rows = [[outcome, count, reason, example] for outcome, reason, count, example in report.grouped_items()]
+        console.print(
+            table(
+                f"Not filed this run ({len(report.items)} objects, by reason)",
+                ["outcome", "objects", "reason", "first raw key"],
+                rows[:limit],
+            )
+        )
+        if len(rows) > limit:
+            console.print(f"... and {len(rows) - limit} more reasons in the report")
+    for warning in report.warnings[:limit]:
+        console.print(f"[yellow]warning:[/] {warning}")
+    if report.report_key:
+        console.print(f"report: {report.store.rstrip('/')}/{report.report_key}")
+
+
+def show_summary(summary: dict[str, dict]) -> None:
+    labels = [
+        ("centres", "Centres with data"),
+        ("patients", "Total patients"),
+        ("patients_with_images", "Patients with images"),
+        ("positive", "COVID positive"),
+        ("negative", "COVID negative"),
+        ("xray_studies", "X-ray studies"),
+        ("ct_studies", "CT studies"),
+        ("mri_studies", "MRI studies"),
+        ("xray_images", "X-ray images"),
+        ("ct_images", "CT images"),
+        ("mri_images", "MRI images"),
+    ]
+    rows = [[label, *(summary[s][k] for s in ("training", "validation", "all"))] for k, label in labels]
+    console.print(table("Summary", ["", "training", "validation", "all"], rows))
+
+
+# -- synthetic data -------------------------------------------------------------------------------------
+@app.command()
+def synth(
+    store: str = StoreOption,
+    patients: int = typer.Option(300, help="Number of patients."),
+    hospitals: int = typer.Option(5, help="Number of configured hospitals (1-7)."),
+    days: int = typer.Option(4, help="Number of weekly upload dates."),
+    scale: float = typer.Option(1.0, help="Image size multiplier: 1.0 realistic (~2000x2500 radiographs)."),
+    imaged: float = typer.Option(0.3, help="Share of patients with images."),
+    seed: int = typer.Option(0, help="Random seed: the same seed gives the same bytes."),
+    awkward: bool = typer.Option(True, help="Include the awkward cases (duplicates, truncated files, ...)."),
+    manifest: Path | None = typer.Option(None, help="Write what was made (and where) as JSON."),
+) -> None:
+    """Write a synthetic national dataset (config.json + raw uploads) into a store."""
+    from nccid.synth.national import SynthSpec, generate
+
+    target = _store(store)
+    spec = SynthSpec(
+        seed=seed,
+        patients=patients,
+        hospitals=hospitals,
+        days=days,
+        scale=scale,
+        imaged_fraction=imaged,
+        awkward=awkward,
+    )
+    with progress_bar("synthesising") as tick:
+        result = generate(target, spec, progress=lambda n: tick(1, n))
+    console.print(
+        f"wrote {result.patients} patients, {result.clinical_records} clinical records and "
+        f"{result.images} images ({human_bytes(result.bytes)}) to {target.url}"
+    )
+    if manifest:
+        manifest.write_text(json.dumps(result.to_json(), indent=1) + "\n")
+        console.print(f"manifest: {manifest}")
+
+
+# -- warehouse ------------------------------------------------------------------------------------------
+@warehouse_app.command("load")
+def warehouse_load(
+    store: str = StoreOption,
+    catalog: Path | None = CatalogOption,
+    dry_run: bool = typer.Option(False, "--dry-run", help="Say what would happen; write nothing."),
+    workers: int = typer.Option(os.cpu_count() or 1, help="Worker processes for reading headers and copying."),
+    as_json: bool = typer.Option(False, "--json", help="Print the run report as JSON."),
+) -> None:
+    """File new raw uploads into the processed layout (incremental, idempotent, safe to interrupt)."""
+    from nccid.warehouse.loader import load
+
+    target = _store(store)
+    cat = _catalog(target, catalog)
+    try:
+        with progress_bar("loading") as tick:
+            report = load(target, cat, dry_run=dry_run, workers=workers, progress=tick)
+    except ConfigError as exc:
+        raise _fail(exc) from exc
+    finally:
+        cat.close()
+    if as_json:
+        print(json.dumps(report.to_json(), indent=1))
+    else:
+        show_load_report(report)
+
+
+@warehouse_app.command("rebuild-catalog")
+def warehouse_rebuild(
+    store: str = StoreOption,
+    catalog: Path | None = CatalogOption,
+    workers: int = typer.Option(os.cpu_count() or 1, help="Worker processes."),
+) -> None:
+    """Recreate the catalog from the store alone (the store is the truth)."""
+    from nccid.warehouse.rebuild import rebuild_catalog
+
+    target = _store(store)
+    path = catalog or default_catalog_path(target.url)
+    with progress_bar("rebuilding") as tick:
+        report = rebuild_catalog(target, path, workers=workers, progress=tick)
+    cat = Catalog(path)
+    counts = cat.outcome_counts()
+    patients = cat.query("SELECT COUNT(*) FROM patients")[0][0]
+    instances = cat.query("SELECT COUNT(*) FROM instances")[0][0]
+    cat.close()
+    console.print(f"rebuilt {path}: {patients} patients, {instances} images, raw objects by outcome: {counts}")
+    for warning in report.warnings[:20]:
+        console.print(f"[yellow]warning:[/] {warning}")
+
+
+@warehouse_app.command("centres")
+def warehouse_centres(store: str = StoreOption, catalog: Path | None = CatalogOption) -> None:
+    """Submitting centres seen in clinical records, and which are not configured in config.json."""
+    target = _store(store)
+    try:
+        config = load_config(target)
+    except ConfigError as exc:
+        raise _fail(exc) from exc
+    cat = _catalog(target, catalog)
+    seen = {centre: (records, filed) for centre, records, filed in cat.centres()}
+    cat.close()
+    rows = []
+    for centre in sorted(set(seen) | config.sites):
+        rule = (
+            "split"
+            if centre in config.split_sites
+            else "training"
+            if centre in config.training_sites
+            else "validation"
+            if centre in config.validation_sites
+            else "NOT CONFIGURED"
+        )
+        records, filed = seen.get(centre, (0, 0))
+        rows.append([centre, rule, records, filed])
+    console.print(table("Submitting centres", ["SubmittingCentre", "rule", "records seen", "filed"], rows))
+    missing = [r[0] for r in rows if r[1] == "NOT CONFIGURED"]
+    if missing:
+        console.print(f"{len(missing)} centre(s) not configured: add them to config.json 'sites' and load again")
+
+
+@warehouse_app.command("status")
+def warehouse_status(
+    store: str = StoreOption,
+    catalog: Path | None = CatalogOption,
+    limit: int = typer.Option(50, help="How many outstanding items to list."),
+) -> None:
+    """Everything not filed: pending, held, conflicting and quarantined objects with their reasons."""
+    target = _store(store)
+    cat = _catalog(target, catalog)
+    counts = cat.outcome_counts()
+    items = [[r.key, r.outcome, r.reason] for _, r in zip(range(limit), cat.outstanding(), strict=False)]
+    cat.close()
+    console.print(table("Raw objects by outcome", ["outcome", "objects"], sorted(counts.items())))
+    if items:
+        console.print(table("Outstanding", ["raw key", "outcome", "reason"], items))
+
+
+# -- researcher access ----------------------------------------------------------------------------------
+@app.command("ls")
+def ls(
+    prefix: str = typer.Argument("", help="Key prefix, e.g. training/ or training/data/"),
+    store: str = StoreOption,
+    recursive: bool = typer.Option(False, "--recursive", "-r", help="List every object below the prefix."),
+) -> None:
+    """List folders and objects below a prefix (like `aws s3 ls`)."""
+    from nccid.access.api import Folder, Warehouse
+
+    wh = Warehouse(_store(store))
+    count = 0
+    for entry in wh.ls(prefix, recursive=recursive):
+        if isinstance(entry, Folder):
+            print(f"{'PRE':>30} {entry.key}")
+        else:
+            import datetime as dt
+
+            when = dt.datetime.fromtimestamp(entry.mtime).strftime("%Y-%m-%d %H:%M:%S")
+            print(f"{when} {entry.size:>10} {entry.key}")
+        count += 1
+    if count == 0:
+        err_console.print(f"nothing below {prefix!r}")
+
+
+@app.command("cat")
+def cat_(
+    key: str = typer.Argument(..., help="Object key."),
+    store: str = StoreOption,
+    header: bool = typer.Option(False, "--header", help="For DICOM: print the header (no pixels) as text."),
+) -> None:
+    """Write an object to standard output (or show a DICOM header)."""
+    from nccid.access.api import Warehouse
+
+    wh = Warehouse(_store(store))
+    try:
+        if header:
+            print(wh.dicom_header(key))
+        else:
+            sys.stdout.buffer.write(wh.read(key))
+    except StoreError as exc:
+        raise _fail(exc) from exc
+
+
+@app.command("sync")
+def sync_(
+    prefix: str = typer.Argument(..., help="Key prefix to copy, e.g. training/ct/"),
+    dest: Path = typer.Argument(..., help="Local folder."),
+    store: str = StoreOption,
+    workers: int = typer.Option(8, help="Parallel downloads."),
+) -> None:
+    """Copy a prefix into a local folder: skips unchanged files, verifies checksums, resumes after a stop."""
+    from nccid.access.api import Warehouse
+
+    wh = Warehouse(_store(store))
+    try:
+        with progress_bar(f"syncing {prefix}") as tick:
+            result = wh.sync(prefix, dest, workers=workers, progress=tick)
+    except StoreError as exc:
+        raise _fail(exc) from exc
+    console.print(
+        f"fetched {result.fetched} files ({human_bytes(result.bytes_fetched)}), "
+        f"skipped {result.skipped} unchanged, into {dest}; manifest: {result.manifest}"
+    )
+
+
+# -- statistics -----------------------------------------------------------------------------------------
+@app.command("stats")
+def stats_(
+    store: str = StoreOption,
+    catalog: Path | None = CatalogOption,
+    date: str | None = typer.Option(None, help="Folder date (default: today)."),
+) -> None:
+    """Compute the patient, study, storage and summary tables; write them into stats/<date>/ of the store."""
+    from nccid.stats.summary import compute, publish
+
+    target = _store(store)
+    cat = _catalog(target, catalog)
+    try:
+        stats = compute(target, cat, date)
+        prefix = publish(target, stats)
+    finally:
+        cat.close()
+    show_summary(stats.summary)
+    console.print(
+        f"tables: {target.url.rstrip('/')}/{prefix} (patients, xray, ct, mri, storage, summary; "
+        f"CSV and JSON); latest: stats/latest.json"
+    )
+
+
+@app.command()
+def demo(
+    directory: Path = typer.Option(Path("nccid-demo"), "--dir", help="Where the demo store and catalog go."),
+    patients: int = typer.Option(300, help="Number of synthetic patients."),
+    scale: float = typer.Option(1.0, help="Image size multiplier (1.0: realistic sizes, about 1 GB in all)."),
+    seed: int = typer.Option(0, help="Random seed."),
+) -> None:
+    """The whole spine in one go: synthesise a national dataset, load it, load again, publish statistics."""
+    from nccid.demo import run_demo
+
+    run_demo(directory, patients=patients, scale=scale, seed=seed)
+
+
+def main() -> None:  # pragma: no cover
+    app()
+
+
+if __name__ == "__main__":  # python -m nccid.cli
+    main()

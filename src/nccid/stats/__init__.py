@@ -1,0 +1,1 @@
+"""Clinical cleaning, summaries, dashboard and public statistics data."""

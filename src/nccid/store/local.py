@@ -1,0 +1,274 @@
+"""The embedded default: a local directory as an object store.
+
+Writes go to a temporary file inside the store's own `.nccid-tmp/` folder (same filesystem) and are then
+renamed or hard-linked into place, so a reader never sees half an object and a no-overwrite write is a
+single atomic `link()` that fails if the key exists. The MD5 checksum of each object is cached in an extended
+attribute, stamped with the file's size and mtime, so listings are cheap and a file changed behind our back
+is re-hashed rather than trusted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import BinaryIO
+
+from nccid.store.base import (
+    ObjectExists,
+    ObjectInfo,
+    ObjectNotFound,
+    ObjectStore,
+    StoreError,
+    check_key,
+    check_prefix,
+)
+
+TMP_DIR = ".nccid-tmp"
+_XATTR = "user.nccid.md5"
+_CHUNK = 1 << 20
+
+
+def md5_file(path: str | os.PathLike[str]) -> str:
+    digest = hashlib.md5(usedforsecurity=False)
+    with open(path, "rb") as handle:
+        while chunk := handle.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _stamp(st: os.stat_result) -> str:
+    return f"{st.st_mtime_ns}:{st.st_size}"
+
+
+def cached_checksum(path: str, st: os.stat_result | None = None) -> str:
+    """The file's MD5, from the xattr cache when it still matches size and mtime, else computed and cached."""
+    st = st or os.stat(path)
+    try:
+        cached = os.getxattr(path, _XATTR).decode()
+        digest, stamp = cached.split(":", 1)
+        if stamp == _stamp(st):
+            return digest
+    except (OSError, ValueError):
+        pass
+    digest = md5_file(path)
+    _remember_checksum(path, digest, st)
+    return digest
+
+
+def _remember_checksum(path: str, digest: str, st: os.stat_result | None = None) -> None:
+    with contextlib.suppress(OSError):  # a filesystem without user xattrs just re-hashes next time
+        st = st or os.stat(path)
+        os.setxattr(path, _XATTR, f"{digest}:{_stamp(st)}".encode())
+
+
+def _copy_bytes(src: str, dst: str) -> None:
+    """Kernel-side copy (reflink where the filesystem can), falling back to a plain copy."""
+    with open(src, "rb") as fin, open(dst, "wb") as fout:
+        remaining = os.fstat(fin.fileno()).st_size
+        try:
+            while remaining > 0:
+                copied = os.copy_file_range(fin.fileno(), fout.fileno(), min(remaining, 1 << 30))
+                if copied == 0:
+                    break
+                remaining -= copied
+        except OSError:
+            fin.seek(0)
+            fout.seek(0)
+            fout.truncate()
+            shutil.copyfileobj(fin, fout, _CHUNK)
+
+
+class LocalStore(ObjectStore):
+    """Objects are files below `root`; the key is the path relative to it."""
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(root).resolve()
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.url = self.root.as_uri()
+        self._tmp = self.root / TMP_DIR
+
+    def __repr__(self) -> str:
+        return f"LocalStore({str(self.root)!r})"
+
+    def __reduce__(self) -> tuple[type, tuple[str]]:
+        return (LocalStore, (str(self.root),))
+
+    # -- paths -----------------------------------------------------------------------------------------
+    def _path(self, key: str) -> str:
+        check_key(key)
+        if key.split("/", 1)[0] == TMP_DIR:
+            raise StoreError(f"{key!r} is inside the store's private temporary folder")
+        return os.path.join(self.root, key)
+
+    def _temp_path(self) -> str:
+        self._tmp.mkdir(exist_ok=True)
+        return os.path.join(self._tmp, f"{uuid.uuid4().hex}.part")
+
+    def _info(self, key: str, path: str, st: os.stat_result) -> ObjectInfo:
+        return ObjectInfo(key=key, size=st.st_size, checksum=cached_checksum(path, st), mtime=st.st_mtime)
+
+    # -- listing ---------------------------------------------------------------------------------------
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        check_prefix(prefix)
+        dir_part, _, name_part = prefix.rpartition("/")
+        start = os.path.join(self.root, dir_part) if dir_part else str(self.root)
+        base = f"{dir_part}/" if dir_part else ""
+        yield from self._walk(start, base, name_part, top=not dir_part)
+
+    def _walk(self, directory: str, base: str, name_part: str, top: bool) -> Iterator[ObjectInfo]:
+        try:
+            with os.scandir(directory) as it:
+                entries = [e for e in it if e.name.startswith(name_part)]
+        except (FileNotFoundError, NotADirectoryError):
+            return
+        # S3 order: a folder sorts as its name followed by '/', so 'a-b' comes before everything in 'a/'.
+        entries.sort(key=lambda e: e.name + "/" if e.is_dir(follow_symlinks=False) else e.name)
+        for entry in entries:
+            if top and entry.name == TMP_DIR:
+                continue
+            if entry.is_dir(follow_symlinks=False):
+                yield from self._walk(entry.path, f"{base}{entry.name}/", "", top=False)
+            elif entry.is_file(follow_symlinks=False):
+                yield self._info(base + entry.name, entry.path, entry.stat(follow_symlinks=False))
+
+    def list_level(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        check_prefix(prefix)
+        dir_part, _, name_part = prefix.rpartition("/")
+        directory = os.path.join(self.root, dir_part) if dir_part else str(self.root)
+        base = f"{dir_part}/" if dir_part else ""
+        try:
+            with os.scandir(directory) as it:
+                files = sorted(
+                    (e for e in it if e.name.startswith(name_part) and e.is_file(follow_symlinks=False)),
+                    key=lambda e: e.name,
+                )
+        except (FileNotFoundError, NotADirectoryError):
+            return
+        for entry in files:
+            yield self._info(base + entry.name, entry.path, entry.stat(follow_symlinks=False))
+
+    def list_dirs(self, prefix: str = "") -> list[str]:
+        check_prefix(prefix)
+        dir_part, _, name_part = prefix.rpartition("/")
+        directory = os.path.join(self.root, dir_part) if dir_part else str(self.root)
+        base = f"{dir_part}/" if dir_part else ""
+        try:
+            with os.scandir(directory) as it:
+                names = [e.name for e in it if e.name.startswith(name_part) and e.is_dir(follow_symlinks=False)]
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        return sorted(f"{base}{n}/" for n in names if not (base == "" and n == TMP_DIR))
+
+    # -- reading ---------------------------------------------------------------------------------------
+    def stat(self, key: str) -> ObjectInfo | None:
+        path = self._path(key)
+        try:
+            st = os.stat(path)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        if not os.path.isfile(path):
+            return None
+        return self._info(key, path, st)
+
+    def read(self, key: str) -> bytes:
+        try:
+            with open(self._path(key), "rb") as handle:
+                return handle.read()
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError) as exc:
+            raise ObjectNotFound(f"no object {key!r} in {self.url}") from exc
+
+    def read_range(self, key: str, start: int, length: int) -> bytes:
+        with self.open(key) as handle:
+            handle.seek(start)
+            return handle.read(length)
+
+    def open(self, key: str) -> BinaryIO:
+        try:
+            return open(self._path(key), "rb")
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError) as exc:
+            raise ObjectNotFound(f"no object {key!r} in {self.url}") from exc
+
+    def local_path(self, key: str) -> str:
+        """Where the object lives on disk (the local backend only; used for zero-copy downloads)."""
+        return self._path(key)
+
+    def download(self, key: str, dest: BinaryIO) -> None:
+        with self.open(key) as handle:
+            shutil.copyfileobj(handle, dest, _CHUNK)
+
+    # -- writing ---------------------------------------------------------------------------------------
+    def _publish(self, tmp: str, key: str, path: str, overwrite: bool) -> None:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        try:
+            if overwrite:
+                os.replace(tmp, path)
+            else:
+                try:
+                    os.link(tmp, path)  # atomic create-if-absent
+                except FileExistsError as exc:
+                    raise ObjectExists(f"object {key!r} already exists in {self.url}") from exc
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+
+    def write(self, key: str, data: bytes | BinaryIO, *, overwrite: bool = True) -> ObjectInfo:
+        path = self._path(key)
+        if not overwrite and os.path.exists(path):
+            raise ObjectExists(f"object {key!r} already exists in {self.url}")
+        tmp = self._temp_path()
+        digest = hashlib.md5(usedforsecurity=False)
+        with open(tmp, "wb") as out:
+            if isinstance(data, bytes | bytearray | memoryview):
+                digest.update(data)
+                out.write(data)
+            else:
+                while chunk := data.read(_CHUNK):
+                    digest.update(chunk)
+                    out.write(chunk)
+        _remember_checksum(tmp, digest.hexdigest())
+        self._publish(tmp, key, path, overwrite)
+        return self._info(key, path, os.stat(path))
+
+    def copy(self, src: str, dst: str, *, overwrite: bool = True) -> ObjectInfo:
+        src_path, dst_path = self._path(src), self._path(dst)
+        if not os.path.isfile(src_path):
+            raise ObjectNotFound(f"no object {src!r} in {self.url}")
+        if not overwrite and os.path.exists(dst_path):
+            raise ObjectExists(f"object {dst!r} already exists in {self.url}")
+        digest = cached_checksum(src_path)
+        tmp = self._temp_path()
+        _copy_bytes(src_path, tmp)
+        _remember_checksum(tmp, digest)
+        self._publish(tmp, dst, dst_path, overwrite)
+        return self._info(dst, dst_path, os.stat(dst_path))
+
+    def delete(self, key: str) -> None:
+        path = self._path(key)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        # tidy empty folders up to the root, as S3 has no folders to leave behind
+        parent = os.path.dirname(path)
+        while parent != str(self.root):
+            try:
+                os.rmdir(parent)
+            except OSError:
+                break
+            parent = os.path.dirname(parent)
+
+    def clean_temp(self, older_than_s: float = 3600.0) -> int:
+        """Remove temporary files left by a killed writer; young ones may belong to a live writer."""
+        removed = 0
+        cutoff = time.time() - older_than_s
+        with contextlib.suppress(FileNotFoundError), os.scandir(self._tmp) as it:
+            for entry in it:
+                with contextlib.suppress(FileNotFoundError):
+                    if entry.stat().st_mtime < cutoff:
+                        os.unlink(entry.path)
+                        removed += 1
+        return removed

@@ -1,0 +1,249 @@
+"""Synthetic chest DICOM: CR/DX radiographs, CT and MR series, and the odd object the warehouse must refuse.
+
+Pixels come from the real, public test images that `pydicom-data` ships (a chest CR, a CT slice, an MR slice),
+resampled to realistic sizes and varied per image by cheap integer operations, so that output runs at tens
+of MB/s. Headers are written from scratch: nothing of the templates' headers is carried over.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import io
+from dataclasses import dataclass
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian
+
+CR_STORAGE = "1.2.840.10008.5.1.4.1.1.1"
+DX_STORAGE = "1.2.840.10008.5.1.4.1.1.1.1"
+CT_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
+MR_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
+SC_STORAGE = "1.2.840.10008.5.1.4.1.1.7"
+BASIC_TEXT_SR = "1.2.840.10008.5.1.4.1.1.88.11"
+
+DEVICES = {
+    "CR": [("FUJIFILM Corporation", "FCR PROFECT"), ("Agfa", "CR 85-X"), ("Carestream Health", "DRX-Revolution")],
+    "DX": [
+        ("Philips Medical Systems", "DigitalDiagnost"),
+        ("SIEMENS", "Fluorospot Compact FD"),
+        ("GE Healthcare", "Optima XR220amx"),
+    ],
+    "CT": [
+        ("GE MEDICAL SYSTEMS", "Revolution CT"),
+        ("SIEMENS", "SOMATOM Definition AS"),
+        ("TOSHIBA", "Aquilion ONE"),
+        ("Philips", "Ingenuity CT"),
+    ],
+    "MR": [("SIEMENS", "Avanto"), ("GE MEDICAL SYSTEMS", "SIGNA Artist")],
+}
+#: radiograph detector formats (rows, columns), around 2000 x 2500
+XRAY_SIZES = [(2500, 2048), (2446, 2010), (2560, 2140), (2336, 1950), (2048, 2500)]
+
+
+def synthetic_uid(*parts: object) -> str:
+    """A deterministic UID in the 2.25 (UUID-derived) form, unique per `parts`."""
+    digest = hashlib.sha256("/".join(map(str, parts)).encode()).digest()[:16]
+    return f"2.25.{int.from_bytes(digest, 'big')}"
+
+
+@functools.cache
+def _template(name: str) -> np.ndarray:
+    from pydicom.data import get_testdata_file
+
+    path = get_testdata_file(name)
+    if path is None:  # pragma: no cover - depends on pydicom-data being installed
+        raise RuntimeError(f"pydicom-data template {name} not found: pip install pydicom-data")
+    return pydicom.dcmread(path).pixel_array
+
+
+def _resample(image: np.ndarray, rows: int, cols: int) -> np.ndarray:
+    r = (np.arange(rows) * image.shape[0] // rows).astype(np.intp)
+    c = (np.arange(cols) * image.shape[1] // cols).astype(np.intp)
+    return image[np.ix_(r, c)]
+
+
+@functools.cache
+def xray_base(rows: int, cols: int) -> np.ndarray:
+    """The real chest CR (MONOCHROME1, 15 bits) resampled to a detector size."""
+    return _resample(_template("RG1_UNCR.dcm"), rows, cols).astype(np.uint16)
+
+
+@functools.cache
+def ct_base(size: int) -> np.ndarray:
+    return _resample(_template("693_UNCR.dcm"), size, size).astype(np.int16)
+
+
+@functools.cache
+def mr_base(size: int) -> np.ndarray:
+    return _resample(_template("MR2_UNCR.dcm"), size, size).astype(np.uint16)
+
+
+@dataclass(frozen=True)
+class Subject:
+    """What a DICOM header says of the patient and study (already pseudonymised for the raw layout)."""
+
+    patient_id: str
+    patient_name: str
+    sex: str  # 'M' / 'F' / ''
+    age_years: int | None
+    study_uid: str
+    study_date: str  # YYYYMMDD
+    accession: str = ""
+
+
+def _base_dataset(
+    subject: Subject,
+    sop_class: str,
+    sop_uid: str,
+    series_uid: str,
+    modality: str,
+    series_number: int,
+    instance_number: int,
+    device: tuple[str, str],
+) -> Dataset:
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = sop_class
+    ds.file_meta.MediaStorageSOPInstanceUID = sop_uid
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+    ds.SpecificCharacterSet = "ISO_IR 100"
+    ds.SOPClassUID = sop_class
+    ds.SOPInstanceUID = sop_uid
+    ds.StudyDate = subject.study_date
+    ds.SeriesDate = subject.study_date
+    ds.StudyTime = "101500"
+    ds.AccessionNumber = subject.accession
+    ds.Modality = modality
+    ds.Manufacturer, ds.ManufacturerModelName = device
+    ds.PatientName = subject.patient_name
+    ds.PatientID = subject.patient_id
+    ds.PatientSex = subject.sex
+    if subject.age_years is not None:
+        ds.PatientAge = f"{subject.age_years:03d}Y"
+    ds.BodyPartExamined = "CHEST"
+    ds.PatientIdentityRemoved = "YES"
+    ds.StudyInstanceUID = subject.study_uid
+    ds.SeriesInstanceUID = series_uid
+    ds.StudyID = "1"
+    ds.SeriesNumber = series_number
+    ds.InstanceNumber = instance_number
+    return ds
+
+
+def _set_pixels(ds: Dataset, pixels: np.ndarray, photometric: str, bits_stored: int, signed: bool) -> None:
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = photometric
+    ds.Rows, ds.Columns = pixels.shape
+    ds.BitsAllocated = 16
+    ds.BitsStored = bits_stored
+    ds.HighBit = bits_stored - 1
+    ds.PixelRepresentation = 1 if signed else 0
+    ds.PixelData = pixels.tobytes()
+
+
+def encode(ds: Dataset) -> bytes:
+    buffer = io.BytesIO()
+    pydicom.dcmwrite(buffer, ds, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def xray(
+    subject: Subject,
+    rng: np.random.Generator,
+    *,
+    modality: str = "CR",
+    scale: float = 1.0,
+    series_uid: str,
+    sop_uid: str,
+    instance_number: int = 1,
+) -> Dataset:
+    rows, cols = XRAY_SIZES[int(rng.integers(len(XRAY_SIZES)))]
+    rows, cols = max(16, int(rows * scale)), max(16, int(cols * scale))
+    pixels = xray_base(rows, cols)
+    if rng.random() < 0.5:
+        pixels = pixels[:, ::-1]
+    pixels = np.clip(pixels.astype(np.int32) + int(rng.integers(-600, 600)), 0, 32767).astype(np.uint16)
+    devices = DEVICES[modality]
+    ds = _base_dataset(
+        subject,
+        CR_STORAGE if modality == "CR" else DX_STORAGE,
+        sop_uid,
+        series_uid,
+        modality,
+        1,
+        instance_number,
+        devices[int(rng.integers(len(devices)))],
+    )
+    ds.ViewPosition = "PA" if rng.random() < 0.6 else "AP"
+    ds.ImagerPixelSpacing = [0.15 / scale, 0.15 / scale]
+    ds.WindowCenter, ds.WindowWidth = 16000, 30000
+    _set_pixels(ds, np.ascontiguousarray(pixels), "MONOCHROME1", 15, signed=False)
+    return ds
+
+
+def ct_slices(
+    subject: Subject, rng: np.random.Generator, *, slices: int, scale: float = 1.0, series_uid: str, uid_seed: str
+) -> list[Dataset]:
+    size = max(16, int(512 * scale))
+    base = ct_base(size)
+    devices = DEVICES["CT"]
+    device = devices[int(rng.integers(len(devices)))]
+    thickness = float(rng.choice([1.0, 1.25, 2.5, 5.0]))
+    out = []
+    for i in range(slices):
+        shift = int(8 * np.sin(i / max(slices, 1) * np.pi) * scale)
+        pixels = np.roll(base, shift, axis=0) + np.int16(int(rng.integers(-20, 20)))
+        sop = synthetic_uid(uid_seed, "ct", i)
+        ds = _base_dataset(subject, CT_STORAGE, sop, series_uid, "CT", 2, i + 1, device)
+        ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+        ds.SliceThickness = thickness
+        ds.ImagePositionPatient = [-175.0, -175.0, -thickness * i]
+        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+        ds.PixelSpacing = [0.68 / scale, 0.68 / scale]
+        ds.RescaleIntercept, ds.RescaleSlope, ds.RescaleType = -1024, 1, "HU"
+        ds.WindowCenter, ds.WindowWidth = -600, 1500
+        _set_pixels(ds, pixels, "MONOCHROME2", 16, signed=True)
+        out.append(ds)
+    return out
+
+
+def mr_slices(
+    subject: Subject, rng: np.random.Generator, *, slices: int, scale: float = 1.0, series_uid: str, uid_seed: str
+) -> list[Dataset]:
+    size = max(16, int(256 * scale))
+    base = mr_base(size)
+    devices = DEVICES["MR"]
+    device = devices[int(rng.integers(len(devices)))]
+    out = []
+    for i in range(slices):
+        pixels = np.roll(base, i % 7, axis=1)
+        sop = synthetic_uid(uid_seed, "mr", i)
+        ds = _base_dataset(subject, MR_STORAGE, sop, series_uid, "MR", 3, i + 1, device)
+        ds.ScanningSequence, ds.SequenceVariant = "SE", "NONE"
+        ds.SliceThickness = 6.0
+        ds.ImagePositionPatient = [-200.0, -200.0, -6.0 * i]
+        ds.PixelSpacing = [1.56 / scale, 1.56 / scale]
+        _set_pixels(ds, pixels, "MONOCHROME2", 12, signed=False)
+        out.append(ds)
+    return out
+
+
+def structured_report(subject: Subject, *, series_uid: str, sop_uid: str) -> Dataset:
+    """A Basic Text SR: no pixels, not an image the warehouse files."""
+    ds = _base_dataset(subject, BASIC_TEXT_SR, sop_uid, series_uid, "SR", 90, 1, ("nccid", "synth"))
+    ds.ValueType = "CONTAINER"
+    ds.CompletionFlag = "COMPLETE"
+    ds.VerificationFlag = "UNVERIFIED"
+    return ds
+
+
+def secondary_capture(subject: Subject, *, series_uid: str, sop_uid: str) -> Dataset:
+    """An OT secondary capture (a screenshot-like object): refused by the warehouse."""
+    ds = _base_dataset(subject, SC_STORAGE, sop_uid, series_uid, "OT", 91, 1, ("nccid", "synth"))
+    ds.ConversionType = "WSD"
+    _set_pixels(ds, np.zeros((64, 64), dtype=np.uint16), "MONOCHROME2", 12, signed=False)
+    return ds

@@ -1,0 +1,1 @@
+"""The central warehouse: layout, split rules, loader, metadata export, catalog and run reports."""

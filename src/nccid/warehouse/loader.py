@@ -1,0 +1,560 @@
+"""The warehouse loader: raw uploads -> the processed layout, incrementally and idempotently.
+
+Clinical records first (they decide each patient's group), then images. Each raw object ends in exactly one
+outcome, recorded in the catalog and the run report:
+
+- filed: copied into the processed layout (images with their metadata JSON beside them);
+- duplicate: the same bytes were filed already (same SOP Instance UID, or the same clinical record);
+- pending: an image whose patient has no clinical record yet; filed by a later run once one arrives;
+- conflict: different bytes under a SOP Instance UID (or clinical file) that is already filed: held;
+- quarantined: an image that cannot be filed (unreadable, truncated, not DICOM, a missing tag, a modality
+  other than CR/DX/CT/MR); it stays in the raw prefix and is reported;
+- held: a clinical record (or a stray file) that cannot be filed yet, with the reason.
+
+Crash safety: every processed object is written atomically and never overwritten; the catalog is updated
+after the objects exist. A run killed at any moment leaves at worst objects the catalog does not know of;
+the next run finds them already present with the same checksum and records them.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import contextlib
+import datetime as dt
+import json
+import multiprocessing
+import os
+import re
+import secrets
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field, replace
+from enum import Enum
+from itertools import islice
+from pathlib import Path
+
+from nccid.store import LocalStore, ObjectExists, ObjectInfo, ObjectStore
+from nccid.warehouse.catalog import FINAL_OUTCOMES, Catalog, ClinicalRow, Instance, RawRow
+from nccid.warehouse.clinical import ClinicalRecord, ClinicalRejected, check_clinical
+from nccid.warehouse.config import WarehouseConfig, group_for, load_config
+from nccid.warehouse.dicom_header import ImageFacts, ImageRejected, image_facts, metadata_json, read_header
+from nccid.warehouse.layout import (
+    LayoutError,
+    clinical_key,
+    image_key,
+    is_upload_date,
+    metadata_key,
+    parse_raw_key,
+)
+
+REPORT_PREFIX = "reports/load/"
+_PSEUDONYM_IN_TEXT = re.compile(r"\bCovid[0-9]+\b")
+BATCH = 256
+Progress = Callable[[str, int, int], None]  # (phase, objects, bytes)
+
+
+class Mode(Enum):
+    LOAD = "load"
+    DRY_RUN = "dry-run"  # decide everything, write nothing (on a throw-away copy of the catalog)
+    REBUILD = "rebuild"  # record what the store already holds, write nothing
+
+
+@dataclass
+class LoadReport:
+    run_id: str
+    store: str
+    mode: str
+    started: str
+    finished: str = ""
+    duration_s: float = 0.0
+    counts: Counter = field(default_factory=Counter)  # outcome -> objects touched this run
+    bytes_filed: int = 0
+    images_filed: int = 0
+    unchanged: int = 0  # objects seen before and skipped
+    items: list[dict] = field(default_factory=list)  # this run's non-filed outcomes, with reasons
+    warnings: list[str] = field(default_factory=list)
+    outstanding: dict[str, int] = field(default_factory=dict)  # all-time pending/held/... totals
+    report_key: str = ""
+
+    def add(self, row: RawRow) -> None:
+        self.counts[row.outcome] += 1
+        if row.outcome != "filed":
+            self.items.append(
+                {
+                    "key": row.key,
+                    "kind": row.kind,
+                    "outcome": row.outcome,
+                    "reason": row.reason,
+                    "dest": row.dest,
+                }
+            )
+
+    def grouped_items(self) -> list[tuple[str, str, int, str]]:
+        """(outcome, reason with pseudonyms masked, count, first key): the not-filed items at a glance."""
+        groups: dict[tuple[str, str], list[str]] = {}
+        for item in self.items:
+            reason = _PSEUDONYM_IN_TEXT.sub("<patient>", item["reason"])
+            groups.setdefault((item["outcome"], reason), []).append(item["key"])
+        return [(o, r, len(keys), keys[0]) for (o, r), keys in groups.items()]
+
+    def to_json(self) -> dict:
+        return {
+            "run_id": self.run_id,
+            "store": self.store,
+            "mode": self.mode,
+            "started": self.started,
+            "finished": self.finished,
+            "duration_s": round(self.duration_s, 3),
+            "counts": dict(sorted(self.counts.items())),
+            "unchanged": self.unchanged,
+            "images_filed": self.images_filed,
+            "bytes_filed": self.bytes_filed,
+            "outstanding": self.outstanding,
+            "warnings": self.warnings,
+            "items": self.items,
+        }
+
+
+# -- work done in worker processes (top level, so it pickles) -----------------------------------------
+@dataclass(frozen=True, slots=True)
+class Examined:
+    key: str
+    facts: ImageFacts | None = None
+    metadata: bytes = b""
+    reason: str = ""
+
+
+def examine_image(store: ObjectStore, key: str, size: int) -> Examined:
+    """Read only the header of a raw image, decide whether it can be filed, and prepare its metadata JSON."""
+    try:
+        with store.open(key) as reader:
+            ds = read_header(reader, size)
+        facts = image_facts(ds)
+        return Examined(key, facts=facts, metadata=metadata_json(ds))
+    except ImageRejected as exc:
+        return Examined(key, reason=exc.reason)
+
+
+@dataclass(frozen=True, slots=True)
+class ImagePlan:
+    key: str
+    checksum: str
+    dest: str
+    meta_key: str
+    metadata: bytes
+
+
+def place(store: ObjectStore, src: str, dst: str, checksum: str, write: bool) -> str:
+    """Copy `src` to `dst` unless it is there: 'new', 'present' (same bytes), 'different' or 'absent' (no write)."""
+    info = store.stat(dst)
+    if info is None:
+        if not write:
+            return "absent"
+        try:
+            store.copy(src, dst, overwrite=False)
+            return "new"
+        except ObjectExists:
+            info = store.stat(dst)
+            if info is None:  # pragma: no cover - deleted under our feet
+                raise
+    return "present" if info.checksum == checksum else "different"
+
+
+def file_image(store: ObjectStore, plan: ImagePlan, write: bool) -> str:
+    """Metadata first, image last: an image in the layout always has its metadata beside it."""
+    existing = store.stat(plan.dest)
+    if existing is not None:
+        if existing.checksum != plan.checksum:
+            return "different"
+        if store.stat(plan.meta_key) is None and write:
+            _write_once(store, plan.meta_key, plan.metadata)
+        return "present"
+    if not write:
+        return "absent"
+    _write_once(store, plan.meta_key, plan.metadata)
+    return place(store, plan.key, plan.dest, plan.checksum, write)
+
+
+def _write_once(store: ObjectStore, key: str, data: bytes) -> None:
+    with contextlib.suppress(ObjectExists):  # written by an earlier, interrupted run, from the same header
+        store.write(key, data, overwrite=False)
+
+
+class _InlineExecutor:
+    """One worker: run in this process (tests, small loads, and easier debugging)."""
+
+    def map(self, fn: Callable, *iterables: Iterable) -> Iterator:
+        return map(fn, *iterables)
+
+    def __enter__(self) -> _InlineExecutor:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def _executor(workers: int) -> cf.Executor | _InlineExecutor:
+    if workers <= 1:
+        return _InlineExecutor()
+    return cf.ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("fork"))
+
+
+def _batches(items: Iterable, size: int = BATCH) -> Iterator[list]:
+    it = iter(items)
+    while batch := list(islice(it, size)):
+        yield batch
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def new_run_id() -> str:
+    return dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ") + "-" + secrets.token_hex(3)
+
+
+# -- the loader -----------------------------------------------------------------------------------------
+class Loader:
+    def __init__(
+        self,
+        store: ObjectStore,
+        catalog: Catalog,
+        *,
+        mode: Mode = Mode.LOAD,
+        workers: int | None = None,
+        progress: Progress | None = None,
+    ) -> None:
+        self.store = store
+        self.catalog = catalog
+        self.mode = mode
+        self.write = mode is Mode.LOAD
+        self.workers = workers if workers is not None else (os.cpu_count() or 1)
+        self.progress = progress or (lambda phase, n, b: None)
+        self.config: WarehouseConfig = load_config(store)
+        self.report = LoadReport(run_id=new_run_id(), store=store.url, mode=mode.value, started=_now())
+
+    # .. listing ..........................................................................................
+    def _clinical_listing(self) -> Iterator[ObjectInfo]:
+        for prefix in self.config.raw_prefixes:
+            for date_dir in self.store.list_dirs(prefix):
+                if is_upload_date(date_dir[len(prefix) : -1]):
+                    yield from self.store.list(date_dir + "data/")
+
+    @staticmethod
+    def _is_clinical_area(key: str) -> bool:
+        parts = key.split("/", 3)
+        return len(parts) == 4 and parts[2] == "data" and is_upload_date(parts[1])
+
+    def _record(self, rows: list[RawRow]) -> None:
+        """Record outcomes; one looked at again with the same result (a held record) counts as unchanged."""
+        if self.mode is Mode.REBUILD:
+            rows = [r for r in rows if r.outcome != "unfiled"]
+        before = self.catalog.raw_rows([r.key for r in rows])
+        changed = [r for r in rows if before.get(r.key) != r]
+        self.catalog.record_raw(changed, self.report.run_id)
+        self.report.unchanged += len(rows) - len(changed)
+        for row in changed:
+            self.report.add(row)
+
+    # .. clinical records .................................................................................
+    def load_clinical(self) -> None:
+        db = self.catalog.db
+        db.execute("DROP TABLE IF EXISTS temp.stage")
+        db.execute(
+            "CREATE TEMP TABLE stage (key TEXT PRIMARY KEY, size INTEGER, checksum TEXT, pseudonym TEXT, "
+            "kind TEXT, date TEXT, centre TEXT, proposed TEXT, note TEXT DEFAULT '')"
+        )
+        for batch in _batches(self._clinical_listing()):
+            known = self.catalog.raw_rows([i.key for i in batch])
+            held: list[RawRow] = []
+            for info in batch:
+                row = known.get(info.key)
+                unchanged = row and row.size == info.size and row.checksum == info.checksum
+                if unchanged and row.outcome != "held":
+                    self.report.unchanged += 1
+                    continue
+                try:
+                    record = self._check_clinical(info)
+                except ClinicalRejected as exc:
+                    held.append(RawRow(info.key, info.size, info.checksum, "clinical", "held", exc.reason))
+                    continue
+                proposed = group_for(record.centre, record.pseudonym, self.config) or ""
+                db.execute(
+                    "INSERT INTO stage (key, size, checksum, pseudonym, kind, date, centre, proposed) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        info.key,
+                        info.size,
+                        info.checksum,
+                        record.pseudonym,
+                        record.kind,
+                        record.date,
+                        record.centre,
+                        proposed,
+                    ),
+                )
+            self._record(held)
+            self.progress("clinical", len(batch), 0)
+        self._decide_groups()
+        self._file_clinical()
+        db.execute("DROP TABLE temp.stage")
+        self.catalog.commit()
+
+    def _check_clinical(self, info: ObjectInfo) -> ClinicalRecord:
+        try:
+            raw = parse_raw_key(info.key)
+        except LayoutError as exc:
+            raise ClinicalRejected(str(exc)) from exc
+        return check_clinical(raw, self.store.read(info.key))
+
+    def _decide_groups(self) -> None:
+        """A new patient's group comes from their first record; records that disagree are held, not guessed."""
+        db = self.catalog.db
+        new_patients = db.execute(
+            "SELECT pseudonym, COUNT(DISTINCT proposed) FROM stage WHERE proposed != '' AND pseudonym NOT IN "
+            "(SELECT pseudonym FROM patients) GROUP BY pseudonym ORDER BY pseudonym"
+        ).fetchall()
+        for pseudonym, n_groups in new_patients:
+            rows = db.execute(
+                "SELECT key, centre, proposed FROM stage WHERE pseudonym = ? AND proposed != '' ORDER BY date, key",
+                (pseudonym,),
+            ).fetchall()
+            if n_groups == 1:
+                if self.mode is not Mode.REBUILD:  # a rebuild only records what the store already decided
+                    key, centre, group = rows[0]
+                    self.catalog.add_patient(pseudonym, group, centre, key)
+                continue
+            detail = "; ".join(f"{k} (SubmittingCentre {c!r}) -> {g}" for k, c, g in rows[:6])
+            note = f"records disagree on {pseudonym}'s group; fix config.json or a record to decide: {detail}"
+            db.execute(
+                "UPDATE stage SET proposed = 'disagree', note = ? WHERE pseudonym = ? AND proposed != ''",
+                (note, pseudonym),
+            )
+
+    def _file_clinical(self) -> None:
+        db = self.catalog.db
+        cursor = db.execute(
+            "SELECT key, size, checksum, pseudonym, kind, date, centre, proposed, note FROM stage ORDER BY date, key"
+        )
+        while batch := cursor.fetchmany(BATCH):
+            groups = self.catalog.patient_groups(r[3] for r in batch)
+            rows = [self._file_one_clinical(r, groups.get(r[3])) for r in batch]
+            self._record(rows)
+        self.catalog.commit()
+
+    def _file_one_clinical(self, staged: tuple, group: str | None) -> RawRow:
+        key, size, checksum, pseudonym, kind, date, centre, proposed, note = staged
+        base = RawRow(key, size, checksum, "clinical", "held", patient=pseudonym, centre=centre)
+        if proposed == "disagree":
+            return replace(base, reason=note)
+        if proposed == "":
+            return replace(base, reason=f"SubmittingCentre {centre!r} is not configured in config.json 'sites'")
+        if group is None:  # rebuild mode: the store has no record of this patient yet
+            return replace(base, outcome="unfiled")
+        if proposed != group:
+            self.report.warnings.append(
+                f"{key}: SubmittingCentre {centre!r} would put {pseudonym} in {proposed}, "
+                f"but the patient is in {group} already and stays there"
+            )
+        dest = clinical_key(group, pseudonym, kind, date)
+        existing = self.catalog.clinical_at(dest)
+        if existing and existing.source not in ("", key):
+            if existing.checksum == checksum:
+                return replace(
+                    base,
+                    outcome="duplicate",
+                    dest=dest,
+                    reason=f"same record already filed from {existing.source}",
+                )
+            return replace(
+                base,
+                outcome="conflict",
+                dest=dest,
+                reason=f"{dest} is already filed from {existing.source} with different content; "
+                "send a correction under a new upload date",
+            )
+        status = place(self.store, key, dest, checksum, self.write)
+        if status == "different":
+            return replace(base, outcome="conflict", dest=dest, reason=f"{dest} exists with different content")
+        if status == "absent" and self.mode is Mode.REBUILD:
+            return replace(base, outcome="unfiled")
+        self.catalog.record_clinical(ClinicalRow(dest, pseudonym, group, kind, date, centre, checksum, size, key))
+        return replace(base, outcome="filed", dest=dest, reason="")
+
+    # .. images ...........................................................................................
+    def load_images(self, pool: cf.Executor | _InlineExecutor) -> None:
+        for prefix in self.config.raw_prefixes:
+            listing = (i for i in self.store.list(prefix) if not self._is_clinical_area(i.key))
+            for batch in _batches(listing):
+                self._image_batch(batch, pool)
+                self.catalog.commit()
+
+    def _image_batch(self, batch: list[ObjectInfo], pool: cf.Executor | _InlineExecutor) -> None:
+        known = self.catalog.raw_rows([i.key for i in batch])
+        pending_patients = {r.patient for r in known.values() if r.outcome == "pending"}
+        now_known = self.catalog.patient_groups(pending_patients) if pending_patients else {}
+        todo: list[ObjectInfo] = []
+        stray: list[RawRow] = []
+        for info in batch:
+            row = known.get(info.key)
+            if row and row.size == info.size and row.checksum == info.checksum:
+                if row.outcome in FINAL_OUTCOMES or row.outcome == "held":
+                    self.report.unchanged += 1
+                    continue
+                if row.outcome == "pending" and row.patient not in now_known:
+                    self.report.unchanged += 1
+                    continue
+            try:
+                raw = parse_raw_key(info.key)
+            except LayoutError as exc:
+                stray.append(RawRow(info.key, info.size, info.checksum, "other", "held", str(exc)))
+                continue
+            assert raw.area == "images"
+            todo.append(info)
+        self._record(stray)
+        if not todo:
+            self.progress("images", len(batch), 0)
+            return
+        examined = list(
+            pool.map(examine_image, [self.store] * len(todo), [i.key for i in todo], [i.size for i in todo])
+        )
+        groups = self.catalog.patient_groups(e.facts.patient for e in examined if e.facts)
+        instances = self.catalog.instances_by_sop([e.facts.sop for e in examined if e.facts])
+        planned: dict[str, Instance] = {}
+        rows: list[RawRow] = []
+        plans: list[tuple[ImagePlan, Instance, RawRow]] = []
+        for info, exam in zip(todo, examined, strict=True):
+            base = RawRow(info.key, info.size, info.checksum, "image", "quarantined")
+            if exam.facts is None:
+                rows.append(replace(base, reason=exam.reason))
+                continue
+            facts = exam.facts
+            base = replace(base, patient=facts.patient)
+            group = groups.get(facts.patient)
+            if group is None:
+                rows.append(replace(base, outcome="pending", reason=self._pending_reason(facts.patient)))
+                continue
+            earlier = planned.get(facts.sop) or instances.get(facts.sop)
+            if earlier is not None and earlier.source not in ("", info.key):
+                if earlier.checksum == info.checksum:
+                    rows.append(
+                        replace(
+                            base,
+                            outcome="duplicate",
+                            dest=earlier.dest,
+                            reason=f"same image already filed from {earlier.source}",
+                        )
+                    )
+                else:
+                    rows.append(
+                        replace(
+                            base,
+                            outcome="conflict",
+                            dest=earlier.dest,
+                            reason=f"SOP Instance UID {facts.sop} is already filed from {earlier.source} "
+                            "with different content",
+                        )
+                    )
+                continue
+            dest = image_key(group, facts.folder, facts.patient, facts.study, facts.series, facts.sop)
+            inst = Instance(
+                sop=facts.sop,
+                dest=dest,
+                checksum=info.checksum,
+                size=info.size,
+                meta_size=len(exam.metadata),
+                patient=facts.patient,
+                grp=group,
+                folder=facts.folder,
+                modality=facts.modality,
+                study=facts.study,
+                series=facts.series,
+                sex=facts.fields["PatientSex"],
+                age=facts.fields["PatientAge"],
+                study_date=facts.fields["StudyDate"],
+                body_part=facts.fields["BodyPartExamined"],
+                manufacturer=facts.fields["Manufacturer"],
+                model=facts.fields["ManufacturerModelName"],
+                source=info.key,
+            )
+            planned[facts.sop] = inst
+            plans.append((ImagePlan(info.key, info.checksum, dest, metadata_key(dest), exam.metadata), inst, base))
+        statuses = list(
+            pool.map(file_image, [self.store] * len(plans), [p[0] for p in plans], [self.write] * len(plans))
+        )
+        for (plan, inst, base), status in zip(plans, statuses, strict=True):
+            if status == "different":
+                rows.append(
+                    replace(
+                        base, outcome="conflict", dest=plan.dest, reason=f"{plan.dest} exists with different content"
+                    )
+                )
+                continue
+            if status == "absent" and self.mode is Mode.REBUILD:
+                rows.append(replace(base, outcome="unfiled"))
+                continue
+            self.catalog.record_instance(inst)
+            rows.append(replace(base, outcome="filed", dest=plan.dest, reason=""))
+            self.report.images_filed += 1
+            self.report.bytes_filed += inst.size + inst.meta_size
+        self._record(rows)
+        self.progress("images", len(batch), sum(i.size for i in todo))
+
+    def _pending_reason(self, patient: str) -> str:
+        held = self.catalog.query(
+            "SELECT key, reason FROM raw_objects WHERE patient = ? AND kind = 'clinical' AND outcome = 'held' "
+            "ORDER BY key LIMIT 1",
+            (patient,),
+        )
+        if held:
+            return f"clinical record of {patient} is held: {held[0][1]}"
+        return f"no clinical record for {patient} yet"
+
+    # .. the run ..........................................................................................
+    def run(self) -> LoadReport:
+        start = time.perf_counter()
+        if self.write and isinstance(self.store, LocalStore):
+            self.store.clean_temp()
+        with _executor(self.workers) as pool:
+            self.load_clinical()
+            self.load_images(pool)
+        report = self.report
+        report.counts.pop("unfiled", None)
+        report.finished = _now()
+        report.duration_s = time.perf_counter() - start
+        report.outstanding = {
+            k: v for k, v in sorted(self.catalog.outcome_counts().items()) if k not in ("filed", "duplicate")
+        }
+        if self.write:
+            report.report_key = f"{REPORT_PREFIX}{report.run_id}.json"
+            self.store.write(report.report_key, (json.dumps(report.to_json(), indent=2) + "\n").encode())
+            self.catalog.record_run(
+                report.run_id,
+                report.started,
+                report.finished,
+                report.report_key,
+                json.dumps(dict(report.counts)),
+            )
+        self.catalog.commit()
+        return report
+
+
+def load(
+    store: ObjectStore,
+    catalog: Catalog,
+    *,
+    dry_run: bool = False,
+    workers: int | None = None,
+    progress: Progress | None = None,
+) -> LoadReport:
+    """Load everything new under the configured raw prefixes. `dry_run` writes nothing anywhere."""
+    if not dry_run:
+        return Loader(store, catalog, workers=workers, progress=progress).run()
+    with tempfile.TemporaryDirectory(prefix="nccid-dry-run-") as tmp:
+        scratch = catalog.snapshot(Path(tmp) / "catalog.sqlite")
+        try:
+            return Loader(store, scratch, mode=Mode.DRY_RUN, workers=workers, progress=progress).run()
+        finally:
+            scratch.close()

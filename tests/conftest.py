@@ -1,0 +1,82 @@
+"""Shared helpers: small hand-made raw uploads (tiny images) so each test states exactly what it feeds in."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from nccid.store import LocalStore, ObjectStore
+from nccid.synth import dicom as synth_dicom
+from nccid.synth.dicom import Subject, encode
+from nccid.warehouse.catalog import Catalog
+from nccid.warehouse.config import WarehouseConfig, save_config
+
+SPLIT_SITE = "Split Hospital"
+TRAINING_SITE = "Training Hospital"
+VALIDATION_SITE = "Validation Hospital"
+
+
+@pytest.fixture
+def store(tmp_path) -> LocalStore:
+    return LocalStore(tmp_path / "store")
+
+
+@pytest.fixture
+def catalog(tmp_path):
+    cat = Catalog(tmp_path / "catalog.sqlite")
+    yield cat
+    cat.close()
+
+
+def configure(store: ObjectStore, uploaders=("site",), pct: int = 50, **sites) -> WarehouseConfig:
+    config = WarehouseConfig(
+        raw_prefixes=tuple(f"raw-{u}/" for u in uploaders),
+        training_percentage=pct,
+        split_sites=frozenset(sites.get("split", [SPLIT_SITE])),
+        training_sites=frozenset(sites.get("training", [TRAINING_SITE])),
+        validation_sites=frozenset(sites.get("validation", [VALIDATION_SITE])),
+    )
+    save_config(store, config)
+    return config
+
+
+def clinical(pseudonym: str, centre: str = SPLIT_SITE, **fields) -> bytes:
+    return json.dumps({"Pseudonym": pseudonym, "SubmittingCentre": centre, "Age": 60, "Sex": 1, **fields}).encode()
+
+
+def put_clinical(store, pseudonym, date="2020-04-01", kind="data", centre=SPLIT_SITE, uploader="site", **fields):
+    key = f"raw-{uploader}/{date}/data/{pseudonym}_{kind}.json"
+    store.write(key, clinical(pseudonym, centre, **fields))
+    return key
+
+
+def image(patient: str, study: str, series: str, sop: str, modality: str = "CR", seed: int = 0, slices: int = 1):
+    """A tiny but complete DICOM file (or CT/MR series) with exactly these identifiers."""
+    rng = np.random.default_rng(seed)
+    subject = Subject(patient, patient, "F", 61, study, "20200402")
+    if modality in ("CR", "DX"):
+        return [synth_dicom.xray(subject, rng, modality=modality, scale=0.02, series_uid=series, sop_uid=sop)]
+    maker = synth_dicom.ct_slices if modality == "CT" else synth_dicom.mr_slices
+    datasets = maker(subject, rng, slices=slices, scale=0.05, series_uid=series, uid_seed=sop)
+    if slices == 1:
+        datasets[0].SOPInstanceUID = sop
+        datasets[0].file_meta.MediaStorageSOPInstanceUID = sop
+    return datasets
+
+
+def image_bytes(patient, study, series, sop, modality="CR", seed=0) -> bytes:
+    return encode(image(patient, study, series, sop, modality, seed)[0])
+
+
+def put_image(
+    store, patient, study, series, sop, date="2020-04-01", modality="CR", name=None, uploader="site", seed=0
+) -> str:
+    key = f"raw-{uploader}/{date}/images/{name or sop + '.dcm'}"
+    store.write(key, image_bytes(patient, study, series, sop, modality, seed))
+    return key
+
+
+def listing(store: ObjectStore, prefix: str = "") -> dict[str, tuple[int, str]]:
+    return {i.key: (i.size, i.checksum) for i in store.list(prefix)}

@@ -1,0 +1,75 @@
+"""The `nccid` command as users type it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from conftest import configure, put_clinical, put_image
+
+
+def nccid(*args, check=True, env=None):
+    proc = subprocess.run([sys.executable, "-m", "nccid.cli", *map(str, args)], capture_output=True, text=True, env=env)
+    if check:
+        assert proc.returncode == 0, proc.stderr + proc.stdout
+    return proc
+
+
+def test_demo_runs_end_to_end_and_the_second_load_is_a_no_op(tmp_path):
+    out = nccid("demo", "--dir", tmp_path / "demo", "--patients", 40, "--scale", 0.03).stdout
+    assert "second load: 0 objects with a new outcome" in out
+    assert "Summary" in out and "Total patients" in out
+    store = tmp_path / "demo" / "store"
+    assert (store / "stats" / "latest.json").exists()
+    assert list((store / "reports" / "load").glob("*.json"))
+    assert (store / "training" / "data").is_dir() and (store / "validation" / "data").is_dir()
+    # a second demo run starts fresh in its own folder, but refuses to delete someone else's
+    nccid("demo", "--dir", tmp_path / "demo", "--patients", 10, "--scale", 0.03)
+    (tmp_path / "mine").mkdir()
+    refused = nccid("demo", "--dir", tmp_path / "mine", check=False)
+    assert refused.returncode != 0 and (tmp_path / "mine").exists()
+
+
+def test_load_ls_cat_centres_status_and_stats(store, tmp_path):
+    configure(store)
+    put_clinical(store, "Covid1")
+    put_clinical(store, "Covid2", centre="Unlisted Trust")
+    put_image(store, "Covid1", "1.2", "1.2.3", "1.2.3.4")
+    cat = tmp_path / "cat.sqlite"
+    dry = nccid("warehouse", "load", "--store", store.root, "--catalog", cat, "--dry-run", "--json")
+    assert json.loads(dry.stdout)["counts"] == {"filed": 2, "held": 1}
+    assert not (store.root / "training").exists()
+    out = nccid("warehouse", "load", "--store", store.root, "--catalog", cat).stdout
+    assert "filed" in out and "report: file://" in out and "not configured" in out
+    centres = nccid("warehouse", "centres", "--store", store.root, "--catalog", cat).stdout
+    assert "Unlisted Trust" in centres and "NOT CONFIGURED" in centres
+    status = nccid("warehouse", "status", "--store", store.root, "--catalog", cat).stdout
+    assert "raw-site/2020-04-01/data/Covid2_data.json" in status
+    listing = nccid("ls", "training/", "--store", store.root).stdout
+    assert "PRE training/data/" in listing and "PRE training/xray/" in listing
+    rec = nccid("ls", "training/", "-r", "--store", store.root).stdout
+    assert "training/xray/Covid1/1.2/1.2.3/1.2.3.4.dcm" in rec
+    header = nccid("cat", "training/xray/Covid1/1.2/1.2.3/1.2.3.4.dcm", "--header", "--store", store.root).stdout
+    assert "(0010,0020) Patient ID" in header and "Covid1" in header
+    record = json.loads(nccid("cat", "training/data/Covid1/data_2020-04-01.json", "--store", store.root).stdout)
+    assert record["Pseudonym"] == "Covid1"
+    stats = nccid("stats", "--store", store.root, "--catalog", cat).stdout
+    assert "Total patients" in stats and "stats/latest.json" in stats
+    missing = nccid("cat", "training/nope.json", "--store", store.root, check=False)
+    assert missing.returncode == 1 and "training/nope.json" in missing.stderr
+
+
+def test_clear_errors_for_a_missing_store_or_config(tmp_path):
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k != "NCCID_STORE"}
+    no_store = nccid("warehouse", "load", check=False, env=env)
+    assert no_store.returncode == 2 and "--store" in no_store.stderr
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    no_config = nccid("warehouse", "load", "--store", empty, "--catalog", tmp_path / "c.sqlite", check=False)
+    assert no_config.returncode == 1 and "config.json" in no_config.stderr
+    (empty / "config.json").write_text('{"raw_prefixes": ["raw-a/"], "training_percentage": 150}')
+    bad = nccid("warehouse", "load", "--store", empty, "--catalog", tmp_path / "c.sqlite", check=False)
+    assert bad.returncode == 1 and "training_percentage" in bad.stderr

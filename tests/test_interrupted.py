@@ -1,0 +1,84 @@
+"""Kill the loader (SIGKILL) at several moments, run it again: the store ends exactly as after one clean run."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import listing
+
+from nccid.store import LocalStore
+from nccid.synth.national import SynthSpec, generate
+from nccid.warehouse.catalog import Catalog
+from nccid.warehouse.loader import load
+
+SPEC = SynthSpec(seed=11, patients=120, imaged_fraction=0.9, scale=0.25, ct_slices=(10, 20), mr_slices=(3, 5))
+
+
+def _without_reports(store) -> dict:
+    return {k: v for k, v in listing(store).items() if not k.startswith("reports/")}
+
+
+@pytest.fixture(scope="module")
+def raw_and_expected(tmp_path_factory):
+    base = tmp_path_factory.mktemp("interrupt")
+    raw = LocalStore(base / "raw")
+    generate(raw, SPEC)
+    clean = LocalStore(base / "clean")
+    shutil.copytree(raw.root, clean.root, dirs_exist_ok=True)
+    cat = Catalog(base / "clean.sqlite")
+    report = load(clean, cat, workers=2)
+    outstanding = dict(cat.outcome_counts())
+    cat.close()
+    assert report.images_filed > 100
+    return raw, _without_reports(clean), outstanding
+
+
+@pytest.mark.parametrize("kill_after_objects", [1, 40, 250])
+def test_killed_load_then_rerun_equals_an_uninterrupted_load(tmp_path, raw_and_expected, kill_after_objects):
+    raw, expected, expected_outcomes = raw_and_expected
+    store = LocalStore(tmp_path / "store")
+    shutil.copytree(raw.root, store.root, dirs_exist_ok=True)
+    catalog_path = tmp_path / "catalog.sqlite"
+    cmd = [
+        sys.executable,
+        "-m",
+        "nccid.cli",
+        "warehouse",
+        "load",
+        "--store",
+        str(store.root),
+        "--catalog",
+        str(catalog_path),
+        "--workers",
+        "2",
+    ]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 120
+    killed_mid_run = False
+    while time.monotonic() < deadline and proc.poll() is None:
+        filed = sum(1 for _ in store.list("training/")) + sum(1 for _ in store.list("validation/"))
+        if filed >= kill_after_objects:
+            os.killpg(proc.pid, signal.SIGKILL)  # the loader and its worker processes, mid-write
+            killed_mid_run = True
+            break
+        time.sleep(0.005)
+    proc.wait()
+    assert killed_mid_run, "the load finished before it could be interrupted; make the data set larger"
+    assert _without_reports(store) != expected  # it really was cut short
+
+    catalog = Catalog(catalog_path)
+    load(store, catalog, workers=2)
+    assert _without_reports(store) == expected
+    assert catalog.outcome_counts() == expected_outcomes
+    assert not os.listdir(store.root / ".nccid-tmp") or all(
+        f.endswith(".part") for f in os.listdir(store.root / ".nccid-tmp")
+    )
+    again = load(store, catalog, workers=2)
+    assert again.counts == {} and again.images_filed == 0
+    catalog.close()

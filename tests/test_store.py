@@ -1,0 +1,85 @@
+"""The local object store: S3 ordering, atomic no-overwrite writes, checksums, safe keys."""
+
+import hashlib
+import os
+
+import pytest
+
+from nccid.store import InvalidKey, LocalStore, ObjectExists, ObjectNotFound, open_store
+
+
+def test_listing_is_in_s3_key_order_and_honours_partial_prefixes(store):
+    for key in ["a/c", "a-b", "a/b/d", "ab", "b", "a/b/c"]:
+        store.write(key, key.encode())
+    assert [i.key for i in store.list()] == ["a-b", "a/b/c", "a/b/d", "a/c", "ab", "b"]
+    assert [i.key for i in store.list("a/")] == ["a/b/c", "a/b/d", "a/c"]
+    assert [i.key for i in store.list("a")] == ["a-b", "a/b/c", "a/b/d", "a/c", "ab"]
+    assert [i.key for i in store.list("a/b/")] == ["a/b/c", "a/b/d"]
+    assert list(store.list("zzz/")) == []
+    assert store.list_dirs("") == ["a/"]
+    assert store.list_dirs("a/") == ["a/b/"]
+    assert [i.key for i in store.list_level("a/")] == ["a/c"]
+
+
+def test_listing_streams(store):
+    for n in range(5):
+        store.write(f"k/{n}", b"x")
+    it = store.list("k/")
+    assert next(it).key == "k/0"  # a generator: nothing forces the whole listing into memory
+
+
+def test_checksum_is_md5_and_follows_changes_made_behind_the_stores_back(store):
+    info = store.write("x/y.bin", b"hello")
+    assert info.checksum == hashlib.md5(b"hello").hexdigest() and info.size == 5
+    path = store.local_path("x/y.bin")
+    with open(path, "wb") as handle:
+        handle.write(b"changed!")
+    os.utime(path, ns=(1, 1))
+    assert store.stat("x/y.bin").checksum == hashlib.md5(b"changed!").hexdigest()
+
+
+def test_read_whole_and_range(store):
+    store.write("r", bytes(range(100)))
+    assert store.read("r") == bytes(range(100))
+    assert store.read_range("r", 10, 5) == bytes(range(10, 15))
+    assert store.read_range("r", 95, 50) == bytes(range(95, 100))
+    with pytest.raises(ObjectNotFound, match="nope"):
+        store.read("nope")
+
+
+def test_no_overwrite_write_and_copy_keep_the_original(store):
+    store.write("k", b"first")
+    with pytest.raises(ObjectExists, match="'k'"):
+        store.write("k", b"second", overwrite=False)
+    store.write("src", b"other")
+    with pytest.raises(ObjectExists):
+        store.copy("src", "k", overwrite=False)
+    assert store.read("k") == b"first"
+    info = store.copy("src", "dst/copy", overwrite=False)
+    assert store.read("dst/copy") == b"other" and info.checksum == hashlib.md5(b"other").hexdigest()
+
+
+def test_temporary_files_of_a_killed_writer_are_invisible_and_cleaned(store):
+    tmp = store._temp_path()
+    with open(tmp, "wb") as handle:
+        handle.write(b"half an object")
+    os.utime(tmp, (0, 0))
+    assert list(store.list()) == []
+    assert store.list_dirs() == []
+    assert store.clean_temp() == 1
+
+
+@pytest.mark.parametrize("key", ["../x", "a/../../x", "/abs", "a//b", "a/./b", "", "a\\b", "a\x00b"])
+def test_keys_that_could_escape_or_hide_are_refused(store, key):
+    with pytest.raises(InvalidKey):
+        store.write(key, b"x")
+    with pytest.raises(InvalidKey):
+        store.stat(key)
+
+
+def test_open_store_by_path_and_file_url(tmp_path):
+    a = open_store(tmp_path / "s")
+    b = open_store((tmp_path / "s").as_uri())
+    assert isinstance(a, LocalStore) and a.root == b.root
+    a.write("k", b"v")
+    assert b.read("k") == b"v"
