@@ -70,6 +70,8 @@ class SynthSpec:
     imaged_fraction: float = 0.3
     ct_slices: tuple[int, int] = (40, 120)
     mr_slices: tuple[int, int] = (12, 24)
+    xray_share: float = 0.80  # of imaging studies; CT takes the rest but for the MR share
+    mr_share: float = 0.04
     awkward: bool = True
     training_percentage: int = 50
     start: dt.date = dt.date(2020, 4, 6)
@@ -240,14 +242,14 @@ def generate(store: ObjectStore, spec: SynthSpec, progress: Callable[[int], None
             subject = Subject(person.pseudonym, person.pseudonym, sex, person.age, study, study_date)
             roll = rng.random()
             series = synthetic_uid(spec.seed, person.pseudonym, "series", study_n)
-            if roll < 0.80:
+            if roll < spec.xray_share:
                 modality = "CR" if rng.random() < 0.6 else "DX"
                 sop = synthetic_uid(spec.seed, person.pseudonym, "sop", study_n)
                 ds = synth_dicom.xray(
                     subject, nprng, modality=modality, scale=spec.scale, series_uid=series, sop_uid=sop
                 )
                 datasets = [ds]
-            elif roll < 0.96:
+            elif roll < 1.0 - spec.mr_share:
                 n = rng.randint(*spec.ct_slices)
                 datasets = synth_dicom.ct_slices(
                     subject, nprng, slices=n, scale=spec.scale, series_uid=series, uid_seed=f"{spec.seed}/{series}"
