@@ -327,6 +327,201 @@ def stats_(
     )
 
 
+# -- the managed S3 server and access control ---------------------------------------------------------
+s3_app = typer.Typer(help="A managed local S3 server (SeaweedFS on loopback) for S3 mode.", no_args_is_help=True)
+access_app = typer.Typer(
+    help="Access groups: grant, revoke, rotate and list keys; IAM policies; the audit.", no_args_is_help=True
+)
+app.add_typer(s3_app, name="s3")
+app.add_typer(access_app, name="access")
+HomeOption = typer.Option(
+    Path("~/.local/share/nccid/s3").expanduser(),
+    "--home",
+    envvar="NCCID_S3_HOME",
+    help="The server's home: data, identities, grants and audit log ($NCCID_S3_HOME).",
+)
+BucketOption = typer.Option("nccid-data-warehouse-prod", "--bucket", help="The warehouse bucket.")
+
+
+def _server(home: Path):
+    from nccid.store.seaweedfs import SeaweedFS
+
+    return SeaweedFS(home)
+
+
+@s3_app.command("serve")
+def s3_serve(
+    home: Path = HomeOption,
+    port: int = typer.Option(8333, help="S3 port."),
+    bind: str = typer.Option("127.0.0.1", help="Address to listen on; anything but loopback is your decision."),
+    bucket: list[str] = typer.Option(["nccid-data-warehouse-prod"], "--bucket", help="Buckets to create."),
+    sweep_interval: float = typer.Option(60.0, help="Seconds between checks for expired grants."),
+) -> None:
+    """Start SeaweedFS in the foreground; Ctrl-C (or SIGTERM) stops it cleanly."""
+    import signal
+    import threading
+
+    from nccid.access.grants import Registry
+    from nccid.store.s3 import S3Store
+    from nccid.store.seaweedfs import SeaweedFS, ServerError
+
+    if bind not in ("127.0.0.1", "localhost", "::1"):
+        err_console.print(f"[yellow]warning:[/] listening on {bind}: reachable beyond this machine")
+    server = SeaweedFS(home, bind=bind, s3_port=port)
+    try:
+        state = server.start()
+    except ServerError as exc:
+        raise _fail(exc) from exc
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        env = server.admin_env()
+        for name in bucket:
+            store = S3Store(name, endpoint_url=state.endpoint)
+            os.environ.update(env)
+            store.create_bucket()
+        console.print(f"S3 ready at {state.endpoint} (SeaweedFS pid {state.weed_pid}), buckets: {', '.join(bucket)}")
+        console.print(f"home: {server.home}; administrator environment: nccid s3 env --home {server.home}")
+        console.print("ready", soft_wrap=True)
+        sys.stdout.flush()
+        registry = Registry(server)
+        while not stop.wait(sweep_interval):
+            for grant in registry.sweep():
+                console.print(f"expired: {grant.access_key} ({grant.org}, {grant.group})")
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.stop()
+        console.print("stopped")
+
+
+@s3_app.command("stop")
+def s3_stop(home: Path = HomeOption) -> None:
+    """Stop a server started with `nccid s3 serve` (by its PID)."""
+    server = _server(home)
+    if server.state() is None:
+        raise _fail(RuntimeError(f"no running server recorded in {home}"))
+    server.stop()
+    console.print("stopped")
+
+
+@s3_app.command("env")
+def s3_env(home: Path = HomeOption) -> None:
+    """Print the administrator's environment (endpoint and key pair) as shell exports."""
+    for name, value in _server(home).admin_env().items():
+        print(f"export {name}={value}")
+
+
+@access_app.command("grant")
+def access_grant(
+    org: str = typer.Argument(..., help="The organisation receiving access."),
+    group: str = typer.Option(..., "--group", "-g", help="training-ct, training-all, validation-all, uploader, ..."),
+    expires: str = typer.Option("", help="YYYY-MM-DD (or a date-time); the key stops working then."),
+    uploader: str | None = typer.Option(None, help="For --group uploader: the raw-<uploader>/ prefix it writes."),
+    bucket: str = BucketOption,
+    home: Path = HomeOption,
+) -> None:
+    """Issue a key pair for one access group. The secret is shown once, here, and stored nowhere readable."""
+    from nccid.access.grants import GrantError, Registry
+    from nccid.access.groups import GroupError
+
+    try:
+        creds = Registry(_server(home)).grant(org, group, bucket=bucket, expires=expires, uploader=uploader)
+    except (GrantError, GroupError) as exc:
+        raise _fail(exc) from exc
+    console.print(f"granted {group} on s3://{bucket} to {org}" + (f" until {expires}" if expires else ""))
+    print(f"AWS_ACCESS_KEY_ID={creds.access_key}")
+    print(f"AWS_SECRET_ACCESS_KEY={creds.secret_key}")
+    err_console.print("The secret is shown only now: hand it over securely.")
+
+
+@access_app.command("revoke")
+def access_revoke(access_key: str = typer.Argument(...), home: Path = HomeOption) -> None:
+    """Stop a key working, at once, on the running server."""
+    from nccid.access.grants import GrantError, Registry
+
+    try:
+        grant = Registry(_server(home)).revoke(access_key)
+    except GrantError as exc:
+        raise _fail(exc) from exc
+    console.print(f"revoked {grant.access_key} ({grant.org}, {grant.group})")
+
+
+@access_app.command("rotate")
+def access_rotate(access_key: str = typer.Argument(...), home: Path = HomeOption) -> None:
+    """Replace a key pair: same organisation and group, new secret; the old key stops working."""
+    from nccid.access.grants import GrantError, Registry
+
+    try:
+        creds = Registry(_server(home)).rotate(access_key)
+    except GrantError as exc:
+        raise _fail(exc) from exc
+    console.print(f"rotated {access_key} -> {creds.access_key} ({creds.grant.org}, {creds.grant.group})")
+    print(f"AWS_ACCESS_KEY_ID={creds.access_key}")
+    print(f"AWS_SECRET_ACCESS_KEY={creds.secret_key}")
+
+
+@access_app.command("list")
+def access_list(home: Path = HomeOption) -> None:
+    """Every grant: organisation, group, key, dates and status (never a secret)."""
+    from nccid.access.grants import Registry
+
+    registry = Registry(_server(home))
+    registry.sweep()
+    rows = [
+        [
+            g.org,
+            g.group + (f" ({g.uploader})" if g.uploader else ""),
+            g.access_key,
+            g.created[:10],
+            g.expires or "-",
+            g.status,
+        ]
+        for g in registry.grants()
+    ]
+    console.print(table("Grants", ["organisation", "group", "access key", "granted", "expires", "status"], rows))
+
+
+@access_app.command("policy")
+def access_policy(
+    group: str = typer.Argument(..., help="Access group."),
+    bucket: str = BucketOption,
+    uploader: str | None = typer.Option(None, help="For the uploader group."),
+) -> None:
+    """The AWS IAM policy document for a group, for a deployment on AWS S3."""
+    from nccid.access.groups import GroupError, iam_policy
+
+    try:
+        print(json.dumps(iam_policy(group, bucket, uploader), indent=2))
+    except GroupError as exc:
+        raise _fail(exc) from exc
+
+
+@access_app.command("audit")
+def access_audit(
+    org: str | None = typer.Option(None, help="Only this organisation."),
+    since: str | None = typer.Option(None, help="YYYY-MM-DD: only requests from that day on."),
+    home: Path = HomeOption,
+) -> None:
+    """Requests per organisation, prefix and action, allowed and denied, from the server's access log."""
+    import datetime as dt
+
+    from nccid.access.audit import summarise
+    from nccid.access.grants import Registry
+
+    server = _server(home)
+    rows = summarise(
+        server.audit_dir, Registry(server).by_key(), org=org, since=dt.date.fromisoformat(since) if since else None
+    )
+    console.print(
+        table(
+            "Access audit",
+            ["organisation", "group", "prefix", "action", "outcome", "requests"],
+            [[r.org, r.group, r.prefix, r.action, r.outcome, r.requests] for r in rows],
+        )
+    )
+
+
 @app.command()
 def demo(
     directory: Path = typer.Option(Path("nccid-demo"), "--dir", help="Where the demo store and catalog go."),

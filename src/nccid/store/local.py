@@ -188,7 +188,7 @@ class LocalStore(ObjectStore):
             handle.seek(start)
             return handle.read(length)
 
-    def open(self, key: str) -> BinaryIO:
+    def open(self, key: str, size: int | None = None) -> BinaryIO:
         try:
             return open(self._path(key), "rb")
         except (FileNotFoundError, NotADirectoryError, IsADirectoryError) as exc:

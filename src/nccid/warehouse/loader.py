@@ -73,6 +73,8 @@ class LoadReport:
     bytes_filed: int = 0
     images_filed: int = 0
     unchanged: int = 0  # objects seen before and skipped
+    images_examined: int = 0
+    header_bytes_read: int = 0  # bytes fetched to read raw headers (remote stores; 0 for a local one)
     items: list[dict] = field(default_factory=list)  # this run's non-filed outcomes, with reasons
     warnings: list[str] = field(default_factory=list)
     outstanding: dict[str, int] = field(default_factory=dict)  # all-time pending/held/... totals
@@ -110,6 +112,8 @@ class LoadReport:
             "counts": dict(sorted(self.counts.items())),
             "unchanged": self.unchanged,
             "images_filed": self.images_filed,
+            "images_examined": self.images_examined,
+            "header_bytes_read": self.header_bytes_read,
             "bytes_filed": self.bytes_filed,
             "outstanding": self.outstanding,
             "warnings": self.warnings,
@@ -124,17 +128,23 @@ class Examined:
     facts: ImageFacts | None = None
     metadata: bytes = b""
     reason: str = ""
+    bytes_read: int = 0  # fetched from a remote store to read the header (0 where not measured)
 
 
 def examine_image(store: ObjectStore, key: str, size: int) -> Examined:
     """Read only the header of a raw image, decide whether it can be filed, and prepare its metadata JSON."""
-    try:
-        with store.open(key) as reader:
+    with store.open(key, size) as reader:
+        try:
             ds = read_header(reader, size)
-        facts = image_facts(ds)
-        return Examined(key, facts=facts, metadata=metadata_json(ds))
-    except ImageRejected as exc:
-        return Examined(key, reason=exc.reason)
+            facts = image_facts(ds)
+            metadata = metadata_json(ds)
+        except ImageRejected as exc:
+            return Examined(key, reason=exc.reason, bytes_read=_fetched(reader))
+    return Examined(key, facts=facts, metadata=metadata, bytes_read=_fetched(reader))
+
+
+def _fetched(reader: object) -> int:
+    return int(getattr(getattr(reader, "raw", None), "bytes_fetched", 0))
 
 
 @dataclass(frozen=True, slots=True)
@@ -420,6 +430,8 @@ class Loader:
         examined = list(
             pool.map(examine_image, [self.store] * len(todo), [i.key for i in todo], [i.size for i in todo])
         )
+        self.report.images_examined += len(examined)
+        self.report.header_bytes_read += sum(e.bytes_read for e in examined)
         groups = self.catalog.patient_groups(e.facts.patient for e in examined if e.facts)
         instances = self.catalog.instances_by_sop([e.facts.sop for e in examined if e.facts])
         planned: dict[str, Instance] = {}

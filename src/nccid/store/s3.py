@@ -1,0 +1,268 @@
+"""The S3 backend: AWS S3, MinIO, Ceph, or SeaweedFS here, behind the same interface as the local store.
+
+boto3 is the client (the reference SDK, and what the NCCID data-access guide's examples use): credentials and
+endpoint come the standard AWS way (environment, shared profiles, `AWS_ENDPOINT_URL`), requests are retried
+with backoff, listings are paginated and streamed, a header is read with ranged GETs of only the bytes pydicom
+asks for, no-overwrite writes use `If-None-Match: *`, and copies stay on the server.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import threading
+from collections.abc import Iterator
+from typing import BinaryIO
+from urllib.parse import urlparse
+
+import boto3
+from boto3.s3.transfer import TransferConfig
+from botocore.config import Config
+from botocore.exceptions import ClientError
+
+from nccid.store.base import (
+    ObjectExists,
+    ObjectInfo,
+    ObjectNotFound,
+    ObjectStore,
+    StoreError,
+    check_key,
+    check_prefix,
+)
+
+BLOCK = 64 * 1024  # ranged-read granularity: one GET covers most DICOM headers
+MULTIPART = 64 * 1024 * 1024
+_NOT_FOUND = {"404", "NoSuchKey", "NotFound"}
+_EXISTS = {"412", "PreconditionFailed", "ConditionalRequestConflict"}
+
+
+def _code(exc: ClientError) -> str:
+    return str(exc.response.get("Error", {}).get("Code", ""))
+
+
+def _info(key: str, size: int, etag: str, when) -> ObjectInfo:
+    return ObjectInfo(key=key, size=int(size), checksum=etag.strip('"'), mtime=when.timestamp())
+
+
+class RangedReader(io.RawIOBase):
+    """A seekable reader over one object that fetches only the byte ranges that are read."""
+
+    def __init__(self, store: S3Store, key: str, size: int) -> None:
+        self.store, self.key, self.size = store, key, size
+        self.pos = 0
+        self.bytes_fetched = 0
+        self.requests = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.pos, io.SEEK_END: self.size}[whence]
+        self.pos = max(0, base + offset)
+        return self.pos
+
+    def readinto(self, buffer) -> int:
+        if self.pos >= self.size:
+            return 0
+        want = min(len(buffer), self.size - self.pos)
+        data = self.store.read_range(self.key, self.pos, want)
+        self.requests += 1
+        self.bytes_fetched += len(data)
+        buffer[: len(data)] = data
+        self.pos += len(data)
+        return len(data)
+
+
+class S3Store(ObjectStore):
+    """Objects in one bucket, optionally below a key prefix (`s3://bucket/prefix`)."""
+
+    def __init__(
+        self, bucket: str, prefix: str = "", *, endpoint_url: str | None = None, profile: str | None = None
+    ) -> None:
+        self.bucket = bucket
+        self.prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
+        self.endpoint_url = endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        self.profile = profile
+        self.url = f"s3://{bucket}/{self.prefix}"
+        self._local = threading.local()
+
+    @classmethod
+    def from_url(cls, url: str) -> S3Store:
+        parsed = urlparse(url)
+        if not parsed.netloc:
+            raise StoreError(f"{url}: an S3 URL names a bucket, e.g. s3://nccid-data-warehouse-prod")
+        return cls(parsed.netloc, parsed.path)
+
+    def __repr__(self) -> str:
+        return f"S3Store({self.url!r}, endpoint={self.endpoint_url!r})"
+
+    def __reduce__(self) -> tuple:
+        """Worker processes rebuild their own client: boto3 clients do not cross a fork."""
+        return (_rebuild, (self.bucket, self.prefix, self.endpoint_url, self.profile))
+
+    # -- the client ------------------------------------------------------------------------------------
+    @property
+    def client(self):
+        client = getattr(self._local, "client", None)
+        if client is None or getattr(self._local, "pid", None) != os.getpid():
+            session = boto3.session.Session(profile_name=self.profile)
+            config = Config(
+                retries={"max_attempts": 8, "mode": "standard"},
+                max_pool_connections=64,
+                s3={"addressing_style": "path"} if self.endpoint_url else {},
+                tcp_keepalive=True,
+            )
+            client = session.client("s3", endpoint_url=self.endpoint_url, config=config)
+            self._local.client, self._local.pid = client, os.getpid()
+        return client
+
+    def _key(self, key: str) -> str:
+        return self.prefix + check_key(key)
+
+    def _strip(self, key: str) -> str:
+        return key[len(self.prefix) :]
+
+    def _fail(self, exc: ClientError, key: str) -> StoreError:
+        code = _code(exc)
+        if code in _NOT_FOUND:
+            return ObjectNotFound(f"no object {key!r} in {self.url}")
+        if code in _EXISTS:
+            return ObjectExists(f"object {key!r} already exists in {self.url}")
+        return StoreError(f"{self.url}{key}: {code or 'error'}: {exc}")
+
+    # -- listing ---------------------------------------------------------------------------------------
+    def _pages(self, prefix: str, delimiter: str | None) -> Iterator[dict]:
+        check_prefix(prefix)
+        params = {"Bucket": self.bucket, "Prefix": self.prefix + prefix}
+        if delimiter:
+            params["Delimiter"] = delimiter
+        try:
+            yield from self.client.get_paginator("list_objects_v2").paginate(**params)
+        except ClientError as exc:
+            raise self._fail(exc, prefix) from exc
+
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        for page in self._pages(prefix, None):
+            for obj in page.get("Contents", []):
+                yield _info(self._strip(obj["Key"]), obj["Size"], obj["ETag"], obj["LastModified"])
+
+    def list_level(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        for page in self._pages(prefix, "/"):
+            for obj in page.get("Contents", []):
+                yield _info(self._strip(obj["Key"]), obj["Size"], obj["ETag"], obj["LastModified"])
+
+    def list_dirs(self, prefix: str = "") -> list[str]:
+        return [self._strip(p["Prefix"]) for page in self._pages(prefix, "/") for p in page.get("CommonPrefixes", [])]
+
+    # -- reading ---------------------------------------------------------------------------------------
+    def stat(self, key: str) -> ObjectInfo | None:
+        try:
+            head = self.client.head_object(Bucket=self.bucket, Key=self._key(key))
+        except ClientError as exc:
+            if _code(exc) in _NOT_FOUND:
+                return None
+            raise self._fail(exc, key) from exc
+        return _info(key, head["ContentLength"], head["ETag"], head["LastModified"])
+
+    def read(self, key: str) -> bytes:
+        try:
+            return self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"].read()
+        except ClientError as exc:
+            raise self._fail(exc, key) from exc
+
+    def read_range(self, key: str, start: int, length: int) -> bytes:
+        if length <= 0:
+            return b""
+        try:
+            body = self.client.get_object(
+                Bucket=self.bucket, Key=self._key(key), Range=f"bytes={start}-{start + length - 1}"
+            )["Body"]
+            return body.read()
+        except ClientError as exc:
+            if _code(exc) in ("InvalidRange", "416"):
+                return b""
+            raise self._fail(exc, key) from exc
+
+    def open(self, key: str, size: int | None = None) -> BinaryIO:
+        if size is None:
+            info = self.stat(key)
+            if info is None:
+                raise ObjectNotFound(f"no object {key!r} in {self.url}")
+            size = info.size
+        return io.BufferedReader(RangedReader(self, key, size), buffer_size=BLOCK)  # type: ignore[return-value]
+
+    def download(self, key: str, dest: BinaryIO) -> None:
+        try:
+            if (info := self.stat(key)) is not None and info.size >= MULTIPART:
+                self.client.download_fileobj(
+                    self.bucket, self._key(key), dest, Config=TransferConfig(multipart_threshold=MULTIPART)
+                )
+                return
+            body = self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"]
+            for chunk in body.iter_chunks(1 << 20):
+                dest.write(chunk)
+        except ClientError as exc:
+            raise self._fail(exc, key) from exc
+
+    # -- writing ---------------------------------------------------------------------------------------
+    def write(self, key: str, data: bytes | BinaryIO, *, overwrite: bool = True) -> ObjectInfo:
+        full = self._key(key)
+        extra = {} if overwrite else {"IfNoneMatch": "*"}
+        try:
+            if isinstance(data, bytes | bytearray | memoryview):
+                self.client.put_object(Bucket=self.bucket, Key=full, Body=bytes(data), **extra)
+            else:
+                if not overwrite and self.stat(key) is not None:
+                    raise ObjectExists(f"object {key!r} already exists in {self.url}")
+                self.client.upload_fileobj(
+                    data, self.bucket, full, Config=TransferConfig(multipart_threshold=MULTIPART)
+                )
+        except ClientError as exc:
+            raise self._fail(exc, key) from exc
+        info = self.stat(key)
+        assert info is not None
+        return info
+
+    def copy(self, src: str, dst: str, *, overwrite: bool = True) -> ObjectInfo:
+        """CopyObject on the server; with overwrite=False, `If-None-Match: *` makes it create-only atomically."""
+        source = {"Bucket": self.bucket, "Key": self._key(src)}
+        extra = {} if overwrite else {"IfNoneMatch": "*"}
+        try:
+            self.client.copy_object(CopySource=source, Bucket=self.bucket, Key=self._key(dst), **extra)
+        except ClientError as exc:
+            if _code(exc) in ("NotImplemented", "InvalidArgument") and extra:
+                # a server without conditional copies: check, then copy (the loader is the only writer here)
+                if self.stat(dst) is not None:
+                    raise ObjectExists(f"object {dst!r} already exists in {self.url}") from exc
+                return self.copy(src, dst, overwrite=True)
+            if _code(exc) == "InvalidRequest" and "size" in str(exc).lower():  # over 5 GB: multipart copy
+                self.client.copy(source, self.bucket, self._key(dst))
+            else:
+                raise self._fail(exc, dst if _code(exc) in _EXISTS else src) from exc
+        info = self.stat(dst)
+        assert info is not None
+        return info
+
+    def delete(self, key: str) -> None:
+        try:
+            self.client.delete_object(Bucket=self.bucket, Key=self._key(key))
+        except ClientError as exc:
+            raise self._fail(exc, key) from exc
+
+    def create_bucket(self) -> None:
+        """For tests and a fresh local server; production buckets are made by their owners."""
+        try:
+            self.client.create_bucket(Bucket=self.bucket)
+        except ClientError as exc:
+            if _code(exc) not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
+                raise self._fail(exc, "") from exc
+
+
+def _rebuild(bucket: str, prefix: str, endpoint_url: str | None, profile: str | None) -> S3Store:
+    return S3Store(bucket, prefix, endpoint_url=endpoint_url, profile=profile)
