@@ -37,26 +37,26 @@ def test_load_ls_cat_centres_status_and_stats(store, tmp_path):
     put_clinical(store, "Covid2", centre="Unlisted Trust")
     put_image(store, "Covid1", "1.2", "1.2.3", "1.2.3.4")
     cat = tmp_path / "cat.sqlite"
-    dry = nccid("warehouse", "load", "--store", store.root, "--catalog", cat, "--dry-run", "--json")
+    dry = nccid("warehouse", "load", "--store", store.url, "--catalog", cat, "--dry-run", "--json")
     assert json.loads(dry.stdout)["counts"] == {"filed": 2, "held": 1}
-    assert not (store.root / "training").exists()
-    out = nccid("warehouse", "load", "--store", store.root, "--catalog", cat).stdout
-    assert "filed" in out and "report: file://" in out and "not configured" in out
-    centres = nccid("warehouse", "centres", "--store", store.root, "--catalog", cat).stdout
+    assert not list(store.list("training/"))
+    out = nccid("warehouse", "load", "--store", store.url, "--catalog", cat).stdout
+    assert "filed" in out and f"report: {store.url.rstrip('/')}/reports/load/" in out and "not configured" in out
+    centres = nccid("warehouse", "centres", "--store", store.url, "--catalog", cat).stdout
     assert "Unlisted Trust" in centres and "NOT CONFIGURED" in centres
-    status = nccid("warehouse", "status", "--store", store.root, "--catalog", cat).stdout
+    status = nccid("warehouse", "status", "--store", store.url, "--catalog", cat).stdout
     assert "raw-site/2020-04-01/data/Covid2_data.json" in status
-    listing = nccid("ls", "training/", "--store", store.root).stdout
+    listing = nccid("ls", "training/", "--store", store.url).stdout
     assert "PRE training/data/" in listing and "PRE training/xray/" in listing
-    rec = nccid("ls", "training/", "-r", "--store", store.root).stdout
+    rec = nccid("ls", "training/", "-r", "--store", store.url).stdout
     assert "training/xray/Covid1/1.2/1.2.3/1.2.3.4.dcm" in rec
-    header = nccid("cat", "training/xray/Covid1/1.2/1.2.3/1.2.3.4.dcm", "--header", "--store", store.root).stdout
+    header = nccid("cat", "training/xray/Covid1/1.2/1.2.3/1.2.3.4.dcm", "--header", "--store", store.url).stdout
     assert "(0010,0020) Patient ID" in header and "Covid1" in header
-    record = json.loads(nccid("cat", "training/data/Covid1/data_2020-04-01.json", "--store", store.root).stdout)
+    record = json.loads(nccid("cat", "training/data/Covid1/data_2020-04-01.json", "--store", store.url).stdout)
     assert record["Pseudonym"] == "Covid1"
-    stats = nccid("stats", "--store", store.root, "--catalog", cat).stdout
+    stats = nccid("stats", "--store", store.url, "--catalog", cat).stdout
     assert "Total patients" in stats and "stats/latest.json" in stats
-    missing = nccid("cat", "training/nope.json", "--store", store.root, check=False)
+    missing = nccid("cat", "training/nope.json", "--store", store.url, check=False)
     assert missing.returncode == 1 and "training/nope.json" in missing.stderr
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -12,7 +11,6 @@ import time
 import pytest
 from conftest import listing
 
-from nccid.store import LocalStore
 from nccid.synth.national import SynthSpec, generate
 from nccid.warehouse.catalog import Catalog
 from nccid.warehouse.loader import load
@@ -24,26 +22,29 @@ def _without_reports(store) -> dict:
     return {k: v for k, v in listing(store).items() if not k.startswith("reports/")}
 
 
-@pytest.fixture(scope="module")
-def raw_and_expected(tmp_path_factory):
-    base = tmp_path_factory.mktemp("interrupt")
-    raw = LocalStore(base / "raw")
-    generate(raw, SPEC)
-    clean = LocalStore(base / "clean")
-    shutil.copytree(raw.root, clean.root, dirs_exist_ok=True)
-    cat = Catalog(base / "clean.sqlite")
-    report = load(clean, cat, workers=2)
-    outstanding = dict(cat.outcome_counts())
-    cat.close()
-    assert report.images_filed > 100
-    return raw, _without_reports(clean), outstanding
+_EXPECTED: dict[str, tuple[dict, dict]] = {}
+
+
+def _expected(make_store, backend: str, tmp_path) -> tuple[dict, dict]:
+    """The store and outcomes after one uninterrupted load of the same raw uploads (once per backend)."""
+    if backend not in _EXPECTED:
+        clean = make_store(backend, "clean")
+        generate(clean, SPEC)
+        cat = Catalog(tmp_path / "clean.sqlite")
+        report = load(clean, cat, workers=2)
+        outcomes = dict(cat.outcome_counts())
+        cat.close()
+        assert report.images_filed > 100
+        _EXPECTED[backend] = (_without_reports(clean), outcomes)
+    return _EXPECTED[backend]
 
 
 @pytest.mark.parametrize("kill_after_objects", [1, 40, 250])
-def test_killed_load_then_rerun_equals_an_uninterrupted_load(tmp_path, raw_and_expected, kill_after_objects):
-    raw, expected, expected_outcomes = raw_and_expected
-    store = LocalStore(tmp_path / "store")
-    shutil.copytree(raw.root, store.root, dirs_exist_ok=True)
+@pytest.mark.parametrize("backend", ["local", "s3"])
+def test_killed_load_then_rerun_equals_an_uninterrupted_load(tmp_path, make_store, backend, kill_after_objects):
+    expected, expected_outcomes = _expected(make_store, backend, tmp_path)
+    store = make_store(backend)
+    generate(store, SPEC)
     catalog_path = tmp_path / "catalog.sqlite"
     cmd = [
         sys.executable,
@@ -52,7 +53,7 @@ def test_killed_load_then_rerun_equals_an_uninterrupted_load(tmp_path, raw_and_e
         "warehouse",
         "load",
         "--store",
-        str(store.root),
+        store.url,
         "--catalog",
         str(catalog_path),
         "--workers",
@@ -76,9 +77,6 @@ def test_killed_load_then_rerun_equals_an_uninterrupted_load(tmp_path, raw_and_e
     load(store, catalog, workers=2)
     assert _without_reports(store) == expected
     assert catalog.outcome_counts() == expected_outcomes
-    assert not os.listdir(store.root / ".nccid-tmp") or all(
-        f.endswith(".part") for f in os.listdir(store.root / ".nccid-tmp")
-    )
     again = load(store, catalog, workers=2)
     assert again.counts == {} and again.images_filed == 0
     catalog.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pydicom
+import pytest
 from conftest import (
     SPLIT_SITE,
     TRAINING_SITE,
@@ -317,14 +318,14 @@ def test_rebuild_catalog_from_the_store_alone(store, tmp_path):
     rebuilt.close()
 
 
-def test_parallel_workers_give_the_same_store_as_one(tmp_path):
-    from nccid.store import LocalStore
+@pytest.mark.parametrize("backend", ["local", "s3"])
+def test_parallel_workers_give_the_same_store_as_one(tmp_path, make_store, backend):
     from nccid.synth.national import SynthSpec, generate
     from nccid.warehouse.catalog import Catalog
 
     results = []
     for workers in (1, 2):
-        store = LocalStore(tmp_path / f"s{workers}")
+        store = make_store(backend, f"s{workers}")
         generate(store, SynthSpec(seed=3, patients=40, scale=0.03, ct_slices=(3, 6), mr_slices=(2, 3)))
         cat = Catalog(tmp_path / f"c{workers}.sqlite")
         report = load(store, cat, workers=workers)

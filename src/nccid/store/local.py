@@ -235,7 +235,7 @@ class LocalStore(ObjectStore):
         self._publish(tmp, key, path, overwrite)
         return self._info(key, path, os.stat(path))
 
-    def copy(self, src: str, dst: str, *, overwrite: bool = True) -> ObjectInfo:
+    def copy(self, src: str, dst: str, *, overwrite: bool = True) -> None:
         src_path, dst_path = self._path(src), self._path(dst)
         if not os.path.isfile(src_path):
             raise ObjectNotFound(f"no object {src!r} in {self.url}")
@@ -246,7 +246,6 @@ class LocalStore(ObjectStore):
         _copy_bytes(src_path, tmp)
         _remember_checksum(tmp, digest)
         self._publish(tmp, dst, dst_path, overwrite)
-        return self._info(dst, dst_path, os.stat(dst_path))
 
     def delete(self, key: str) -> None:
         path = self._path(key)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import os
 import threading
+import time
 from collections.abc import Iterator
 from typing import BinaryIO
 from urllib.parse import urlparse
@@ -18,7 +19,7 @@ from urllib.parse import urlparse
 import boto3
 from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
-from botocore.exceptions import ClientError
+from botocore.exceptions import BotoCoreError, ClientError
 
 from nccid.store.base import (
     ObjectExists,
@@ -49,6 +50,7 @@ class RangedReader(io.RawIOBase):
 
     def __init__(self, store: S3Store, key: str, size: int) -> None:
         self.store, self.key, self.size = store, key, size
+        self.name = f"{store.url}{key}"  # pydicom names the file in its messages
         self.pos = 0
         self.bytes_fetched = 0
         self.requests = 0
@@ -90,7 +92,10 @@ class S3Store(ObjectStore):
         self.endpoint_url = endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
         self.profile = profile
         self.url = f"s3://{bucket}/{self.prefix}"
-        self._local = threading.local()
+        self.remote = True
+        self._lock = threading.Lock()
+        self._client = self._closing = None
+        self._pid = 0
 
     @classmethod
     def from_url(cls, url: str) -> S3Store:
@@ -109,18 +114,40 @@ class S3Store(ObjectStore):
     # -- the client ------------------------------------------------------------------------------------
     @property
     def client(self):
-        client = getattr(self._local, "client", None)
-        if client is None or getattr(self._local, "pid", None) != os.getpid():
-            session = boto3.session.Session(profile_name=self.profile)
-            config = Config(
-                retries={"max_attempts": 8, "mode": "standard"},
-                max_pool_connections=64,
-                s3={"addressing_style": "path"} if self.endpoint_url else {},
-                tcp_keepalive=True,
+        """One client per process (boto3 clients are thread-safe; they do not survive a fork)."""
+        if self._client is None or self._pid != os.getpid():
+            with self._lock:
+                if self._client is None or self._pid != os.getpid():
+                    session = boto3.session.Session(profile_name=self.profile)
+                    config = Config(
+                        retries={"max_attempts": 8, "mode": "standard"},
+                        max_pool_connections=64,
+                        s3={"addressing_style": "path"} if self.endpoint_url else {},
+                        tcp_keepalive=True,
+                        request_checksum_calculation="when_required",
+                        response_checksum_validation="when_required",
+                    )
+                    self._closing = None
+                    self._client = session.client("s3", endpoint_url=self.endpoint_url, config=config)
+                    self._pid = os.getpid()
+        return self._client
+
+    def _closing_client(self):
+        """A client whose requests close their connection: SeaweedFS leaves a kept-alive connection stalled
+        after a zero-length PUT (the next request on it waits for the read timeout), so empty objects go
+        through connections that are not reused."""
+        main = self.client
+        if self._closing is None:
+            client = boto3.session.Session(profile_name=self.profile).client(
+                "s3", endpoint_url=self.endpoint_url, config=main.meta.config
             )
-            client = session.client("s3", endpoint_url=self.endpoint_url, config=config)
-            self._local.client, self._local.pid = client, os.getpid()
-        return client
+
+            def close_after(request, **_: object) -> None:
+                request.headers["Connection"] = "close"
+
+            client.meta.events.register("before-send.s3", close_after)
+            self._closing = client
+        return self._closing
 
     def _key(self, key: str) -> str:
         return self.prefix + check_key(key)
@@ -158,7 +185,10 @@ class S3Store(ObjectStore):
                 yield _info(self._strip(obj["Key"]), obj["Size"], obj["ETag"], obj["LastModified"])
 
     def list_dirs(self, prefix: str = "") -> list[str]:
-        return [self._strip(p["Prefix"]) for page in self._pages(prefix, "/") for p in page.get("CommonPrefixes", [])]
+        """Sorted here because not every server returns common prefixes in byte order (SeaweedFS does not)."""
+        return sorted(
+            self._strip(p["Prefix"]) for page in self._pages(prefix, "/") for p in page.get("CommonPrefixes", [])
+        )
 
     # -- reading ---------------------------------------------------------------------------------------
     def stat(self, key: str) -> ObjectInfo | None:
@@ -188,6 +218,8 @@ class S3Store(ObjectStore):
             if _code(exc) in ("InvalidRange", "416"):
                 return b""
             raise self._fail(exc, key) from exc
+        except BotoCoreError as exc:  # connection trouble after retries: an error, never a bad file
+            raise StoreError(f"{self.url}{key}: {exc}") from exc
 
     def open(self, key: str, size: int | None = None) -> BinaryIO:
         if size is None:
@@ -216,20 +248,20 @@ class S3Store(ObjectStore):
         extra = {} if overwrite else {"IfNoneMatch": "*"}
         try:
             if isinstance(data, bytes | bytearray | memoryview):
-                self.client.put_object(Bucket=self.bucket, Key=full, Body=bytes(data), **extra)
-            else:
-                if not overwrite and self.stat(key) is not None:
-                    raise ObjectExists(f"object {key!r} already exists in {self.url}")
-                self.client.upload_fileobj(
-                    data, self.bucket, full, Config=TransferConfig(multipart_threshold=MULTIPART)
-                )
+                body = bytes(data)
+                client = self.client if body else self._closing_client()
+                reply = client.put_object(Bucket=self.bucket, Key=full, Body=body, **extra)
+                return ObjectInfo(key=key, size=len(body), checksum=reply["ETag"].strip('"'), mtime=time.time())
+            if not overwrite and self.stat(key) is not None:
+                raise ObjectExists(f"object {key!r} already exists in {self.url}")
+            self.client.upload_fileobj(data, self.bucket, full, Config=TransferConfig(multipart_threshold=MULTIPART))
         except ClientError as exc:
             raise self._fail(exc, key) from exc
         info = self.stat(key)
         assert info is not None
         return info
 
-    def copy(self, src: str, dst: str, *, overwrite: bool = True) -> ObjectInfo:
+    def copy(self, src: str, dst: str, *, overwrite: bool = True) -> None:
         """CopyObject on the server; with overwrite=False, `If-None-Match: *` makes it create-only atomically."""
         source = {"Bucket": self.bucket, "Key": self._key(src)}
         extra = {} if overwrite else {"IfNoneMatch": "*"}
@@ -240,14 +272,11 @@ class S3Store(ObjectStore):
                 # a server without conditional copies: check, then copy (the loader is the only writer here)
                 if self.stat(dst) is not None:
                     raise ObjectExists(f"object {dst!r} already exists in {self.url}") from exc
-                return self.copy(src, dst, overwrite=True)
-            if _code(exc) == "InvalidRequest" and "size" in str(exc).lower():  # over 5 GB: multipart copy
+                self.copy(src, dst, overwrite=True)
+            elif _code(exc) == "InvalidRequest" and "size" in str(exc).lower():  # over 5 GB: multipart copy
                 self.client.copy(source, self.bucket, self._key(dst))
             else:
                 raise self._fail(exc, dst if _code(exc) in _EXISTS else src) from exc
-        info = self.stat(dst)
-        assert info is not None
-        return info
 
     def delete(self, key: str) -> None:
         try:

@@ -7,6 +7,7 @@ form, so that identifiable hospital-side views of the same people can be added w
 
 from __future__ import annotations
 
+import concurrent.futures as cf
 import datetime as dt
 import json
 import random
@@ -115,16 +116,34 @@ class SynthResult:
 
 
 class _Writer:
+    """Writes objects, overlapping the round trips of a remote store with a few threads (bounded in flight)."""
+
     def __init__(self, store: ObjectStore, result: SynthResult, tick: Callable[[int], None]) -> None:
         self.store, self.result, self.tick = store, result, tick
+        self.pool = cf.ThreadPoolExecutor(max_workers=8) if store.remote else None
+        self.pending: list[cf.Future] = []
 
     def put(self, key: str, data: bytes, case: str | None = None) -> str:
-        self.store.write(key, data)
+        if self.pool is None:
+            self.store.write(key, data)
+        else:
+            self.pending.append(self.pool.submit(self.store.write, key, data))
+            if len(self.pending) >= 32:
+                self._drain(16)
         self.result.bytes += len(data)
         self.tick(len(data))
         if case:
             self.result.cases[case].append(key)
         return key
+
+    def _drain(self, keep: int = 0) -> None:
+        while len(self.pending) > keep:
+            self.pending.pop(0).result()
+
+    def close(self) -> None:
+        self._drain()
+        if self.pool is not None:
+            self.pool.shutdown()
 
 
 def _image_key(hospital: Hospital, date: str, study: str, series: str, sop: str) -> str:
@@ -273,6 +292,7 @@ def generate(store: ObjectStore, spec: SynthSpec, progress: Callable[[int], None
     if spec.awkward:
         _awkward_images(out, rng, nprng, spec, dates, hospitals, first_images, numbers)
         _awkward_clinical(out, dates, hospitals, numbers, spec)
+    out.close()
     return result
 
 

@@ -17,6 +17,7 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID
 
+from nccid.store.base import StoreError
 from nccid.warehouse.layout import MODALITY_FOLDER, is_pseudonym, is_uid
 
 _BINARY_VRS = {"OB", "OD", "OF", "OL", "OV", "OW", "UN"}
@@ -63,6 +64,8 @@ def read_header(reader: BinaryIO, size: int) -> Dataset:
             ds = pydicom.dcmread(reader, stop_before_pixels=True)
         except InvalidDicomError as exc:
             raise ImageRejected("not a DICOM Part 10 file (no 'DICM' prefix after the 128-byte preamble)") from exc
+        except StoreError:
+            raise  # the store failed to deliver bytes: not the file's fault, never quarantined
         except (EOFError, struct.error) as exc:
             raise ImageRejected(f"truncated: the file ends inside the DICOM header ({size} bytes)") from exc
         except Exception as exc:  # pydicom raises many types for corrupt headers

@@ -178,13 +178,40 @@ def file_image(store: ObjectStore, plan: ImagePlan, write: bool) -> str:
     if existing is not None:
         if existing.checksum != plan.checksum:
             return "different"
-        if store.stat(plan.meta_key) is None and write:
+        if write and store.stat(plan.meta_key) is None:
             _write_once(store, plan.meta_key, plan.metadata)
         return "present"
     if not write:
         return "absent"
     _write_once(store, plan.meta_key, plan.metadata)
-    return place(store, plan.key, plan.dest, plan.checksum, write)
+    try:
+        store.copy(plan.key, plan.dest, overwrite=False)
+        return "new"
+    except ObjectExists:  # a racing writer got there between the check and the copy
+        info = store.stat(plan.dest)
+        return "present" if info is not None and info.checksum == plan.checksum else "different"
+
+
+def _threaded(fn: Callable, items: list, threads: int) -> list:
+    if threads <= 1 or len(items) <= 1:
+        return [fn(*item) for item in items]
+    with cf.ThreadPoolExecutor(max_workers=threads) as pool:
+        return list(pool.map(lambda item: fn(*item), items))
+
+
+def examine_many(store: ObjectStore, items: list[tuple[str, int]], threads: int) -> list[Examined]:
+    """One worker process's share of a batch; threads overlap the round trips of a remote store."""
+    return _threaded(lambda key, size: examine_image(store, key, size), items, threads)
+
+
+def file_many(store: ObjectStore, plans: list[ImagePlan], write: bool, threads: int) -> list[str]:
+    return _threaded(lambda plan: file_image(store, plan, write), [(p,) for p in plans], threads)
+
+
+def _split(items: list, parts: int) -> list[list]:
+    """Contiguous chunks, one per worker, so that results come back in order."""
+    size = -(-len(items) // max(1, parts))
+    return [items[i : i + size] for i in range(0, len(items), size)] or [[]]
 
 
 def _write_once(store: ObjectStore, key: str, data: bytes) -> None:
@@ -241,6 +268,9 @@ class Loader:
         self.mode = mode
         self.write = mode is Mode.LOAD
         self.workers = workers if workers is not None else (os.cpu_count() or 1)
+        #: concurrent requests per worker: a remote store answers in milliseconds, so overlap them
+        self.threads = 8 if store.remote else 1
+        self.io = cf.ThreadPoolExecutor(max_workers=16 if store.remote else 4)
         self.progress = progress or (lambda phase, n, b: None)
         self.config: WarehouseConfig = load_config(store)
         self.report = LoadReport(run_id=new_run_id(), store=store.url, mode=mode.value, started=_now())
@@ -279,16 +309,17 @@ class Loader:
         for batch in _batches(self._clinical_listing()):
             known = self.catalog.raw_rows([i.key for i in batch])
             held: list[RawRow] = []
+            todo = []
             for info in batch:
                 row = known.get(info.key)
                 unchanged = row and row.size == info.size and row.checksum == info.checksum
                 if unchanged and row.outcome != "held":
                     self.report.unchanged += 1
                     continue
-                try:
-                    record = self._check_clinical(info)
-                except ClinicalRejected as exc:
-                    held.append(RawRow(info.key, info.size, info.checksum, "clinical", "held", exc.reason))
+                todo.append(info)
+            for info, record in zip(todo, self.io.map(self._check_clinical, todo), strict=True):
+                if isinstance(record, ClinicalRejected):
+                    held.append(RawRow(info.key, info.size, info.checksum, "clinical", "held", record.reason))
                     continue
                 proposed = group_for(record.centre, record.pseudonym, self.config) or ""
                 db.execute(
@@ -312,12 +343,14 @@ class Loader:
         db.execute("DROP TABLE temp.stage")
         self.catalog.commit()
 
-    def _check_clinical(self, info: ObjectInfo) -> ClinicalRecord:
+    def _check_clinical(self, info: ObjectInfo) -> ClinicalRecord | ClinicalRejected:
+        """The record, or the reason it is held (returned, not raised, so that reads can run in threads)."""
         try:
-            raw = parse_raw_key(info.key)
+            return check_clinical(parse_raw_key(info.key), self.store.read(info.key))
         except LayoutError as exc:
-            raise ClinicalRejected(str(exc)) from exc
-        return check_clinical(raw, self.store.read(info.key))
+            return ClinicalRejected(str(exc))
+        except ClinicalRejected as exc:
+            return exc
 
     def _decide_groups(self) -> None:
         """A new patient's group comes from their first record; records that disagree are held, not guessed."""
@@ -350,11 +383,48 @@ class Loader:
         )
         while batch := cursor.fetchmany(BATCH):
             groups = self.catalog.patient_groups(r[3] for r in batch)
-            rows = [self._file_one_clinical(r, groups.get(r[3])) for r in batch]
+            planned: dict[str, ClinicalRow] = {}
+            decided = [self._decide_clinical(r, groups.get(r[3]), planned) for r in batch]
+            to_place = [d for d in decided if isinstance(d, ClinicalRow)]
+            statuses = dict(
+                zip(
+                    (c.source for c in to_place),
+                    self.io.map(lambda c: place(self.store, c.source, c.dest, c.checksum, self.write), to_place),
+                    strict=True,
+                )
+            )
+            rows = []
+            for decision in decided:
+                if isinstance(decision, RawRow):
+                    rows.append(decision)
+                    continue
+                base = RawRow(
+                    decision.source,
+                    decision.size,
+                    decision.checksum,
+                    "clinical",
+                    "held",
+                    patient=decision.patient,
+                    centre=decision.centre,
+                    dest=decision.dest,
+                )
+                status = statuses[decision.source]
+                if status == "different":
+                    rows.append(
+                        replace(base, outcome="conflict", reason=f"{decision.dest} exists with different content")
+                    )
+                elif status == "absent" and self.mode is Mode.REBUILD:
+                    rows.append(replace(base, outcome="unfiled"))
+                else:
+                    self.catalog.record_clinical(decision)
+                    rows.append(replace(base, outcome="filed"))
             self._record(rows)
         self.catalog.commit()
 
-    def _file_one_clinical(self, staged: tuple, group: str | None) -> RawRow:
+    def _decide_clinical(
+        self, staged: tuple, group: str | None, planned: dict[str, ClinicalRow]
+    ) -> RawRow | ClinicalRow:
+        """The outcome of a staged record, or (a ClinicalRow) where it is to be placed."""
         key, size, checksum, pseudonym, kind, date, centre, proposed, note = staged
         base = RawRow(key, size, checksum, "clinical", "held", patient=pseudonym, centre=centre)
         if proposed == "disagree":
@@ -369,14 +439,11 @@ class Loader:
                 f"but the patient is in {group} already and stays there"
             )
         dest = clinical_key(group, pseudonym, kind, date)
-        existing = self.catalog.clinical_at(dest)
+        existing = planned.get(dest) or self.catalog.clinical_at(dest)
         if existing and existing.source not in ("", key):
             if existing.checksum == checksum:
                 return replace(
-                    base,
-                    outcome="duplicate",
-                    dest=dest,
-                    reason=f"same record already filed from {existing.source}",
+                    base, outcome="duplicate", dest=dest, reason=f"same record already filed from {existing.source}"
                 )
             return replace(
                 base,
@@ -385,13 +452,8 @@ class Loader:
                 reason=f"{dest} is already filed from {existing.source} with different content; "
                 "send a correction under a new upload date",
             )
-        status = place(self.store, key, dest, checksum, self.write)
-        if status == "different":
-            return replace(base, outcome="conflict", dest=dest, reason=f"{dest} exists with different content")
-        if status == "absent" and self.mode is Mode.REBUILD:
-            return replace(base, outcome="unfiled")
-        self.catalog.record_clinical(ClinicalRow(dest, pseudonym, group, kind, date, centre, checksum, size, key))
-        return replace(base, outcome="filed", dest=dest, reason="")
+        planned[dest] = ClinicalRow(dest, pseudonym, group, kind, date, centre, checksum, size, key)
+        return planned[dest]
 
     # .. images ...........................................................................................
     def load_images(self, pool: cf.Executor | _InlineExecutor) -> None:
@@ -427,9 +489,9 @@ class Loader:
         if not todo:
             self.progress("images", len(batch), 0)
             return
-        examined = list(
-            pool.map(examine_image, [self.store] * len(todo), [i.key for i in todo], [i.size for i in todo])
-        )
+        chunks = _split([(i.key, i.size) for i in todo], self.workers)
+        n = len(chunks)
+        examined = [e for part in pool.map(examine_many, [self.store] * n, chunks, [self.threads] * n) for e in part]
         self.report.images_examined += len(examined)
         self.report.header_bytes_read += sum(e.bytes_read for e in examined)
         groups = self.catalog.patient_groups(e.facts.patient for e in examined if e.facts)
@@ -493,9 +555,13 @@ class Loader:
             )
             planned[facts.sop] = inst
             plans.append((ImagePlan(info.key, info.checksum, dest, metadata_key(dest), exam.metadata), inst, base))
-        statuses = list(
-            pool.map(file_image, [self.store] * len(plans), [p[0] for p in plans], [self.write] * len(plans))
-        )
+        plan_chunks = _split([p[0] for p in plans], self.workers) if plans else []
+        n = len(plan_chunks)
+        statuses = [
+            status
+            for part in pool.map(file_many, [self.store] * n, plan_chunks, [self.write] * n, [self.threads] * n)
+            for status in part
+        ]
         for (plan, inst, base), status in zip(plans, statuses, strict=True):
             if status == "different":
                 rows.append(
@@ -529,7 +595,7 @@ class Loader:
         start = time.perf_counter()
         if self.write and isinstance(self.store, LocalStore):
             self.store.clean_temp()
-        with _executor(self.workers) as pool:
+        with _executor(self.workers) as pool, self.io:
             self.load_clinical()
             self.load_images(pool)
         report = self.report
