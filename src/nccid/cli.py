@@ -398,10 +398,22 @@ def s3_serve(
 @s3_app.command("stop")
 def s3_stop(home: Path = HomeOption) -> None:
     """Stop a server started with `nccid s3 serve` (by its PID)."""
+    import signal
+    import time
+
+    from nccid.store.seaweedfs import alive
+
     server = _server(home)
-    if server.state() is None:
+    state = server.state()
+    if state is None:
         raise _fail(RuntimeError(f"no running server recorded in {home}"))
-    server.stop()
+    if state.supervisor_pid != os.getpid() and alive(state.supervisor_pid):
+        os.kill(state.supervisor_pid, signal.SIGTERM)  # `nccid s3 serve` stops SeaweedFS and its audit receiver
+        deadline = time.monotonic() + 30
+        while alive(state.supervisor_pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+    if alive(state.weed_pid):
+        server.stop()
     console.print("stopped")
 
 

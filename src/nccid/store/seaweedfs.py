@@ -74,6 +74,8 @@ class ServerState:
     master_port: int
     volume_port: int
     filer_port: int
+    master_grpc: int = 0
+    filer_grpc: int = 0
     weed_pid: int = 0
     supervisor_pid: int = 0
 
@@ -207,22 +209,24 @@ class SeaweedFS:
     # -- life cycle ------------------------------------------------------------------------------------
     def start(self, *, timeout: float = 60.0) -> ServerState:
         running = self.state()
-        if running and _alive(running.weed_pid):
+        if running and alive(running.weed_pid):
             raise ServerError(f"a server from {self.home} is already running (pid {running.weed_pid})")
         self.home.mkdir(parents=True, exist_ok=True)
         os.chmod(self.home, 0o700)
         (self.home / "data").mkdir(exist_ok=True)
         self.admin_credentials()
         s3_port = self.requested_port or free_port(self.bind)
+        ports = [free_port(self.bind) for _ in range(7)]
         state = ServerState(
             str(self.home),
             self.bind,
             s3_port,
-            free_port(self.bind),
-            free_port(self.bind),
-            free_port(self.bind),
+            *ports[:3],
+            master_grpc=ports[3],
+            filer_grpc=ports[4],
             supervisor_pid=os.getpid(),
         )
+
         audit_socket = self.home / "audit.sock"
         self.audit = AuditReceiver(audit_socket, self.audit_dir)
         self.audit.start()
@@ -241,15 +245,15 @@ class SeaweedFS:
             f"-ip={self.bind}",
             f"-ip.bind={self.bind}",
             f"-master.port={state.master_port}",
-            f"-master.port.grpc={free_port(self.bind)}",
+            f"-master.port.grpc={state.master_grpc}",
             f"-volume.port={state.volume_port}",
-            f"-volume.port.grpc={free_port(self.bind)}",
+            f"-volume.port.grpc={ports[5]}",
             f"-filer.port={state.filer_port}",
-            f"-filer.port.grpc={free_port(self.bind)}",
+            f"-filer.port.grpc={state.filer_grpc}",
             f"-filer.localSocket={self.home / 'filer.sock'}",
             "-s3",
             f"-s3.port={s3_port}",
-            f"-s3.port.grpc={free_port(self.bind)}",
+            f"-s3.port.grpc={ports[6]}",
             "-s3.port.iceberg=0",
             "-s3.port.lance=0",
             f"-s3.config={self.identities_path}",
@@ -301,17 +305,17 @@ class SeaweedFS:
         (15 s of gRPC drain, 10 s of heartbeats); written objects are already durable in its volumes."""
         state = self.state()
         pid = self.process.pid if self.process else (state.weed_pid if state else 0)
-        if pid and _alive(pid):
+        if pid and alive(pid):
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(pid, signal.SIGTERM)
             deadline = time.monotonic() + timeout
-            while _alive(pid) and time.monotonic() < deadline:
+            while alive(pid) and time.monotonic() < deadline:
                 if self.process:
                     with contextlib.suppress(subprocess.TimeoutExpired):
                         self.process.wait(0.1)
                 else:
                     time.sleep(0.1)
-            if _alive(pid):
+            if alive(pid):
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(pid, signal.SIGKILL)
                 if self.process:
@@ -331,8 +335,8 @@ class SeaweedFS:
             [
                 weed_binary(),
                 "shell",
-                f"-master={state.bind}:{state.master_port}",
-                f"-filer={state.bind}:{state.filer_port}",
+                f"-master={state.bind}:{state.master_port}.{state.master_grpc}",  # host:port.grpcPort
+                f"-filer={state.bind}:{state.filer_port}.{state.filer_grpc}",
             ],
             input=command + "\n",
             capture_output=True,
@@ -345,7 +349,7 @@ class SeaweedFS:
         return proc.stdout
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
     if pid <= 0:
         return False
     try:

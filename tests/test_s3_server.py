@@ -1,0 +1,100 @@
+"""`nccid s3 serve` as an administrator runs it: loopback only, grants by CLI, expiry on the running server,
+a clean stop, and the data still there after a restart."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import subprocess
+import sys
+import time
+
+import boto3
+import psutil
+import pytest
+from botocore.config import Config
+from botocore.exceptions import ClientError
+
+
+def _serve(home, env):
+    proc = subprocess.Popen([sys.executable, "-m", "nccid.cli", "s3", "serve", "--home", str(home), "--port", "0",
+                             "--sweep-interval", "0.5"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)  # fmt: skip
+    deadline = time.monotonic() + 90
+    lines = []
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+        if line.strip() == "ready":
+            return proc, lines
+    proc.kill()
+    pytest.fail("nccid s3 serve did not become ready: " + "".join(lines))
+
+
+def _cli(*args, env):
+    return subprocess.run([sys.executable, "-m", "nccid.cli", *args], env=env, capture_output=True, text=True,
+                          check=True).stdout  # fmt: skip
+
+
+def test_serve_grant_expire_stop_and_restart(tmp_path):
+    home = tmp_path / "s3home"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"] = "AKIAFROMSHELL", "shell-secret"  # must be ignored
+    proc, _ = _serve(home, env)
+    try:
+        admin = dict(line.removeprefix("export ").split("=", 1) for line in _cli("s3", "env", "--home", home,
+                                                                                  env=env).splitlines())  # fmt: skip
+        state = __import__("json").loads((home / "server.json").read_text())
+        weed_pid = state["weed_pid"]
+        listening = {c.laddr.ip for p in [psutil.Process(weed_pid), *psutil.Process(weed_pid).children(recursive=True)]
+                     for c in p.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN}  # fmt: skip
+        assert listening == {"127.0.0.1"}, listening
+        s3 = boto3.client("s3", endpoint_url=admin["AWS_ENDPOINT_URL"], aws_access_key_id=admin["AWS_ACCESS_KEY_ID"],
+                          aws_secret_access_key=admin["AWS_SECRET_ACCESS_KEY"], region_name="us-east-1")  # fmt: skip
+        s3.put_object(Bucket="nccid-data-warehouse-prod", Key="training/data/Covid1/data_2020-04-01.json", Body=b"{}")
+
+        soon = (dt.datetime.now(dt.UTC) + dt.timedelta(seconds=4)).strftime("%Y-%m-%dT%H:%M:%S")
+        out = _cli("access", "grant", "Short Visit Lab", "--group", "training-all", "--expires", soon, "--home", home,
+                   env=env)  # fmt: skip
+        creds = dict(line.split("=", 1) for line in out.splitlines() if line.startswith("AWS_"))
+        visitor = boto3.client("s3", endpoint_url=admin["AWS_ENDPOINT_URL"], region_name="us-east-1",
+                               aws_access_key_id=creds["AWS_ACCESS_KEY_ID"],
+                               aws_secret_access_key=creds["AWS_SECRET_ACCESS_KEY"],
+                               config=Config(retries={"max_attempts": 1}))  # fmt: skip
+        key = "training/data/Covid1/data_2020-04-01.json"
+        assert visitor.get_object(Bucket="nccid-data-warehouse-prod", Key=key)["Body"].read() == b"{}"
+        deadline = time.monotonic() + 30
+        refused = False
+        while time.monotonic() < deadline and not refused:
+            try:
+                visitor.get_object(Bucket="nccid-data-warehouse-prod", Key=key)
+                time.sleep(0.5)
+            except ClientError:
+                refused = True
+        assert refused, "the expired key still works"
+        listing = _cli("access", "list", "--home", home, env=env)
+        assert "Short Visit Lab" in listing and "expired" in listing
+        assert creds["AWS_SECRET_ACCESS_KEY"] not in listing
+        shell_key = boto3.client("s3", endpoint_url=admin["AWS_ENDPOINT_URL"], region_name="us-east-1",
+                                 aws_access_key_id="AKIAFROMSHELL", aws_secret_access_key="shell-secret",
+                                 config=Config(retries={"max_attempts": 1}))  # fmt: skip
+        with pytest.raises(ClientError):
+            shell_key.list_objects_v2(Bucket="nccid-data-warehouse-prod")
+    finally:
+        _cli("s3", "stop", "--home", home, env=env)
+        proc.wait(30)
+    assert not psutil.pid_exists(weed_pid) or psutil.Process(weed_pid).status() == psutil.STATUS_ZOMBIE
+
+    proc, _ = _serve(home, env)  # same home: same data, same administrator
+    try:
+        admin2 = dict(line.removeprefix("export ").split("=", 1) for line in _cli("s3", "env", "--home", home,
+                                                                                   env=env).splitlines())  # fmt: skip
+        assert admin2["AWS_ACCESS_KEY_ID"] == admin["AWS_ACCESS_KEY_ID"]
+        s3 = boto3.client("s3", endpoint_url=admin2["AWS_ENDPOINT_URL"], aws_access_key_id=admin2["AWS_ACCESS_KEY_ID"],
+                          aws_secret_access_key=admin2["AWS_SECRET_ACCESS_KEY"], region_name="us-east-1")  # fmt: skip
+        assert s3.get_object(Bucket="nccid-data-warehouse-prod", Key=key)["Body"].read() == b"{}"
+    finally:
+        _cli("s3", "stop", "--home", home, env=env)
+        proc.wait(30)
