@@ -86,7 +86,7 @@ def fetch(store: ObjectStore, info: ObjectInfo, target: Path) -> os.stat_result:
     try:
         with open(part, "wb") as handle:
             writer = _HashingWriter(handle)
-            store.download(info.key, writer)  # type: ignore[arg-type]
+            store.download(info.key, writer, info.size)  # type: ignore[arg-type]
         if writer.size != info.size or writer.digest.hexdigest() != info.checksum:
             raise SyncError(
                 f"{info.key}: received {writer.size} bytes with MD5 {writer.digest.hexdigest()}, "

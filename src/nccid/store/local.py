@@ -198,7 +198,7 @@ class LocalStore(ObjectStore):
         """Where the object lives on disk (the local backend only; used for zero-copy downloads)."""
         return self._path(key)
 
-    def download(self, key: str, dest: BinaryIO) -> None:
+    def download(self, key: str, dest: BinaryIO, size: int | None = None) -> None:
         with self.open(key) as handle:
             shutil.copyfileobj(handle, dest, _CHUNK)
 

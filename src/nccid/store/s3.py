@@ -14,10 +14,13 @@ import threading
 import time
 from collections.abc import Iterator
 from typing import BinaryIO
-from urllib.parse import urlparse
+from urllib.parse import quote, urlparse
 
 import boto3
+import urllib3
 from boto3.s3.transfer import TransferConfig
+from botocore.auth import S3SigV4QueryAuth
+from botocore.awsrequest import AWSRequest
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
@@ -31,7 +34,7 @@ from nccid.store.base import (
     check_prefix,
 )
 
-BLOCK = 64 * 1024  # ranged-read granularity: one GET covers most DICOM headers
+BLOCK = 16 * 1024  # ranged-read granularity: one GET covers most DICOM headers
 MULTIPART = 64 * 1024 * 1024
 _NOT_FOUND = {"404", "NoSuchKey", "NotFound"}
 _EXISTS = {"412", "PreconditionFailed", "ConditionalRequestConflict"}
@@ -96,6 +99,9 @@ class S3Store(ObjectStore):
         self._lock = threading.Lock()
         self._client = self._closing = None
         self._pid = 0
+        self._pool: urllib3.PoolManager | None = None
+        self._base_url: str | None = None
+        self._pool_pid = 0
 
     @classmethod
     def from_url(cls, url: str) -> S3Store:
@@ -229,18 +235,59 @@ class S3Store(ObjectStore):
             size = info.size
         return io.BufferedReader(RangedReader(self, key, size), buffer_size=BLOCK)  # type: ignore[return-value]
 
-    def download(self, key: str, dest: BinaryIO) -> None:
+    def download(self, key: str, dest: BinaryIO, size: int | None = None) -> None:
+        """Large objects: boto3's parallel ranged download. Others: one presigned GET through urllib3, which
+        spends a third less client CPU per object than a full botocore call (it is the limit for many small
+        files). A refused or failed GET is repeated through botocore, for its retries and its error codes."""
         try:
-            if (info := self.stat(key)) is not None and info.size >= MULTIPART:
-                self.client.download_fileobj(
-                    self.bucket, self._key(key), dest, Config=TransferConfig(multipart_threshold=MULTIPART)
-                )
+            if size is None:
+                info = self.stat(key)
+                size = info.size if info else 0
+            if size >= MULTIPART:
+                self.client.download_fileobj(self.bucket, self._key(key), dest,
+                                             Config=TransferConfig(multipart_threshold=MULTIPART))  # fmt: skip
                 return
+            url = self._presigned_get(self._key(key))
+            response = self._http().request("GET", url, preload_content=False, retries=False)
+            try:
+                if response.status == 200:
+                    for chunk in response.stream(1 << 20):
+                        dest.write(chunk)
+                    return
+            finally:
+                response.release_conn()
             body = self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"]
+            if hasattr(dest, "seek") and hasattr(dest, "truncate"):
+                dest.seek(0)
+                dest.truncate()
             for chunk in body.iter_chunks(1 << 20):
                 dest.write(chunk)
         except ClientError as exc:
             raise self._fail(exc, key) from exc
+        except (BotoCoreError, urllib3.exceptions.HTTPError) as exc:
+            raise StoreError(f"{self.url}{key}: {exc}") from exc
+
+    def _presigned_get(self, full_key: str) -> str:
+        """A SigV4 query-signed GET URL. botocore's generate_presigned_url re-runs endpoint resolution for every
+        call (most of its cost); the bucket's base URL is resolved once here and each key only signed."""
+        if self._base_url is None:
+            probe = "nccid-probe"
+            url = self.client.generate_presigned_url("get_object", Params={"Bucket": self.bucket, "Key": probe})
+            self._base_url = url.split("?", 1)[0][: -len(probe)]
+        request = AWSRequest(method="GET", url=self._base_url + quote(full_key, safe="/~"))
+        credentials = self.client._request_signer._credentials.get_frozen_credentials()
+        S3SigV4QueryAuth(credentials, "s3", self.client.meta.region_name, expires=900).add_auth(request)
+        return request.url
+
+    def _http(self) -> urllib3.PoolManager:
+        if self._pool is None or self._pool_pid != os.getpid():
+            with self._lock:
+                if self._pool is None or self._pool_pid != os.getpid():
+                    from botocore.httpsession import get_cert_path
+
+                    self._pool = urllib3.PoolManager(maxsize=64, ca_certs=get_cert_path(True))
+                    self._pool_pid = os.getpid()
+        return self._pool
 
     # -- writing ---------------------------------------------------------------------------------------
     def write(self, key: str, data: bytes | BinaryIO, *, overwrite: bool = True) -> ObjectInfo:

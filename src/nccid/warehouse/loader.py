@@ -19,7 +19,6 @@ the next run finds them already present with the same checksum and records them.
 from __future__ import annotations
 
 import concurrent.futures as cf
-import contextlib
 import datetime as dt
 import json
 import multiprocessing
@@ -157,39 +156,37 @@ class ImagePlan:
 
 
 def place(store: ObjectStore, src: str, dst: str, checksum: str, write: bool) -> str:
-    """Copy `src` to `dst` unless it is there: 'new', 'present' (same bytes), 'different' or 'absent' (no write)."""
-    info = store.stat(dst)
-    if info is None:
-        if not write:
-            return "absent"
+    """Copy `src` to `dst` unless it is there: 'new', 'present' (same bytes), 'different' or 'absent' (no write).
+
+    Create-only first and look only when refused: one request when all is well (the copy is atomic and
+    never overwrites, so trying is safe).
+    """
+    if write:
         try:
             store.copy(src, dst, overwrite=False)
             return "new"
         except ObjectExists:
-            info = store.stat(dst)
-            if info is None:  # pragma: no cover - deleted under our feet
-                raise
+            pass
+    info = store.stat(dst)
+    if info is None:
+        return "absent"
     return "present" if info.checksum == checksum else "different"
 
 
 def file_image(store: ObjectStore, plan: ImagePlan, write: bool) -> str:
-    """Metadata first, image last: an image in the layout always has its metadata beside it."""
-    existing = store.stat(plan.dest)
-    if existing is not None:
-        if existing.checksum != plan.checksum:
-            return "different"
-        if write and store.stat(plan.meta_key) is None:
-            _write_once(store, plan.meta_key, plan.metadata)
-        return "present"
+    """Metadata first, image last, both create-only: an image in the layout always has its metadata beside it.
+
+    Two requests when all is well. If the image is already there with other bytes (a conflict), metadata this
+    call created is taken back, so that no metadata ever describes bytes other than its image's.
+    """
     if not write:
-        return "absent"
-    _write_once(store, plan.meta_key, plan.metadata)
-    try:
-        store.copy(plan.key, plan.dest, overwrite=False)
-        return "new"
-    except ObjectExists:  # a racing writer got there between the check and the copy
         info = store.stat(plan.dest)
-        return "present" if info is not None and info.checksum == plan.checksum else "different"
+        return "absent" if info is None else ("present" if info.checksum == plan.checksum else "different")
+    created = _write_once(store, plan.meta_key, plan.metadata)
+    status = place(store, plan.key, plan.dest, plan.checksum, write)
+    if status == "different" and created:
+        store.delete(plan.meta_key)
+    return status
 
 
 def _threaded(fn: Callable, items: list, threads: int) -> list:
@@ -214,9 +211,13 @@ def _split(items: list, parts: int) -> list[list]:
     return [items[i : i + size] for i in range(0, len(items), size)] or [[]]
 
 
-def _write_once(store: ObjectStore, key: str, data: bytes) -> None:
-    with contextlib.suppress(ObjectExists):  # written by an earlier, interrupted run, from the same header
+def _write_once(store: ObjectStore, key: str, data: bytes) -> bool:
+    """Create `key` unless it exists (written by an earlier, interrupted run from the same header)."""
+    try:
         store.write(key, data, overwrite=False)
+        return True
+    except ObjectExists:
+        return False
 
 
 class _InlineExecutor:
