@@ -98,3 +98,14 @@ def test_serve_grant_expire_stop_and_restart(tmp_path):
     finally:
         _cli("s3", "stop", "--home", home, env=env)
         proc.wait(30)
+
+
+def test_policy_export_and_clear_errors_from_the_access_commands(tmp_path):
+    env = {**os.environ, "NCCID_S3_HOME": str(tmp_path / "home")}
+    policy = __import__("json").loads(_cli("access", "policy", "uploader", "--uploader", "kings", env=env))
+    assert policy["Statement"][0]["Resource"] == ["arn:aws:s3:::nccid-data-warehouse-prod/raw-kings/*"]
+    for args, message in ((["access", "policy", "everything"], "unknown group"),
+                          (["access", "revoke", "NCCIDNOSUCHKEY"], "no grant with access key NCCIDNOSUCHKEY"),
+                          (["access", "grant", "Lab", "--group", "uploader"], "--uploader")):  # fmt: skip
+        proc = subprocess.run([sys.executable, "-m", "nccid.cli", *args], env=env, capture_output=True, text=True)
+        assert proc.returncode == 1 and message in proc.stderr, (args, proc.stderr)

@@ -157,7 +157,7 @@ def warehouse_load(
     try:
         with progress_bar("loading") as tick:
             report = load(target, cat, dry_run=dry_run, workers=workers, progress=tick)
-    except ConfigError as exc:
+    except (ConfigError, StoreError) as exc:
         raise _fail(exc) from exc
     finally:
         cat.close()
@@ -245,21 +245,30 @@ def ls(
     recursive: bool = typer.Option(False, "--recursive", "-r", help="List every object below the prefix."),
 ) -> None:
     """List folders and objects below a prefix (like `aws s3 ls`)."""
-    from nccid.access.api import Folder, Warehouse
+    from nccid.access.api import Warehouse
 
     wh = Warehouse(_store(store))
     count = 0
-    for entry in wh.ls(prefix, recursive=recursive):
-        if isinstance(entry, Folder):
-            print(f"{'PRE':>30} {entry.key}")
-        else:
-            import datetime as dt
-
-            when = dt.datetime.fromtimestamp(entry.mtime).strftime("%Y-%m-%d %H:%M:%S")
-            print(f"{when} {entry.size:>10} {entry.key}")
-        count += 1
+    try:
+        for entry in wh.ls(prefix, recursive=recursive):
+            _print_entry(entry)
+            count += 1
+    except StoreError as exc:
+        raise _fail(exc) from exc
     if count == 0:
         err_console.print(f"nothing below {prefix!r}")
+
+
+def _print_entry(entry) -> None:
+    import datetime as dt
+
+    from nccid.access.api import Folder
+
+    if isinstance(entry, Folder):
+        print(f"{'PRE':>30} {entry.key}")
+    else:
+        when = dt.datetime.fromtimestamp(entry.mtime).strftime("%Y-%m-%d %H:%M:%S")
+        print(f"{when} {entry.size:>10} {entry.key}")
 
 
 @app.command("cat")
@@ -318,6 +327,8 @@ def stats_(
     try:
         stats = compute(target, cat, date)
         prefix = publish(target, stats)
+    except StoreError as exc:
+        raise _fail(exc) from exc
     finally:
         cat.close()
     show_summary(stats.summary)
@@ -442,9 +453,7 @@ def access_grant(
     except (GrantError, GroupError) as exc:
         raise _fail(exc) from exc
     console.print(f"granted {group} on s3://{bucket} to {org}" + (f" until {expires}" if expires else ""))
-    print(f"AWS_ACCESS_KEY_ID={creds.access_key}")
-    print(f"AWS_SECRET_ACCESS_KEY={creds.secret_key}")
-    err_console.print("The secret is shown only now: hand it over securely.")
+    _show_credentials(creds)
 
 
 @access_app.command("revoke")
@@ -469,8 +478,14 @@ def access_rotate(access_key: str = typer.Argument(...), home: Path = HomeOption
     except GrantError as exc:
         raise _fail(exc) from exc
     console.print(f"rotated {access_key} -> {creds.access_key} ({creds.grant.org}, {creds.grant.group})")
+    _show_credentials(creds)
+
+
+def _show_credentials(creds) -> None:
+    """On standard output only (never a log), once."""
     print(f"AWS_ACCESS_KEY_ID={creds.access_key}")
     print(f"AWS_SECRET_ACCESS_KEY={creds.secret_key}")
+    err_console.print("The secret is shown only now: hand it over securely.")
 
 
 @access_app.command("list")
