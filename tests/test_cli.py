@@ -73,3 +73,18 @@ def test_clear_errors_for_a_missing_store_or_config(tmp_path):
     (empty / "config.json").write_text('{"raw_prefixes": ["raw-a/"], "training_percentage": 150}')
     bad = nccid("warehouse", "load", "--store", empty, "--catalog", tmp_path / "c.sqlite", check=False)
     assert bad.returncode == 1 and "training_percentage" in bad.stderr
+
+
+def test_structured_log_has_counts_and_no_identifiers(store, tmp_path):
+    import os
+
+    configure(store)
+    put_clinical(store, "Covid1")
+    put_image(store, "Covid1", "1.2", "1.2.3", "1.2.3.4")
+    put_image(store, "Covid77", "1.5", "1.5.1", "1.5.1.1")  # pending: its reason names the patient
+    env = {**os.environ, "NCCID_LOG": "info"}
+    proc = nccid("warehouse", "load", "--store", store.url, "--catalog", tmp_path / "c.sqlite", env=env)
+    lines = [json.loads(line) for line in proc.stderr.splitlines() if line.startswith("{")]
+    (run,) = [line for line in lines if line["event"] == "warehouse.load"]
+    assert run["counts"] == {"filed": 2, "pending": 1} and run["level"] == "info" and run["run_id"]
+    assert "Covid" not in proc.stderr

@@ -562,6 +562,14 @@ def demo(
     run_demo(directory, patients=patients, scale=scale, seed=seed)
 
 
+@app.callback()
+def _setup() -> None:
+    """Structured JSON logs on standard error when NCCID_LOG is set (info, debug)."""
+    from nccid.log import configure
+
+    configure()
+
+
 def main() -> None:  # pragma: no cover
     app()
 

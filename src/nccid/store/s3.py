@@ -244,8 +244,9 @@ class S3Store(ObjectStore):
                 info = self.stat(key)
                 size = info.size if info else 0
             if size >= MULTIPART:
-                self.client.download_fileobj(self.bucket, self._key(key), dest,
-                                             Config=TransferConfig(multipart_threshold=MULTIPART))  # fmt: skip
+                self.client.download_fileobj(
+                    self.bucket, self._key(key), dest, Config=TransferConfig(multipart_threshold=MULTIPART)
+                )
                 return
             url = self._presigned_get(self._key(key))
             response = self._http().request("GET", url, preload_content=False, retries=False)

@@ -32,6 +32,8 @@ from pathlib import Path
 
 import msgpack
 
+from nccid.log import event
+
 ADMIN_NAME = "nccid-admin"
 STATE_FILE = "server.json"
 
@@ -269,6 +271,7 @@ class SeaweedFS:
         state.weed_pid = self.process.pid
         write_private(self.state_path, json.dumps(asdict(state), indent=2) + "\n")
         self.wait_ready(state, timeout)
+        event("s3.started", endpoint=state.endpoint, pid=state.weed_pid)
         return state
 
     def wait_ready(self, state: ServerState, timeout: float) -> None:

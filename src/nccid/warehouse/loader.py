@@ -34,6 +34,7 @@ from enum import Enum
 from itertools import islice
 from pathlib import Path
 
+from nccid.log import event
 from nccid.store import LocalStore, ObjectExists, ObjectInfo, ObjectStore
 from nccid.warehouse.catalog import FINAL_OUTCOMES, Catalog, ClinicalRow, Instance, RawRow
 from nccid.warehouse.clinical import ClinicalRecord, ClinicalRejected, check_clinical
@@ -606,6 +607,17 @@ class Loader:
         report.outstanding = {
             k: v for k, v in sorted(self.catalog.outcome_counts().items()) if k not in ("filed", "duplicate")
         }
+        event(
+            "warehouse.load",
+            run_id=report.run_id,
+            mode=report.mode,
+            duration_s=round(report.duration_s, 3),
+            counts=dict(report.counts),
+            unchanged=report.unchanged,
+            images_filed=report.images_filed,
+            bytes_filed=report.bytes_filed,
+            outstanding=report.outstanding,
+        )
         if self.write:
             report.report_key = f"{REPORT_PREFIX}{report.run_id}.json"
             self.store.write(report.report_key, (json.dumps(report.to_json(), indent=2) + "\n").encode())
