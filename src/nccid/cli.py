@@ -549,6 +549,62 @@ def access_audit(
     )
 
 
+# -- the linkage vault ------------------------------------------------------------------------------------
+vault_app = typer.Typer(
+    help="The pseudonym vault: keys, data managers, re-identification for linkage.", no_args_is_help=True
+)
+app.add_typer(vault_app, name="vault")
+VaultOption = typer.Option(
+    Path("~/.local/share/nccid/vault.sqlite").expanduser(),
+    "--vault",
+    envvar="NCCID_VAULT",
+    help="The vault database ($NCCID_VAULT).",
+)
+KeyFileOption = typer.Option(None, "--key-file", help="Owner-only key file (else $NCCID_PSEUDONYM_KEY).")
+
+
+@vault_app.command("keygen")
+def vault_keygen(key_file: Path = typer.Argument(..., help="Where to write the new key (owner-only).")) -> None:
+    """Make a new pseudonym key (AES-SIV key + salt). Keep it out of the store and the repository."""
+    from nccid.site.vault import PseudonymKey
+
+    try:
+        PseudonymKey.generate().save(key_file)
+    except FileExistsError as exc:
+        raise _fail(FileExistsError(f"{key_file} exists: a key is never overwritten")) from exc
+    console.print(f"new pseudonym key in {key_file} (mode 600)")
+
+
+@vault_app.command("add-manager")
+def vault_add_manager(name: str = typer.Argument(...), vault: Path = VaultOption) -> None:
+    """Name a data manager: only they may reveal a pseudonym."""
+    from nccid.site.vault import Vault
+
+    v = Vault(vault)
+    v.add_manager(name)
+    v.close()
+    console.print(f"{name} is a data manager of {vault}")
+
+
+@vault_app.command("reveal")
+def vault_reveal(
+    pseudonym: str = typer.Argument(...),
+    actor: str = typer.Option(os.environ.get("USER", ""), "--as", help="Who is asking (default: $USER)."),
+    vault: Path = VaultOption,
+    key_file: Path | None = KeyFileOption,
+) -> None:
+    """Re-identify a pseudonym for approved linkage. Needs the key and the data-manager role; audited."""
+    from nccid.site.vault import PseudonymKey, Vault, VaultError
+
+    v = Vault(vault)
+    try:
+        print(v.reveal(pseudonym, key=PseudonymKey.load(key_file), actor=actor))
+    except (VaultError, FileNotFoundError) as exc:
+        raise _fail(exc) from exc
+    finally:
+        v.close()
+
+
 @app.command()
 def demo(
     directory: Path = typer.Option(Path("nccid-demo"), "--dir", help="Where the demo store and catalog go."),

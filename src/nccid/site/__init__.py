@@ -1,0 +1,1 @@
+"""What runs at a hospital: NHS/CHI numbers, pseudonyms and the linkage vault."""
