@@ -31,6 +31,15 @@ def test_demo_runs_end_to_end_and_the_second_load_is_a_no_op(tmp_path):
     assert refused.returncode != 0 and (tmp_path / "mine").exists()
 
 
+def test_demo_runs_on_s3_and_refuses_a_store_with_data(make_store, tmp_path):
+    store = make_store("s3")
+    out = nccid("demo", "--dir", tmp_path / "demo", "--store", store.url, "--patients", 30, "--scale", 0.03).stdout
+    assert "second load: 0 objects with a new outcome" in out and f"store:       {store.url}" in out
+    assert store.exists("stats/latest.json") and any(True for _ in store.list("training/data/"))
+    again = nccid("demo", "--dir", tmp_path / "demo", "--store", store.url, check=False)
+    assert again.returncode != 0 and "is not empty" in again.stderr + again.stdout
+
+
 def test_load_ls_cat_centres_status_and_stats(store, tmp_path):
     configure(store)
     put_clinical(store, "Covid1")

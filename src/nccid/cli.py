@@ -611,11 +611,12 @@ def demo(
     patients: int = typer.Option(300, help="Number of synthetic patients."),
     scale: float = typer.Option(1.0, help="Image size multiplier (1.0: realistic sizes, about 1 GB in all)."),
     seed: int = typer.Option(0, help="Random seed."),
+    store: str | None = typer.Option(None, "--store", help="An empty store to use instead (e.g. s3://bucket/demo)."),
 ) -> None:
     """The whole spine in one go: synthesise a national dataset, load it, load again, publish statistics."""
     from nccid.demo import run_demo
 
-    run_demo(directory, patients=patients, scale=scale, seed=seed)
+    run_demo(directory, patients=patients, scale=scale, seed=seed, store_url=store)
 
 
 @app.callback()

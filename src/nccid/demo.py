@@ -8,7 +8,8 @@ from pathlib import Path
 
 from nccid.console import console, human_bytes, progress_bar
 from nccid.stats.summary import compute, publish
-from nccid.store import LocalStore
+from nccid.store import LocalStore, ObjectStore, open_store
+from nccid.store.s3 import S3Store
 from nccid.synth.national import SynthSpec, generate
 from nccid.warehouse.catalog import Catalog
 from nccid.warehouse.loader import load
@@ -26,12 +27,26 @@ def _fresh(directory: Path) -> None:
     (directory / MARKER).write_text("made by nccid demo; deleted and remade by the next demo run\n")
 
 
-def run_demo(directory: Path, *, patients: int = 300, scale: float = 1.0, seed: int = 0) -> None:
+def _empty_store(url: str) -> ObjectStore:
+    """A store given by URL must be empty: the demo never mixes its data into a real warehouse."""
+    store = open_store(url)
+    if isinstance(store, S3Store):
+        store.create_bucket()
+    if next(iter(store.list()), None) is not None:
+        raise SystemExit(
+            f"{store.url} is not empty: give the demo an empty bucket or prefix, e.g. s3://nccid-demo/run-1"
+        )
+    return store
+
+
+def run_demo(
+    directory: Path, *, patients: int = 300, scale: float = 1.0, seed: int = 0, store_url: str | None = None
+) -> None:
     from nccid.cli import show_load_report, show_summary
 
     directory = directory.resolve()
     _fresh(directory)
-    store = LocalStore(directory / "store")
+    store = _empty_store(store_url) if store_url else LocalStore(directory / "store")
     catalog = Catalog(directory / "catalog.sqlite")
 
     console.rule("1. synthetic hospitals upload pseudonymised records and images")
@@ -65,11 +80,13 @@ def run_demo(directory: Path, *, patients: int = 300, scale: float = 1.0, seed: 
     catalog.close()
 
     console.rule("where everything is")
-    console.print(f"store:      {store.root}   (processed layout under training/ and validation/)")
-    console.print(f"catalog:    {directory / 'catalog.sqlite'}")
-    console.print(f"load report: {store.root / first.report_key}")
-    console.print(f"statistics: {store.root / prefix}")
+    where = str(store.root) if isinstance(store, LocalStore) else store.url
+    base = where.rstrip("/") + "/"
+    console.print(f"store:       {where}   (processed layout under training/ and validation/)")
+    console.print(f"catalog:     {directory / 'catalog.sqlite'}")
+    console.print(f"load report: {base}{first.report_key}")
+    console.print(f"statistics:  {base}{prefix}")
     console.print("try:")
-    console.print(f"  nccid ls training/ --store {store.root}")
-    console.print(f"  nccid sync training/data/ ./clinical --store {store.root}")
-    console.print(f"  nccid warehouse status --store {store.root} --catalog {directory / 'catalog.sqlite'}")
+    console.print(f"  nccid ls training/ --store {where}")
+    console.print(f"  nccid sync training/data/ ./clinical --store {where}")
+    console.print(f"  nccid warehouse status --store {where} --catalog {directory / 'catalog.sqlite'}")
