@@ -1,0 +1,207 @@
+"""DICOM de-identification: the PS3.15 Annex E Basic Application Level Confidentiality Profile, with the options
+this programme uses.
+
+The action table is not typed by hand: it is the standard's Table E.1-1 as shipped, generated from the standard,
+by the `dicom-anonymizer` package (edition below). On top of the basic profile:
+
+- Retain Patient Characteristics (sex, age, size, weight: the statistics use them);
+- Retain Device Identity (manufacturer and model are never removed by the profile; device serial numbers and
+  detector, gantry, generator, plate and cassette IDs are kept too);
+- NCCID dates: StudyDate and AcquisitionDate kept, PatientBirthDate reduced to its year + 0101, every other date
+  or date-time the profile would remove shifted by a per-patient offset derived from the key, so that intervals
+  survive and a re-sent image gets the same dates;
+- PatientID and PatientName become the pseudonym; UIDs become keyed deterministic 2.25 UIDs (references inside
+  the data stay consistent, a re-send gets the same UIDs); private tags are removed; every sequence item is
+  treated like the top level.
+
+Objects likely to carry burned-in identifiers (BurnedInAnnotation YES, secondary capture, any SOP class other
+than the CR/DX/CT/MR images the warehouse files) are held with a reason, never de-identified and sent.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import hmac
+import importlib
+from dataclasses import dataclass
+
+from pydicom.dataset import Dataset
+from pydicom.sequence import Sequence
+from pydicom.tag import Tag
+from pydicom.uid import UID
+
+PROFILE_EDITION = "dicomfields_2026c"  # dicom-anonymizer's machine-readable Table E.1-1
+_CATEGORY_ACTION = {
+    "D_TAGS": "D", "Z_TAGS": "Z", "X_TAGS": "X", "U_TAGS": "U", "Z_D_TAGS": "Z", "X_Z_TAGS": "X",
+    "X_D_TAGS": "X", "X_Z_D_TAGS": "X", "X_Z_U_STAR_TAGS": "U*",
+}  # fmt: skip
+#: CID 7050 codes (scheme DCM) of the profile and the options applied
+METHOD_CODES = [
+    ("113100", "Basic Application Confidentiality Profile"),
+    ("113107", "Retain Longitudinal Temporal Information Modified Dates Option"),
+    ("113108", "Retain Patient Characteristics Option"),
+    ("113109", "Retain Device Identity Option"),
+]
+METHOD = "nccid: PS3.15 E.1 Basic Profile; Retain Patient Characteristics; Retain Device Identity; NCCID dates"
+PATIENT_CHARACTERISTICS = {Tag(0x0010, 0x0040), Tag(0x0010, 0x1010), Tag(0x0010, 0x1020), Tag(0x0010, 0x1030)}
+DEVICE_IDENTITY = {Tag(0x0018, 0x1000), Tag(0x0018, 0x700A), Tag(0x0018, 0x1008), Tag(0x0018, 0x1005),
+                   Tag(0x0018, 0x1004), Tag(0x0018, 0x1007)}  # fmt: skip
+KEPT_DATES = {Tag(0x0008, 0x0020), Tag(0x0008, 0x0022)}  # StudyDate, AcquisitionDate
+BIRTH_DATE = Tag(0x0010, 0x0030)
+PSEUDONYM_TAGS = {Tag(0x0010, 0x0010), Tag(0x0010, 0x0020)}  # PatientName, PatientID
+ALLOWED_SOP_CLASSES = {
+    "1.2.840.10008.5.1.4.1.1.1",  # CR
+    "1.2.840.10008.5.1.4.1.1.1.1",  # DX for presentation
+    "1.2.840.10008.5.1.4.1.1.1.1.1",  # DX for processing
+    "1.2.840.10008.5.1.4.1.1.2",  # CT
+    "1.2.840.10008.5.1.4.1.1.2.1",  # enhanced CT
+    "1.2.840.10008.5.1.4.1.1.4",  # MR
+    "1.2.840.10008.5.1.4.1.1.4.1",  # enhanced MR
+}
+
+
+class DeidHeld(ValueError):
+    """The object is held back at the site, not uploaded; `reason` says why."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def _load_table() -> tuple[dict[int, str], list[tuple[int, int, int, int, str]]]:
+    module = importlib.import_module(f"dicomanonymizer.dicom_anonymization_databases.{PROFILE_EDITION}")
+    exact: dict[int, str] = {}
+    masked: list[tuple[int, int, int, int, str]] = []
+    for category, action in _CATEGORY_ACTION.items():
+        for entry in getattr(module, category):
+            if len(entry) == 2:
+                exact[int(Tag(*entry))] = action
+            else:  # repeating groups such as overlays (60xx,3000): group and element masks
+                group, element, group_mask, element_mask = entry
+                masked.append((group, element, group_mask, element_mask, action))
+    return exact, masked
+
+
+EXACT_ACTIONS, MASKED_ACTIONS = _load_table()
+
+
+def profile_action(tag: int) -> str | None:
+    """D (dummy), Z (empty), X (remove), U (new UID), U* (de-identify inside), or None (keep)."""
+    action = EXACT_ACTIONS.get(int(tag))
+    if action is not None:
+        return action
+    group, element = int(tag) >> 16, int(tag) & 0xFFFF
+    for g, e, gm, em, masked_action in MASKED_ACTIONS:
+        if group & gm == g and element & em == e:
+            return masked_action
+    return None
+
+
+@dataclass(frozen=True)
+class DeidKeys:
+    """Keys for UIDs and date shifts, derived from the programme's pseudonym key (so every site agrees)."""
+
+    uid_key: bytes
+    date_key: bytes
+
+    @classmethod
+    def derive(cls, secret: bytes) -> DeidKeys:
+        return cls(hmac.new(secret, b"nccid-uid", hashlib.sha256).digest(),
+                   hmac.new(secret, b"nccid-date", hashlib.sha256).digest())  # fmt: skip
+
+    def uid(self, original: str) -> str:
+        """A keyed, deterministic 2.25 UID: the same original always maps to the same new UID."""
+        digest = hmac.new(self.uid_key, original.strip().encode(), hashlib.sha256).digest()[:16]
+        return f"2.25.{int.from_bytes(digest, 'big')}"
+
+    def day_offset(self, person: str) -> int:
+        """Days to move a person's other dates back (1-365), the same at every site and on every re-send."""
+        digest = hmac.new(self.date_key, person.encode(), hashlib.sha256).digest()
+        return int.from_bytes(digest[:4], "big") % 365 + 1
+
+
+def _shift(value: str, vr: str, days: int) -> str | None:
+    text = str(value).strip()
+    try:
+        if vr == "DA":
+            return (dt.datetime.strptime(text[:8], "%Y%m%d") - dt.timedelta(days=days)).strftime("%Y%m%d")
+        shifted = dt.datetime.strptime(text[:8], "%Y%m%d") - dt.timedelta(days=days)
+        return shifted.strftime("%Y%m%d") + text[8:]
+    except ValueError:
+        return None
+
+
+def _dummy(vr: str) -> object:
+    return {"PN": "ANONYMOUS", "DA": "", "TM": "", "DT": "", "UI": "", "SQ": Sequence()}.get(
+        vr, 0 if vr in ("US", "SS", "UL", "SL", "FL", "FD", "IS", "DS") else "ANONYMISED"
+    )
+
+
+def _apply(ds: Dataset, pseudonym: str, keys: DeidKeys, days: int) -> None:
+    for elem in list(ds):
+        tag = elem.tag
+        if tag in PSEUDONYM_TAGS:
+            elem.value = pseudonym
+            continue
+        if tag in PATIENT_CHARACTERISTICS or tag in DEVICE_IDENTITY or tag in KEPT_DATES:
+            continue
+        action = profile_action(tag)
+        if elem.VR == "SQ":
+            if action == "X":
+                del ds[tag]
+            else:  # every item is treated like the top level
+                for item in elem.value:
+                    _apply(item, pseudonym, keys, days)
+            continue
+        if action is None:
+            continue
+        if tag == BIRTH_DATE:
+            text = str(elem.value or "")
+            elem.value = f"{text[:4]}0101" if len(text) >= 4 and text[:4].isdigit() else ""
+        elif elem.VR in ("DA", "DT") and elem.value:
+            shifted = _shift(elem.value, elem.VR, days)
+            if shifted is None:
+                del ds[tag]
+            else:
+                elem.value = shifted
+        elif action in ("U", "U*") and elem.VR == "UI":
+            values = elem.value if isinstance(elem.value, list | tuple) else [elem.value]
+            mapped = [keys.uid(str(v)) for v in values if v]
+            elem.value = mapped if len(mapped) > 1 else (mapped[0] if mapped else "")
+        elif action == "X":
+            del ds[tag]
+        elif action == "Z":
+            elem.value = "" if elem.VR not in ("US", "SS", "UL", "SL", "FL", "FD") else None
+        else:
+            elem.value = _dummy(elem.VR)
+
+
+def check_sendable(ds: Dataset) -> None:
+    """Objects likely to carry burned-in identifiers are held, not de-identified and sent."""
+    if str(ds.get("BurnedInAnnotation", "")).strip().upper() == "YES":
+        raise DeidHeld("BurnedInAnnotation (0028,0301) is YES: identifiers may be burned into the pixels")
+    sop_class = str(ds.get("SOPClassUID", "") or ds.file_meta.get("MediaStorageSOPClassUID", ""))
+    if sop_class.startswith("1.2.840.10008.5.1.4.1.1.7"):
+        raise DeidHeld("secondary capture: screenshots often carry burned-in identifiers")
+    if sop_class not in ALLOWED_SOP_CLASSES:
+        raise DeidHeld(f"unsupported SOP class {UID(sop_class).name or sop_class}: only CR, DX, CT and MR images")
+
+
+def deidentify(ds: Dataset, *, pseudonym: str, person: str, keys: DeidKeys) -> Dataset:
+    """De-identify `ds` in place and return it. `person` (the NHS/CHI ciphertext) fixes the date offset."""
+    check_sendable(ds)
+    ds.remove_private_tags()
+    _apply(ds, pseudonym, keys, keys.day_offset(person))
+    if hasattr(ds, "file_meta"):
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.PatientIdentityRemoved = "YES"
+    ds.LongitudinalTemporalInformationModified = "MODIFIED"
+    ds.DeidentificationMethod = METHOD
+    codes = []
+    for value, meaning in METHOD_CODES:
+        item = Dataset()
+        item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = value, "DCM", meaning
+        codes.append(item)
+    ds.DeidentificationMethodCodeSequence = codes
+    return ds

@@ -1,0 +1,85 @@
+"""The de-identification gate: scan every element of every output file (file meta, nested sequences and private
+tags included) for any identifier the site knows for that patient. One finding stops the batch."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from pydicom.dataset import Dataset
+from pydicom.tag import Tag
+
+_NON_ALNUM = re.compile(r"[^A-Z0-9]")
+
+
+def _norm(value: object) -> str:
+    if isinstance(value, bytes):
+        value = value.decode("latin-1", "replace")
+    return _NON_ALNUM.sub("", str(value).upper())
+
+
+@dataclass
+class KnownIdentifiers:
+    """What the site holds about one patient, as written anywhere (names, numbers, dates, address, text)."""
+
+    names: list[str] = field(default_factory=list)  # family and given names, physicians
+    numbers: list[str] = field(default_factory=list)  # NHS/CHI, hospital number, accession numbers
+    birth_date: str = ""  # YYYYMMDD
+    address: list[str] = field(default_factory=list)  # lines and postcode
+    free_text: list[str] = field(default_factory=list)  # comments known to carry identifiers
+
+    def tokens(self) -> list[tuple[str, str]]:
+        """(kind, normalised token) pairs worth searching for; very short tokens would only add noise."""
+        out: list[tuple[str, str]] = []
+        for name in self.names:
+            out += [("name", t) for t in {_norm(p) for p in re.split(r"[\s^,.'-]+", name)} if len(t) >= 3]
+        out += [("number", _norm(n)) for n in self.numbers if len(_norm(n)) >= 4]
+        if self.birth_date:
+            ymd = _norm(self.birth_date)
+            out += [("birth date", ymd), ("birth date", ymd[6:8] + ymd[4:6] + ymd[0:4])]
+        out += [("address", _norm(a)) for a in self.address if len(_norm(a)) >= 4]
+        out += [("free text", _norm(t)) for t in self.free_text if len(_norm(t)) >= 6]
+        return out
+
+
+@dataclass(frozen=True)
+class Finding:
+    file: str
+    tag_path: str  # e.g. (0040,0275)[0]>(0040,1001)
+    kind: str
+
+    def __str__(self) -> str:
+        return f"{self.file}: {self.kind} found in {self.tag_path}"
+
+
+def _elements(ds: Dataset, path: str = "") -> Iterator[tuple[str, object, str, object]]:
+    for elem in ds:
+        here = f"{path}({elem.tag.group:04X},{elem.tag.element:04X})"
+        if elem.VR == "SQ":
+            for n, item in enumerate(elem.value):
+                yield from _elements(item, f"{here}[{n}]>")
+        else:
+            yield here, elem.tag, elem.VR, elem.value
+
+
+def scan(ds: Dataset, known: KnownIdentifiers, source: str) -> list[Finding]:
+    """Every element whose text contains one of the patient's identifiers."""
+    tokens = known.tokens()
+    findings: list[Finding] = []
+    meta = getattr(ds, "file_meta", None)
+    pairs = list(_elements(meta, "meta:")) if meta is not None else []
+    for path, tag, vr, value in pairs + list(_elements(ds)):
+        if value is None or (tag == Tag(0x7FE0, 0x0010)):
+            continue
+        text = _norm(value if not isinstance(value, list | tuple) else "\\".join(map(str, value)))
+        if not text:
+            continue
+        if tag == Tag(0x0010, 0x0030) and text.endswith("0101") and len(text) == 8:
+            continue  # the NCCID policy's reduced birth date (year + 0101) is allowed
+        for kind, token in tokens:
+            # keyed UIDs are long random digit strings: only long tokens (NHS numbers, dates) are meaningful there
+            if token and token in text and (vr != "UI" or len(token) >= 8):
+                findings.append(Finding(source, path, kind))
+                break
+    return findings

@@ -1,0 +1,104 @@
+"""Identifiable hospital-side data (entirely synthetic): what a PACS sends before de-identification.
+
+Names, valid NHS numbers, hospital numbers, birth dates, addresses, accession numbers and physicians, placed
+where real PACS put them: the top level, nested sequences, free text, and private tags.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import random
+from dataclasses import dataclass
+
+import numpy as np
+from pydicom.dataset import Dataset
+
+from nccid.site.gate import KnownIdentifiers
+from nccid.site.identifiers import check_digit
+from nccid.synth import dicom as synth_dicom
+from nccid.synth.dicom import Subject, synthetic_uid
+
+FAMILY = ["SMITH", "JONES", "TAYLOR", "BROWN", "WILLIAMS", "WILSON", "JOHNSON", "DAVIES", "ROBINSON", "WRIGHT"]
+GIVEN = ["OLIVIA", "AMELIA", "ISLA", "GEORGE", "OLIVER", "HARRY", "JACK", "NOAH", "AVA", "MOHAMMED"]
+STREETS = ["Acacia Avenue", "Mill Lane", "Station Road", "Church Street", "Victoria Road"]
+TOWNS = ["Northfield", "Riverside", "Eastmoor", "Kingsbridge"]
+
+
+def nhs_number(rng: random.Random, valid: bool = True) -> str:
+    """A 10-digit number with a correct (or, for defects, a wrong) modulus 11 check digit."""
+    while True:
+        first = f"{rng.choice('4679')}{rng.randrange(10**8):08d}"
+        check = check_digit(first)
+        if check is not None:
+            return f"{first}{check if valid else (check + 1) % 10}"
+
+
+@dataclass(frozen=True)
+class HospitalPatient:
+    nhs: str
+    hospital_number: str
+    family: str
+    given: str
+    birth_date: dt.date
+    address: str
+    postcode: str
+    sex: str
+
+    @property
+    def known(self) -> KnownIdentifiers:
+        """What the site knows of this person, for the de-identification gate."""
+        return KnownIdentifiers(
+            names=[self.family, self.given, "HOUSE^GREGORY"], numbers=[self.nhs, self.hospital_number],
+            birth_date=self.birth_date.strftime("%Y%m%d"), address=[self.address, self.postcode],
+        )  # fmt: skip
+
+
+def hospital_patient(rng: random.Random) -> HospitalPatient:
+    return HospitalPatient(
+        nhs=nhs_number(rng), hospital_number=f"RX{rng.randrange(10**6):06d}", family=rng.choice(FAMILY),
+        given=rng.choice(GIVEN), birth_date=dt.date(rng.randint(1930, 2000), rng.randint(1, 12), rng.randint(1, 28)),
+        address=f"{rng.randint(1, 200)} {rng.choice(STREETS)}, {rng.choice(TOWNS)}",
+        postcode=f"NF{rng.randint(1, 9)} {rng.randint(1, 9)}AB", sex=rng.choice("MF"),
+    )  # fmt: skip
+
+
+def pacs_image(person: HospitalPatient, rng: random.Random, *, modality: str = "CT", seed: str = "0",
+               accession: str = "ACC0001") -> Dataset:  # fmt: skip
+    """One image as a PACS would send it: identifiers at the top, nested, in text and in private tags."""
+    age = (dt.date(2020, 4, 1) - person.birth_date).days // 365
+    study = synthetic_uid("pacs-study", person.nhs, seed)
+    subject = Subject(person.nhs, f"{person.family}^{person.given}", person.sex, age, study, "20200401", accession)
+    nprng = np.random.default_rng(abs(hash(seed)) % 2**32)
+    series = synthetic_uid("pacs-series", person.nhs, seed)
+    if modality == "CT":
+        ds = synth_dicom.ct_slices(subject, nprng, slices=1, scale=0.05, series_uid=series, uid_seed=seed)[0]
+    else:
+        ds = synth_dicom.xray(subject, nprng, modality=modality, scale=0.02, series_uid=series,
+                              sop_uid=synthetic_uid("pacs-sop", person.nhs, seed))  # fmt: skip
+    del ds.PatientIdentityRemoved
+    ds.PatientBirthDate = person.birth_date.strftime("%Y%m%d")
+    ds.PatientAddress = f"{person.address} {person.postcode}"
+    ds.ReferringPhysicianName = "HOUSE^GREGORY"
+    ds.InstitutionName = "Northfield General Hospital"
+    ds.StationName = "NFG-CT-01"
+    ds.DeviceSerialNumber = "SN-000123"
+    ds.SeriesDate, ds.ContentDate = "20200402", "20200403"
+    ds.ImageComments = f"Portable film, patient {person.family} {person.given}, hosp no {person.hospital_number}"
+    ds.PatientSize, ds.PatientWeight = 1.72, 81.0
+    other = Dataset()
+    other.PatientID = person.hospital_number
+    other.IssuerOfPatientID = "NFG"
+    ds.OtherPatientIDsSequence = [other]
+    request = Dataset()
+    request.RequestedProcedureID = accession
+    request.AccessionNumber = accession
+    request.ScheduledProcedureStepID = person.hospital_number
+    ds.RequestAttributesSequence = [request]
+    referenced = Dataset()
+    referenced.ReferencedSOPClassUID = ds.SOPClassUID
+    referenced.ReferencedSOPInstanceUID = synthetic_uid("pacs-sop-ref", person.nhs, seed)
+    ds.ReferencedImageSequence = [referenced]
+    block = ds.private_block(0x0099, "NFG PACS", create=True)
+    block.add_new(0x01, "LO", person.nhs)
+    block.add_new(0x02, "LO", f"{person.family}^{person.given}")
+    return ds
