@@ -58,8 +58,10 @@ def main() -> None:
         for store in (local, s3):
             start = time.perf_counter()
             made = generate(store, spec)
-            print(f"synthesised into {store.url}: {made.images} images, {mb(made.bytes)} in "
-                  f"{time.perf_counter() - start:.1f} s")  # fmt: skip
+            print(
+                f"synthesised into {store.url}: {made.images} images, {mb(made.bytes)} in "
+                f"{time.perf_counter() - start:.1f} s"
+            )
 
         reports = {}
         for name, store in (("local", local), ("s3", s3)):
@@ -68,12 +70,16 @@ def main() -> None:
             catalog.close()
         lo, re = reports["local"], reports["s3"]
         print(f"loader, local store: {lo.duration_s:.1f} s ({lo.images_filed / lo.duration_s:,.0f} images/s)")
-        print(f"loader, S3 store:    {re.duration_s:.1f} s ({re.images_filed / re.duration_s:,.0f} images/s); "
-              f"ratio S3 / local throughput: {lo.duration_s / re.duration_s:.2f}x")  # fmt: skip
+        print(
+            f"loader, S3 store:    {re.duration_s:.1f} s ({re.images_filed / re.duration_s:,.0f} images/s); "
+            f"ratio S3 / local throughput: {lo.duration_s / re.duration_s:.2f}x"
+        )
         per_image = re.header_bytes_read / max(re.images_examined, 1)
-        print(f"bytes fetched per raw image to read its header on S3: {per_image:,.0f} "
-              f"(mean raw image: {made.bytes / max(made.images, 1):,.0f} bytes; "
-              f"{re.header_bytes_read / max(made.bytes, 1):.2%} of all raw bytes)")  # fmt: skip
+        print(
+            f"bytes fetched per raw image to read its header on S3: {per_image:,.0f} "
+            f"(mean raw image: {made.bytes / max(made.images, 1):,.0f} bytes; "
+            f"{re.header_bytes_read / max(made.bytes, 1):.2%} of all raw bytes)"
+        )
 
         prefix = "training/"
         listed = list(s3.list(prefix))
@@ -81,16 +87,21 @@ def main() -> None:
         print(f"sync prefix s3://{BUCKET}/{prefix}: {len(listed)} objects, {mb(total)}")
         if total < 1e9:
             print("warning: under 1 GB; pass --patients for more")
-        nccid = [sys.executable, "-m", "nccid.cli", "sync", prefix, "", "--store", f"s3://{BUCKET}",
-                 "--workers", "8"]  # fmt: skip
+        nccid = [sys.executable, "-m", "nccid.cli", "sync", prefix, "", "--store", f"s3://{BUCKET}", "--workers", "8"]
         s5cmd = shutil.which("s5cmd") or str(Path(sys.executable).parent / "s5cmd")
         aws = shutil.which("aws") or str(Path(sys.executable).parent / "aws")
         runs = {
             "nccid sync": lambda dest: [*nccid[:5], str(dest), *nccid[6:]],
             "aws s3 sync": lambda dest: [aws, "s3", "sync", f"s3://{BUCKET}/{prefix}", str(dest), "--only-show-errors"],
-            "s5cmd sync": lambda dest: [s5cmd, "--endpoint-url", env["AWS_ENDPOINT_URL"], "sync",
-                                        f"s3://{BUCKET}/{prefix}*", f"{dest}/"],
-        }  # fmt: skip
+            "s5cmd sync": lambda dest: [
+                s5cmd,
+                "--endpoint-url",
+                env["AWS_ENDPOINT_URL"],
+                "sync",
+                f"s3://{BUCKET}/{prefix}*",
+                f"{dest}/",
+            ],
+        }
         times = {}
         for name, make in runs.items():
             dest = scratch / name.replace(" ", "-")

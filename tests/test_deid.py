@@ -79,10 +79,15 @@ def test_what_the_statistics_need_is_kept_and_dates_follow_the_nccid_policy(pers
 
 
 def test_a_resend_gets_the_same_uids_and_references_stay_consistent(person):
-    first = deidentify(_roundtrip(pacs_image(person, random.Random(1))), pseudonym="Covid1",
-                       person=KEY.encrypt(person.nhs), keys=KEYS)  # fmt: skip
-    again = deidentify(_roundtrip(pacs_image(person, random.Random(1))), pseudonym="Covid1",
-                       person=KEY.encrypt(f"{person.nhs[:3]} {person.nhs[3:6]} {person.nhs[6:]}"), keys=KEYS)  # fmt: skip
+    first = deidentify(
+        _roundtrip(pacs_image(person, random.Random(1))), pseudonym="Covid1", person=KEY.encrypt(person.nhs), keys=KEYS
+    )
+    again = deidentify(
+        _roundtrip(pacs_image(person, random.Random(1))),
+        pseudonym="Covid1",
+        person=KEY.encrypt(f"{person.nhs[:3]} {person.nhs[3:6]} {person.nhs[6:]}"),
+        keys=KEYS,
+    )
     assert encode(first) == encode(again)
     original = _roundtrip(pacs_image(person, random.Random(1)))
     assert first.SOPInstanceUID == KEYS.uid(original.SOPInstanceUID) != original.SOPInstanceUID
@@ -96,8 +101,9 @@ def test_a_resend_gets_the_same_uids_and_references_stay_consistent(person):
 
 
 def test_the_gate_catches_a_planted_identifier_and_names_file_and_tag(person):
-    out = deidentify(_roundtrip(pacs_image(person, random.Random(1))), pseudonym="Covid1",
-                     person=KEY.encrypt(person.nhs), keys=KEYS)  # fmt: skip
+    out = deidentify(
+        _roundtrip(pacs_image(person, random.Random(1))), pseudonym="Covid1", person=KEY.encrypt(person.nhs), keys=KEYS
+    )
     out.DeidentificationMethodCodeSequence[0].CodeMeaning = f"reviewed for {person.family.title()}"
     block = out.private_block(0x0011, "SNEAKY", create=True)
     block.add_new(0x10, "LO", person.nhs[:3] + " " + person.nhs[3:6] + " " + person.nhs[6:])
@@ -109,11 +115,14 @@ def test_the_gate_catches_a_planted_identifier_and_names_file_and_tag(person):
     assert all(str(f).startswith("batch/0001.dcm: ") for f in findings)
 
 
-@pytest.mark.parametrize(("change", "reason"), [
-    (lambda ds: setattr(ds, "BurnedInAnnotation", "YES"), "BurnedInAnnotation (0028,0301) is YES"),
-    (lambda ds: setattr(ds, "SOPClassUID", "1.2.840.10008.5.1.4.1.1.7"), "secondary capture"),
-    (lambda ds: setattr(ds, "SOPClassUID", "1.2.840.10008.5.1.4.1.1.6.1"), "unsupported SOP class Ultrasound"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        (lambda ds: setattr(ds, "BurnedInAnnotation", "YES"), "BurnedInAnnotation (0028,0301) is YES"),
+        (lambda ds: setattr(ds, "SOPClassUID", "1.2.840.10008.5.1.4.1.1.7"), "secondary capture"),
+        (lambda ds: setattr(ds, "SOPClassUID", "1.2.840.10008.5.1.4.1.1.6.1"), "unsupported SOP class Ultrasound"),
+    ],
+)
 def test_objects_that_may_carry_burned_in_identifiers_are_held(person, change, reason):
     ds = _roundtrip(pacs_image(person, random.Random(1)))
     change(ds)

@@ -39,8 +39,12 @@ def warehouse(seaweed, tmp_path_factory):
     store = S3Store(BUCKET)
     store.create_bucket()
     if not any(True for _ in store.list("training/")):
-        generate(store, SynthSpec(seed=21, patients=50, imaged_fraction=0.9, scale=0.03, ct_slices=(3, 5),
-                                  mr_slices=(2, 3), mr_share=0.15))  # fmt: skip
+        generate(
+            store,
+            SynthSpec(
+                seed=21, patients=50, imaged_fraction=0.9, scale=0.03, ct_slices=(3, 5), mr_slices=(2, 3), mr_share=0.15
+            ),
+        )
         catalog = Catalog(tmp_path_factory.mktemp("cat") / "catalog.sqlite")
         load(store, catalog, workers=2)
         catalog.close()
@@ -53,16 +57,25 @@ def registry(seaweed):
 
 
 def client(seaweed, access_key: str, secret: str):
-    return boto3.client("s3", endpoint_url=seaweed.state().endpoint, aws_access_key_id=access_key,
-                        aws_secret_access_key=secret, region_name="eu-west-2",
-                        config=Config(retries={"max_attempts": 1}))  # fmt: skip
+    return boto3.client(
+        "s3",
+        endpoint_url=seaweed.state().endpoint,
+        aws_access_key_id=access_key,
+        aws_secret_access_key=secret,
+        region_name="eu-west-2",
+        config=Config(retries={"max_attempts": 1}),
+    )
 
 
 def researcher_env(seaweed, creds) -> dict[str, str]:
     """Only what the guide asks of a researcher: an endpoint and a key pair."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
-    env.update(AWS_ENDPOINT_URL=seaweed.state().endpoint, AWS_ACCESS_KEY_ID=creds.access_key,
-               AWS_SECRET_ACCESS_KEY=creds.secret_key, AWS_DEFAULT_REGION="eu-west-2")  # fmt: skip
+    env.update(
+        AWS_ENDPOINT_URL=seaweed.state().endpoint,
+        AWS_ACCESS_KEY_ID=creds.access_key,
+        AWS_SECRET_ACCESS_KEY=creds.secret_key,
+        AWS_DEFAULT_REGION="eu-west-2",
+    )
     return env
 
 
@@ -70,8 +83,13 @@ def denied(call) -> bool:
     try:
         call()
     except ClientError as exc:
-        return exc.response["Error"]["Code"] in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch",
-                                                 "InvalidRequest", "403")  # fmt: skip
+        return exc.response["Error"]["Code"] in (
+            "AccessDenied",
+            "InvalidAccessKeyId",
+            "SignatureDoesNotMatch",
+            "InvalidRequest",
+            "403",
+        )
     return False
 
 
@@ -89,8 +107,14 @@ def test_aws_cli_examples_run_unchanged(seaweed, warehouse, registry, tmp_path):
     aws = shutil.which("aws")
     assert aws, "the AWS CLI is installed by the test command"
     script = (EXAMPLES / "aws_cli_sync.sh").read_text()
-    proc = subprocess.run(["bash", "-c", script], cwd=tmp_path, env=researcher_env(seaweed, creds),
-                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    proc = subprocess.run(
+        ["bash", "-c", script],
+        cwd=tmp_path,
+        env=researcher_env(seaweed, creds),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     for folder in ("data", "ct", "ct-metadata", "mri", "mri-metadata", "xray", "xray-metadata"):
         expected = keys_below(warehouse, f"training/{folder}/")
@@ -101,8 +125,13 @@ def test_aws_cli_examples_run_unchanged(seaweed, warehouse, registry, tmp_path):
 
 def test_boto3_examples_run_unchanged(seaweed, warehouse, registry, tmp_path):
     creds = registry.grant("Oxford Radiology", "training-all", bucket=BUCKET)
-    proc = subprocess.run([sys.executable, str(EXAMPLES / "boto3_examples.py"), str(tmp_path / "data")],
-                          env=researcher_env(seaweed, creds), capture_output=True, text=True, timeout=300)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, str(EXAMPLES / "boto3_examples.py"), str(tmp_path / "data")],
+        env=researcher_env(seaweed, creds),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     records = keys_below(warehouse, "training/data/")
@@ -122,14 +151,16 @@ def test_nccid_sync_and_api_work_with_researcher_credentials(seaweed, warehouse,
     creds = registry.grant("Cambridge AI", "training-ct", bucket=BUCKET)
     env = researcher_env(seaweed, creds)
     nccid_sync = [sys.executable, "-m", "nccid.cli", "sync", "--store", f"s3://{BUCKET}"]
-    proc = subprocess.run([*nccid_sync, "training/ct/", str(tmp_path / "ct")], env=env, capture_output=True,
-                          text=True, timeout=300)  # fmt: skip
+    proc = subprocess.run(
+        [*nccid_sync, "training/ct/", str(tmp_path / "ct")], env=env, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr
     assert {k: v for k, v in local_files(tmp_path / "ct").items() if not k.startswith(".")} == keys_below(
         warehouse, "training/ct/"
     )
-    refused = subprocess.run([*nccid_sync, "training/xray/", str(tmp_path / "x")], env=env, capture_output=True,
-                             text=True, timeout=300)  # fmt: skip
+    refused = subprocess.run(
+        [*nccid_sync, "training/xray/", str(tmp_path / "x")], env=env, capture_output=True, text=True, timeout=300
+    )
     assert refused.returncode != 0 and "AccessDenied" in refused.stderr
     fetched = local_files(tmp_path / "x") if (tmp_path / "x").exists() else {}
     assert not [name for name in fetched if not name.startswith(".")]  # nothing came through
@@ -170,8 +201,9 @@ def test_validation_all_is_the_mirror_image(seaweed, warehouse, registry):
 
 
 def test_uploader_writes_its_own_prefix_and_cannot_read_or_list_anything(seaweed, warehouse, registry):
-    c = client(seaweed, *_pair(registry.grant("Northfield NHS Trust", "uploader", bucket=BUCKET,
-                                               uploader="northfield")))  # fmt: skip
+    c = client(
+        seaweed, *_pair(registry.grant("Northfield NHS Trust", "uploader", bucket=BUCKET, uploader="northfield"))
+    )
     own = "raw-northfield/2030-01-01/data/Covid99999_status.json"
     c.put_object(Bucket=BUCKET, Key=own, Body=b'{"Pseudonym": "Covid99999"}')
     assert warehouse.read(own) == b'{"Pseudonym": "Covid99999"}'
@@ -186,8 +218,12 @@ def test_uploader_writes_its_own_prefix_and_cannot_read_or_list_anything(seaweed
 def test_path_tricks_leak_nothing(seaweed, warehouse, registry):
     c = client(seaweed, *_pair(registry.grant("Researcher C", "training-all", bucket=BUCKET)))
     secret_key = _first(warehouse, "validation/data/")
-    for trick in (f"training/../{secret_key}", f"training/%2e%2e/{secret_key}", f"training//../{secret_key}",
-                  f"training/./../{secret_key}"):  # fmt: skip
+    for trick in (
+        f"training/../{secret_key}",
+        f"training/%2e%2e/{secret_key}",
+        f"training//../{secret_key}",
+        f"training/./../{secret_key}",
+    ):
         try:
             body = c.get_object(Bucket=BUCKET, Key=trick)["Body"].read()
         except ClientError:
@@ -249,9 +285,12 @@ def test_grants_apply_live_without_losing_uploads_in_flight(seaweed, warehouse, 
         from boto3.s3.transfer import TransferConfig
 
         try:
-            c.upload_fileobj(__import__("io").BytesIO(blob), BUCKET, key,
-                             Config=TransferConfig(multipart_threshold=5 << 20, multipart_chunksize=5 << 20,
-                                                   max_concurrency=1))  # fmt: skip
+            c.upload_fileobj(
+                __import__("io").BytesIO(blob),
+                BUCKET,
+                key,
+                Config=TransferConfig(multipart_threshold=5 << 20, multipart_chunksize=5 << 20, max_concurrency=1),
+            )
         except Exception as exc:
             errors.append(exc)
 
@@ -285,8 +324,13 @@ def test_audit_says_who_read_what_and_what_was_refused(seaweed, warehouse, regis
     assert by[("validation/data/", "read", "denied")] == 1
     assert {r.org for r in rows} == {"Audit Test Lab"} and {r.group for r in rows} == {"training-ct"}
     env = {**os.environ, "NCCID_S3_HOME": str(seaweed.home)}
-    out = subprocess.run([sys.executable, "-m", "nccid.cli", "access", "audit", "--org", "Audit Test Lab"],
-                         env=env, capture_output=True, text=True, check=True).stdout  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-m", "nccid.cli", "access", "audit", "--org", "Audit Test Lab"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     assert "training/ct/" in out and "denied" in out
 
 

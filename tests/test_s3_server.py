@@ -17,9 +17,25 @@ from botocore.exceptions import ClientError
 
 
 def _serve(home, env):
-    proc = subprocess.Popen([sys.executable, "-m", "nccid.cli", "s3", "serve", "--home", str(home), "--port", "0",
-                             "--sweep-interval", "0.5"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)  # fmt: skip
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "nccid.cli",
+            "s3",
+            "serve",
+            "--home",
+            str(home),
+            "--port",
+            "0",
+            "--sweep-interval",
+            "0.5",
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     deadline = time.monotonic() + 90
     lines = []
     while time.monotonic() < deadline:
@@ -34,8 +50,9 @@ def _serve(home, env):
 
 
 def _cli(*args, env):
-    return subprocess.run([sys.executable, "-m", "nccid.cli", *args], env=env, capture_output=True, text=True,
-                          check=True).stdout  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "nccid.cli", *args], env=env, capture_output=True, text=True, check=True
+    ).stdout
 
 
 def test_serve_grant_expire_stop_and_restart(tmp_path):
@@ -44,25 +61,41 @@ def test_serve_grant_expire_stop_and_restart(tmp_path):
     env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"] = "AKIAFROMSHELL", "shell-secret"  # must be ignored
     proc, _ = _serve(home, env)
     try:
-        admin = dict(line.removeprefix("export ").split("=", 1) for line in _cli("s3", "env", "--home", home,
-                                                                                  env=env).splitlines())  # fmt: skip
+        admin = dict(
+            line.removeprefix("export ").split("=", 1)
+            for line in _cli("s3", "env", "--home", home, env=env).splitlines()
+        )
         state = __import__("json").loads((home / "server.json").read_text())
         weed_pid = state["weed_pid"]
-        listening = {c.laddr.ip for p in [psutil.Process(weed_pid), *psutil.Process(weed_pid).children(recursive=True)]
-                     for c in p.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN}  # fmt: skip
+        listening = {
+            c.laddr.ip
+            for p in [psutil.Process(weed_pid), *psutil.Process(weed_pid).children(recursive=True)]
+            for c in p.net_connections(kind="inet")
+            if c.status == psutil.CONN_LISTEN
+        }
         assert listening == {"127.0.0.1"}, listening
-        s3 = boto3.client("s3", endpoint_url=admin["AWS_ENDPOINT_URL"], aws_access_key_id=admin["AWS_ACCESS_KEY_ID"],
-                          aws_secret_access_key=admin["AWS_SECRET_ACCESS_KEY"], region_name="us-east-1")  # fmt: skip
+        s3 = boto3.client(
+            "s3",
+            endpoint_url=admin["AWS_ENDPOINT_URL"],
+            aws_access_key_id=admin["AWS_ACCESS_KEY_ID"],
+            aws_secret_access_key=admin["AWS_SECRET_ACCESS_KEY"],
+            region_name="us-east-1",
+        )
         s3.put_object(Bucket="nccid-data-warehouse-prod", Key="training/data/Covid1/data_2020-04-01.json", Body=b"{}")
 
         soon = (dt.datetime.now(dt.UTC) + dt.timedelta(seconds=4)).strftime("%Y-%m-%dT%H:%M:%S")
-        out = _cli("access", "grant", "Short Visit Lab", "--group", "training-all", "--expires", soon, "--home", home,
-                   env=env)  # fmt: skip
+        out = _cli(
+            "access", "grant", "Short Visit Lab", "--group", "training-all", "--expires", soon, "--home", home, env=env
+        )
         creds = dict(line.split("=", 1) for line in out.splitlines() if line.startswith("AWS_"))
-        visitor = boto3.client("s3", endpoint_url=admin["AWS_ENDPOINT_URL"], region_name="us-east-1",
-                               aws_access_key_id=creds["AWS_ACCESS_KEY_ID"],
-                               aws_secret_access_key=creds["AWS_SECRET_ACCESS_KEY"],
-                               config=Config(retries={"max_attempts": 1}))  # fmt: skip
+        visitor = boto3.client(
+            "s3",
+            endpoint_url=admin["AWS_ENDPOINT_URL"],
+            region_name="us-east-1",
+            aws_access_key_id=creds["AWS_ACCESS_KEY_ID"],
+            aws_secret_access_key=creds["AWS_SECRET_ACCESS_KEY"],
+            config=Config(retries={"max_attempts": 1}),
+        )
         key = "training/data/Covid1/data_2020-04-01.json"
         assert visitor.get_object(Bucket="nccid-data-warehouse-prod", Key=key)["Body"].read() == b"{}"
         deadline = time.monotonic() + 30
@@ -77,9 +110,14 @@ def test_serve_grant_expire_stop_and_restart(tmp_path):
         listing = _cli("access", "list", "--home", home, env=env)
         assert "Short Visit Lab" in listing and "expired" in listing
         assert creds["AWS_SECRET_ACCESS_KEY"] not in listing
-        shell_key = boto3.client("s3", endpoint_url=admin["AWS_ENDPOINT_URL"], region_name="us-east-1",
-                                 aws_access_key_id="AKIAFROMSHELL", aws_secret_access_key="shell-secret",
-                                 config=Config(retries={"max_attempts": 1}))  # fmt: skip
+        shell_key = boto3.client(
+            "s3",
+            endpoint_url=admin["AWS_ENDPOINT_URL"],
+            region_name="us-east-1",
+            aws_access_key_id="AKIAFROMSHELL",
+            aws_secret_access_key="shell-secret",
+            config=Config(retries={"max_attempts": 1}),
+        )
         with pytest.raises(ClientError):
             shell_key.list_objects_v2(Bucket="nccid-data-warehouse-prod")
     finally:
@@ -89,11 +127,18 @@ def test_serve_grant_expire_stop_and_restart(tmp_path):
 
     proc, _ = _serve(home, env)  # same home: same data, same administrator
     try:
-        admin2 = dict(line.removeprefix("export ").split("=", 1) for line in _cli("s3", "env", "--home", home,
-                                                                                   env=env).splitlines())  # fmt: skip
+        admin2 = dict(
+            line.removeprefix("export ").split("=", 1)
+            for line in _cli("s3", "env", "--home", home, env=env).splitlines()
+        )
         assert admin2["AWS_ACCESS_KEY_ID"] == admin["AWS_ACCESS_KEY_ID"]
-        s3 = boto3.client("s3", endpoint_url=admin2["AWS_ENDPOINT_URL"], aws_access_key_id=admin2["AWS_ACCESS_KEY_ID"],
-                          aws_secret_access_key=admin2["AWS_SECRET_ACCESS_KEY"], region_name="us-east-1")  # fmt: skip
+        s3 = boto3.client(
+            "s3",
+            endpoint_url=admin2["AWS_ENDPOINT_URL"],
+            aws_access_key_id=admin2["AWS_ACCESS_KEY_ID"],
+            aws_secret_access_key=admin2["AWS_SECRET_ACCESS_KEY"],
+            region_name="us-east-1",
+        )
         assert s3.get_object(Bucket="nccid-data-warehouse-prod", Key=key)["Body"].read() == b"{}"
     finally:
         _cli("s3", "stop", "--home", home, env=env)
@@ -104,8 +149,10 @@ def test_policy_export_and_clear_errors_from_the_access_commands(tmp_path):
     env = {**os.environ, "NCCID_S3_HOME": str(tmp_path / "home")}
     policy = __import__("json").loads(_cli("access", "policy", "uploader", "--uploader", "kings", env=env))
     assert policy["Statement"][0]["Resource"] == ["arn:aws:s3:::nccid-data-warehouse-prod/raw-kings/*"]
-    for args, message in ((["access", "policy", "everything"], "unknown group"),
-                          (["access", "revoke", "NCCIDNOSUCHKEY"], "no grant with access key NCCIDNOSUCHKEY"),
-                          (["access", "grant", "Lab", "--group", "uploader"], "--uploader")):  # fmt: skip
+    for args, message in (
+        (["access", "policy", "everything"], "unknown group"),
+        (["access", "revoke", "NCCIDNOSUCHKEY"], "no grant with access key NCCIDNOSUCHKEY"),
+        (["access", "grant", "Lab", "--group", "uploader"], "--uploader"),
+    ):
         proc = subprocess.run([sys.executable, "-m", "nccid.cli", *args], env=env, capture_output=True, text=True)
         assert proc.returncode == 1 and message in proc.stderr, (args, proc.stderr)

@@ -18,14 +18,17 @@ def test_valid_nhs_numbers_in_the_ways_people_write_them(number):
     assert validate_nhs(number) == "9434765919"
 
 
-@pytest.mark.parametrize(("number", "reason"), [
-    ("9434765918", "fails the modulus 11 check (last digit should be 9)"),
-    ("1000000010", "check value is 10"),  # 100000001 has check value 10: no valid number starts so
-    ("943476591", "has 9 digits, not 10"),
-    ("94347659190", "has 11 digits"),
-    ("94347X5919", "characters other than digits"),
-    ("", "empty"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("number", "reason"),
+    [
+        ("9434765918", "fails the modulus 11 check (last digit should be 9)"),
+        ("1000000010", "check value is 10"),  # 100000001 has check value 10: no valid number starts so
+        ("943476591", "has 9 digits, not 10"),
+        ("94347659190", "has 11 digits"),
+        ("94347X5919", "characters other than digits"),
+        ("", "empty"),
+    ],
+)
 def test_invalid_nhs_numbers_say_why(number, reason):
     with pytest.raises(IdentifierError, match=reason.replace("(", r"\(").replace(")", r"\)")):
         validate_nhs(number)
@@ -131,8 +134,18 @@ def test_reveal_from_the_command_line(key, vault, tmp_path):
     (pseudonym,) = vault.issue(encrypt_batch(key, ["9434765919"]), actor="site-a")
     vault.add_manager("dm.alice")
     key_file = key.save(tmp_path / "k.key")
-    base = [sys.executable, "-m", "nccid.cli", "vault", "reveal", pseudonym, "--vault", str(vault.path),
-            "--key-file", str(key_file)]  # fmt: skip
+    base = [
+        sys.executable,
+        "-m",
+        "nccid.cli",
+        "vault",
+        "reveal",
+        pseudonym,
+        "--vault",
+        str(vault.path),
+        "--key-file",
+        str(key_file),
+    ]
     ok = subprocess.run([*base, "--as", "dm.alice"], capture_output=True, text=True)
     assert ok.returncode == 0 and ok.stdout.strip() == "9434765919"
     refused = subprocess.run([*base, "--as", "mallory"], capture_output=True, text=True)

@@ -33,9 +33,16 @@ from pydicom.uid import UID
 
 PROFILE_EDITION = "dicomfields_2026c"  # dicom-anonymizer's machine-readable Table E.1-1
 _CATEGORY_ACTION = {
-    "D_TAGS": "D", "Z_TAGS": "Z", "X_TAGS": "X", "U_TAGS": "U", "Z_D_TAGS": "Z", "X_Z_TAGS": "X",
-    "X_D_TAGS": "X", "X_Z_D_TAGS": "X", "X_Z_U_STAR_TAGS": "U*",
-}  # fmt: skip
+    "D_TAGS": "D",
+    "Z_TAGS": "Z",
+    "X_TAGS": "X",
+    "U_TAGS": "U",
+    "Z_D_TAGS": "Z",
+    "X_Z_TAGS": "X",
+    "X_D_TAGS": "X",
+    "X_Z_D_TAGS": "X",
+    "X_Z_U_STAR_TAGS": "U*",
+}
 #: CID 7050 codes (scheme DCM) of the profile and the options applied
 METHOD_CODES = [
     ("113100", "Basic Application Confidentiality Profile"),
@@ -45,8 +52,14 @@ METHOD_CODES = [
 ]
 METHOD = "nccid: PS3.15 E.1 Basic Profile; Retain Patient Characteristics; Retain Device Identity; NCCID dates"
 PATIENT_CHARACTERISTICS = {Tag(0x0010, 0x0040), Tag(0x0010, 0x1010), Tag(0x0010, 0x1020), Tag(0x0010, 0x1030)}
-DEVICE_IDENTITY = {Tag(0x0018, 0x1000), Tag(0x0018, 0x700A), Tag(0x0018, 0x1008), Tag(0x0018, 0x1005),
-                   Tag(0x0018, 0x1004), Tag(0x0018, 0x1007)}  # fmt: skip
+DEVICE_IDENTITY = {
+    Tag(0x0018, 0x1000),
+    Tag(0x0018, 0x700A),
+    Tag(0x0018, 0x1008),
+    Tag(0x0018, 0x1005),
+    Tag(0x0018, 0x1004),
+    Tag(0x0018, 0x1007),
+}
 KEPT_DATES = {Tag(0x0008, 0x0020), Tag(0x0008, 0x0022)}  # StudyDate, AcquisitionDate
 BIRTH_DATE = Tag(0x0010, 0x0030)
 PSEUDONYM_TAGS = {Tag(0x0010, 0x0010), Tag(0x0010, 0x0020)}  # PatientName, PatientID
@@ -107,8 +120,10 @@ class DeidKeys:
 
     @classmethod
     def derive(cls, secret: bytes) -> DeidKeys:
-        return cls(hmac.new(secret, b"nccid-uid", hashlib.sha256).digest(),
-                   hmac.new(secret, b"nccid-date", hashlib.sha256).digest())  # fmt: skip
+        return cls(
+            hmac.new(secret, b"nccid-uid", hashlib.sha256).digest(),
+            hmac.new(secret, b"nccid-date", hashlib.sha256).digest(),
+        )
 
     def uid(self, original: str) -> str:
         """A keyed, deterministic 2.25 UID: the same original always maps to the same new UID."""

@@ -48,22 +48,29 @@ class HospitalPatient:
     def known(self) -> KnownIdentifiers:
         """What the site knows of this person, for the de-identification gate."""
         return KnownIdentifiers(
-            names=[self.family, self.given, "HOUSE^GREGORY"], numbers=[self.nhs, self.hospital_number],
-            birth_date=self.birth_date.strftime("%Y%m%d"), address=[self.address, self.postcode],
-        )  # fmt: skip
+            names=[self.family, self.given, "HOUSE^GREGORY"],
+            numbers=[self.nhs, self.hospital_number],
+            birth_date=self.birth_date.strftime("%Y%m%d"),
+            address=[self.address, self.postcode],
+        )
 
 
 def hospital_patient(rng: random.Random) -> HospitalPatient:
     return HospitalPatient(
-        nhs=nhs_number(rng), hospital_number=f"RX{rng.randrange(10**6):06d}", family=rng.choice(FAMILY),
-        given=rng.choice(GIVEN), birth_date=dt.date(rng.randint(1930, 2000), rng.randint(1, 12), rng.randint(1, 28)),
+        nhs=nhs_number(rng),
+        hospital_number=f"RX{rng.randrange(10**6):06d}",
+        family=rng.choice(FAMILY),
+        given=rng.choice(GIVEN),
+        birth_date=dt.date(rng.randint(1930, 2000), rng.randint(1, 12), rng.randint(1, 28)),
         address=f"{rng.randint(1, 200)} {rng.choice(STREETS)}, {rng.choice(TOWNS)}",
-        postcode=f"NF{rng.randint(1, 9)} {rng.randint(1, 9)}AB", sex=rng.choice("MF"),
-    )  # fmt: skip
+        postcode=f"NF{rng.randint(1, 9)} {rng.randint(1, 9)}AB",
+        sex=rng.choice("MF"),
+    )
 
 
-def pacs_image(person: HospitalPatient, rng: random.Random, *, modality: str = "CT", seed: str = "0",
-               accession: str = "ACC0001") -> Dataset:  # fmt: skip
+def pacs_image(
+    person: HospitalPatient, rng: random.Random, *, modality: str = "CT", seed: str = "0", accession: str = "ACC0001"
+) -> Dataset:
     """One image as a PACS would send it: identifiers at the top, nested, in text and in private tags."""
     age = (dt.date(2020, 4, 1) - person.birth_date).days // 365
     study = synthetic_uid("pacs-study", person.nhs, seed)
@@ -73,8 +80,14 @@ def pacs_image(person: HospitalPatient, rng: random.Random, *, modality: str = "
     if modality == "CT":
         ds = synth_dicom.ct_slices(subject, nprng, slices=1, scale=0.05, series_uid=series, uid_seed=seed)[0]
     else:
-        ds = synth_dicom.xray(subject, nprng, modality=modality, scale=0.02, series_uid=series,
-                              sop_uid=synthetic_uid("pacs-sop", person.nhs, seed))  # fmt: skip
+        ds = synth_dicom.xray(
+            subject,
+            nprng,
+            modality=modality,
+            scale=0.02,
+            series_uid=series,
+            sop_uid=synthetic_uid("pacs-sop", person.nhs, seed),
+        )
     del ds.PatientIdentityRemoved
     ds.PatientBirthDate = person.birth_date.strftime("%Y%m%d")
     ds.PatientAddress = f"{person.address} {person.postcode}"
