@@ -137,3 +137,81 @@ def test_synthetic_nhs_numbers_are_valid_or_deliberately_not():
     assert all(validate_nhs(nhs_number(rng)) for _ in range(50))
     with pytest.raises(IdentifierError):
         validate_nhs(nhs_number(rng, valid=False))
+
+
+def test_a_folder_is_deidentified_through_the_vault_and_the_gate(tmp_path):
+    import subprocess
+    import sys
+
+    rng = random.Random(9)
+    people = [hospital_patient(rng) for _ in range(3)]
+    src = tmp_path / "pacs"
+    for n, who in enumerate(people):
+        for k in range(2):
+            target = src / f"export{n}" / f"IMG{k}.dcm"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            pacs_image(who, rng, seed=f"{n}-{k}", modality="CT" if k else "CR").save_as(
+                target, enforce_file_format=True
+            )
+    nameless = pacs_image(people[0], rng, seed="x")
+    nameless.PatientID = "UNKNOWN"
+    del nameless.OtherPatientIDsSequence
+    nameless.save_as(src / "nameless.dcm", enforce_file_format=True)
+    (src / "notes.txt").write_text("not dicom")
+    key_file = KEY.save(tmp_path / "k.key")
+    cmd = [
+        sys.executable,
+        "-m",
+        "nccid.cli",
+        "site",
+        "deid",
+        str(src),
+        str(tmp_path / "out"),
+        "--key-file",
+        str(key_file),
+        "--vault",
+        str(tmp_path / "vault.sqlite"),
+        "--as",
+        "site-a",
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    assert "de-identified 6 files" in proc.stdout and "held 2" in proc.stdout
+    assert "nameless.dcm: no valid NHS/CHI number" in proc.stdout
+    assert "gate: no identifiers found" in proc.stdout
+    folders = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert len(folders) == 3 and all(f.startswith("Covid") for f in folders)  # one pseudonym per person
+    for who in people:
+        for path in (tmp_path / "out").rglob("*.dcm"):
+            assert scan(pydicom.dcmread(path), who.known, path.name) == []
+    again = subprocess.run(cmd, capture_output=True, text=True)  # a re-send: same pseudonyms, same files
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == folders
+    assert len(list((tmp_path / "out").rglob("*.dcm"))) == 6 and again.returncode == 0
+
+
+def test_the_batch_fails_when_the_gate_finds_an_identifier_the_profile_keeps(tmp_path):
+    import subprocess
+    import sys
+
+    who = hospital_patient(random.Random(11))
+    ds = pacs_image(who, random.Random(11), seed="leak")
+    ds.ManufacturerModelName = f"Portable unit, ward of {who.family}"  # kept by Retain Device Identity
+    (tmp_path / "pacs").mkdir()
+    ds.save_as(tmp_path / "pacs" / "leak.dcm", enforce_file_format=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "nccid.cli",
+        "site",
+        "deid",
+        str(tmp_path / "pacs"),
+        str(tmp_path / "out"),
+        "--key-file",
+        str(KEY.save(tmp_path / "k.key")),
+        "--vault",
+        str(tmp_path / "v.sqlite"),
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    assert proc.returncode == 1
+    assert "(0008,1090)" in proc.stderr and "name" in proc.stderr and "must not be uploaded" in proc.stderr
+    assert not list((tmp_path / "out").rglob("*.dcm")) if (tmp_path / "out").exists() else True

@@ -605,6 +605,44 @@ def vault_reveal(
         v.close()
 
 
+# -- the hospital side ------------------------------------------------------------------------------------
+site_app = typer.Typer(help="What runs at a hospital: de-identification with its gate.", no_args_is_help=True)
+app.add_typer(site_app, name="site")
+
+
+@site_app.command("deid")
+def site_deid(
+    src: Path = typer.Argument(..., help="Folder of PACS exports (identifiable)."),
+    out: Path = typer.Argument(..., help="Outbox for de-identified files: <pseudonym>/<SOPInstanceUID>.dcm."),
+    key_file: Path | None = KeyFileOption,
+    vault: Path = VaultOption,
+    actor: str = typer.Option(os.environ.get("USER", "site"), "--as", help="Who runs the batch (for the audit)."),
+) -> None:
+    """De-identify a folder; the gate checks every output for the originals' identifiers. Exit 1 on any finding."""
+    from nccid.site.batch import deidentify_folder
+    from nccid.site.vault import PseudonymKey, Vault, VaultError
+
+    try:
+        key = PseudonymKey.load(key_file)
+    except (VaultError, FileNotFoundError) as exc:
+        raise _fail(exc) from exc
+    v = Vault(vault)
+    try:
+        result = deidentify_folder(src, out, key=key, pseudonymise=lambda c: v.issue(c, actor=actor))
+    finally:
+        v.close()
+    console.print(f"de-identified {len(result.written)} files into {out}; held {len(result.held)}")
+    for name, reason in result.held[:50]:
+        console.print(f"  held {name}: {reason}")
+    if not result.clean:
+        for finding in result.findings[:50]:
+            err_console.print(f"[red]gate:[/] {finding}")
+        raise _fail(
+            RuntimeError(f"the gate found {len(result.findings)} identifier(s): this batch must not be uploaded")
+        )
+    console.print("gate: no identifiers found in any output file")
+
+
 @app.command()
 def demo(
     directory: Path = typer.Option(Path("nccid-demo"), "--dir", help="Where the demo store and catalog go."),
