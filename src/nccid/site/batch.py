@@ -80,6 +80,7 @@ def known_from_header(ds: Dataset) -> KnownIdentifiers:
 def deidentify_folder(src: Path, out: Path, *, key: PseudonymKey, pseudonymise: Pseudonymise) -> BatchResult:
     result = BatchResult()
     keys = DeidKeys.derive(key.key)
+    pseudonyms: dict[str, str] = {}  # one vault round trip per person, not per file
     for path in sorted(p for p in Path(src).rglob("*") if p.is_file()):
         name = str(path.relative_to(src))
         try:
@@ -94,7 +95,9 @@ def deidentify_folder(src: Path, out: Path, *, key: PseudonymKey, pseudonymise: 
             result.held.append((name, str(exc)))
             continue
         known = known_from_header(ds)
-        (pseudonym,) = pseudonymise([ciphertext])
+        if ciphertext not in pseudonyms:
+            (pseudonyms[ciphertext],) = pseudonymise([ciphertext])
+        pseudonym = pseudonyms[ciphertext]
         try:
             clean = deidentify(ds, pseudonym=pseudonym, person=ciphertext, keys=keys)
         except DeidHeld as exc:

@@ -154,14 +154,21 @@ def _dummy(vr: str) -> object:
 
 
 def _apply(ds: Dataset, pseudonym: str, keys: DeidKeys, days: int) -> None:
-    for elem in list(ds):
-        tag = elem.tag
+    """One pass over the tags; an element is only decoded when something is to be done with it."""
+    for tag in list(ds.keys()):
+        if tag.is_private:
+            del ds[tag]
+            continue
         if tag in PSEUDONYM_TAGS:
-            elem.value = pseudonym
+            ds[tag].value = pseudonym
             continue
         if tag in PATIENT_CHARACTERISTICS or tag in DEVICE_IDENTITY or tag in KEPT_DATES:
             continue
         action = profile_action(tag)
+        raw_vr = ds.get_item(tag).VR
+        if action is None and raw_vr not in ("SQ", None):
+            continue  # kept as it is (pixel data included), never decoded
+        elem = ds[tag]
         if elem.VR == "SQ":
             if action == "X":
                 del ds[tag]
@@ -206,8 +213,7 @@ def check_sendable(ds: Dataset) -> None:
 def deidentify(ds: Dataset, *, pseudonym: str, person: str, keys: DeidKeys) -> Dataset:
     """De-identify `ds` in place and return it. `person` (the NHS/CHI ciphertext) fixes the date offset."""
     check_sendable(ds)
-    ds.remove_private_tags()
-    _apply(ds, pseudonym, keys, keys.day_offset(person))
+    _apply(ds, pseudonym, keys, keys.day_offset(person))  # private tags go in the same pass, at every depth
     if hasattr(ds, "file_meta"):
         ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
     ds.PatientIdentityRemoved = "YES"

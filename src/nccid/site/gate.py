@@ -7,6 +7,7 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.tag import Tag
 
@@ -53,14 +54,25 @@ class Finding:
         return f"{self.file}: {self.kind} found in {self.tag_path}"
 
 
+_BINARY = {"US", "SS", "UL", "SL", "FL", "FD", "AT", "OF", "OD", "OL", "OV", "OW"}
+
+
 def _elements(ds: Dataset, path: str = "") -> Iterator[tuple[str, object, str, object]]:
-    for elem in ds:
-        here = f"{path}({elem.tag.group:04X},{elem.tag.element:04X})"
-        if elem.VR == "SQ":
-            for n, item in enumerate(elem.value):
-                yield from _elements(item, f"{here}[{n}]>")
+    """Every element, at every depth. Values are read as their raw bytes where possible: decoding each one
+    would cost more than the search, and text is text either way."""
+    for tag in list(ds.keys()):
+        raw = ds.get_item(tag)
+        if isinstance(raw, RawDataElement) and raw.VR not in (None, "SQ"):
+            vr, value = raw.VR, raw.value  # undecoded bytes
         else:
-            yield here, elem.tag, elem.VR, elem.value
+            elem = ds[tag]
+            vr, value = elem.VR, elem.value
+        here = f"{path}({tag.group:04X},{tag.element:04X})"
+        if vr == "SQ":
+            for n, item in enumerate(value):
+                yield from _elements(item, f"{here}[{n}]>")
+        elif vr not in _BINARY:
+            yield here, tag, vr, value
 
 
 def scan(ds: Dataset, known: KnownIdentifiers, source: str) -> list[Finding]:
