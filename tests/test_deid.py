@@ -179,13 +179,13 @@ def test_a_folder_is_deidentified_through_the_vault_and_the_gate(tmp_path):
     assert "de-identified 6 files" in proc.stdout and "held 2" in proc.stdout
     assert "nameless.dcm: no valid NHS/CHI number" in proc.stdout
     assert "gate: no identifiers found" in proc.stdout
-    folders = sorted(p.name for p in (tmp_path / "out").iterdir())
+    folders = sorted(p.name for p in (tmp_path / "out" / "images").iterdir())
     assert len(folders) == 3 and all(f.startswith("Covid") for f in folders)  # one pseudonym per person
     for who in people:
         for path in (tmp_path / "out").rglob("*.dcm"):
             assert scan(pydicom.dcmread(path), who.known, path.name) == []
     again = subprocess.run(cmd, capture_output=True, text=True)  # a re-send: same pseudonyms, same files
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == folders
+    assert sorted(p.name for p in (tmp_path / "out" / "images").iterdir()) == folders
     assert len(list((tmp_path / "out").rglob("*.dcm"))) == 6 and again.returncode == 0
 
 

@@ -613,7 +613,7 @@ app.add_typer(site_app, name="site")
 @site_app.command("deid")
 def site_deid(
     src: Path = typer.Argument(..., help="Folder of PACS exports (identifiable)."),
-    out: Path = typer.Argument(..., help="Outbox for de-identified files: <pseudonym>/<SOPInstanceUID>.dcm."),
+    out: Path = typer.Argument(..., help="The outbox: images/<pseudonym>/<SOPInstanceUID>.dcm."),
     key_file: Path | None = KeyFileOption,
     vault: Path = VaultOption,
     actor: str = typer.Option(os.environ.get("USER", "site"), "--as", help="Who runs the batch (for the audit)."),
@@ -641,6 +641,29 @@ def site_deid(
             RuntimeError(f"the gate found {len(result.findings)} identifier(s): this batch must not be uploaded")
         )
     console.print("gate: no identifiers found in any output file")
+
+
+@site_app.command("upload")
+def site_upload(
+    outbox: Path = typer.Argument(..., help="De-identified outbox with data/ and images/."),
+    uploader: str = typer.Option(..., "--uploader", help="Your raw-<uploader>/ prefix."),
+    store: str = StoreOption,
+    date: str | None = typer.Option(None, help="Upload date folder (default today, UTC; fixed by the journal)."),
+) -> None:
+    """Upload the outbox to raw-<uploader>/<date>/: verified object by object, resumable after a crash."""
+    from nccid.site.upload import upload
+
+    target = _store(store)
+    try:
+        with progress_bar("uploading") as tick:
+            result = upload(outbox, target, uploader, date=date, progress=tick)
+    except StoreError as exc:
+        raise _fail(exc) from exc
+    console.print(
+        f"uploaded {result.uploaded} objects ({human_bytes(result.bytes)}) to "
+        f"{target.url.rstrip('/')}/raw-{uploader}/{result.date}/, {result.skipped} already there; "
+        f"journal: {outbox / '.upload-journal.jsonl'}"
+    )
 
 
 @app.command()

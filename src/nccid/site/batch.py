@@ -103,7 +103,7 @@ def deidentify_folder(src: Path, out: Path, *, key: PseudonymKey, pseudonymise: 
         except DeidHeld as exc:
             result.held.append((name, exc.reason))
             continue
-        target = out / pseudonym / f"{clean.SOPInstanceUID}.dcm"
+        target = out / "images" / pseudonym / f"{clean.SOPInstanceUID}.dcm"
         findings = scan(clean, known, str(target.relative_to(out)))
         if findings:
             result.findings.extend(findings)

@@ -1,0 +1,109 @@
+"""Upload the de-identified outbox into the warehouse's raw layout: raw-<uploader>/<YYYY-MM-DD>/{data,images}/.
+
+Resumable and verified, with write-only credentials (an uploader may not read or list, not even its own
+uploads): each object's checksum comes back from the write itself (the S3 ETag is the MD5 of a single-part
+upload) and is compared with the local file's. A journal in the outbox records the batch's date and every
+verified object, so an interrupted upload resumes under the same date, without duplicates or gaps.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from nccid.log import event
+from nccid.store import ObjectStore, StoreError
+from nccid.warehouse.layout import raw_prefix
+
+JOURNAL = ".upload-journal.jsonl"
+AREAS = ("data", "images")
+
+
+class UploadError(StoreError):
+    """An object did not arrive intact; the message names the file."""
+
+
+@dataclass
+class UploadResult:
+    date: str
+    uploaded: int = 0
+    skipped: int = 0  # verified by an earlier, interrupted run
+    bytes: int = 0
+
+
+def _md5(path: Path) -> str:
+    digest = hashlib.md5(usedforsecurity=False)
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _journal(outbox: Path) -> tuple[dict, dict[str, dict]]:
+    head: dict = {}
+    done: dict[str, dict] = {}
+    path = outbox / JOURNAL
+    if path.exists():
+        for n, line in enumerate(path.read_text().splitlines()):
+            entry = json.loads(line)
+            if n == 0:
+                head = entry
+            else:
+                done[entry["path"]] = entry
+    return head, done
+
+
+def upload(
+    outbox: str | Path,
+    store: ObjectStore,
+    uploader: str,
+    *,
+    date: str | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> UploadResult:
+    outbox = Path(outbox)
+    prefix = raw_prefix(uploader)
+    head, done = _journal(outbox)
+    if head and (head["uploader"] != uploader or head["store"] != store.url):
+        raise UploadError(f"{outbox} is being uploaded by {head['uploader']} to {head['store']}: finish that first")
+    batch_date = head.get("date") or date or dt.datetime.now(dt.UTC).date().isoformat()
+    if not head:
+        with open(outbox / JOURNAL, "w") as log:
+            log.write(json.dumps({"uploader": uploader, "store": store.url, "date": batch_date}) + "\n")
+    result = UploadResult(date=batch_date)
+    tick = progress or (lambda n, b: None)
+    files = sorted(p for area in AREAS for p in (outbox / area).rglob("*") if p.is_file())
+    with open(outbox / JOURNAL, "a") as log:
+        for path in files:
+            rel = path.relative_to(outbox).as_posix()
+            size, checksum = path.stat().st_size, _md5(path)
+            previous = done.get(rel)
+            if previous and previous["size"] == size and previous["md5"] == checksum:
+                result.skipped += 1
+                continue
+            key = f"{prefix}{batch_date}/{rel}"
+            with open(path, "rb") as handle:
+                info = store.write(key, handle.read())
+            if info.size != size or info.checksum != checksum:
+                raise UploadError(
+                    f"{rel}: the store holds {info.size} bytes with MD5 {info.checksum}, "
+                    f"the file has {size} bytes with MD5 {checksum}"
+                )
+            log.write(json.dumps({"path": rel, "key": key, "size": size, "md5": checksum}) + "\n")
+            log.flush()
+            result.uploaded += 1
+            result.bytes += size
+            tick(1, size)
+    event(
+        "site.upload",
+        uploader=uploader,
+        date=batch_date,
+        uploaded=result.uploaded,
+        skipped=result.skipped,
+        bytes=result.bytes,
+    )
+    return result
