@@ -666,6 +666,63 @@ def site_upload(
     )
 
 
+@site_app.command("template")
+def site_template(
+    kind: str = typer.Argument(..., help="positive or negative"),
+    out: Path = typer.Argument(..., help="Where to write it: .xlsx or .csv"),
+) -> None:
+    """Write a blank clinical template (COVID-19 positive v1.5, or negative status)."""
+    from nccid.site.templates import TEMPLATES, blank_template
+
+    if kind not in TEMPLATES:
+        raise _fail(ValueError(f"template must be one of: {', '.join(TEMPLATES)}"))
+    console.print(f"blank {kind} template: {blank_template(kind, out)}")
+
+
+@site_app.command("clinical")
+def site_clinical(
+    sheet: Path = typer.Argument(..., help="A filled template, .xlsx or .csv."),
+    outbox: Path = typer.Argument(..., help="The outbox: records go to data/<Pseudonym>_{data,status}.json."),
+    kind: str = typer.Option(..., "--template", help="positive or negative"),
+    centre: str = typer.Option(..., "--centre", help="Your SubmittingCentre, as configured centrally."),
+    strict: bool = typer.Option(False, "--strict", help="Refuse the whole sheet if any row is invalid."),
+    key_file: Path | None = KeyFileOption,
+    vault: Path = VaultOption,
+    actor: str = typer.Option(os.environ.get("USER", "site"), "--as", help="Who runs it (for the audit)."),
+) -> None:
+    """Validate a clinical sheet row by row; valid rows become pseudonymised clinical JSON in the outbox."""
+    import json
+
+    from nccid.site.templates import TEMPLATES, read_rows, to_clinical_json, validate_sheet
+    from nccid.site.vault import PseudonymKey, Vault, VaultError
+
+    if kind not in TEMPLATES:
+        raise _fail(ValueError(f"--template must be one of: {', '.join(TEMPLATES)}"))
+    result = validate_sheet(read_rows(sheet), kind)
+    for warning in result.warnings:
+        console.print(f"[yellow]warning:[/] {warning}")
+    for error in result.errors:
+        err_console.print(f"{sheet.name}: {error}")
+    if result.errors and (strict or not result.records):
+        raise _fail(RuntimeError(f"{len(result.errors)} error(s) in {len(result.held_rows)} row(s): nothing written"))
+    try:
+        key = PseudonymKey.load(key_file)
+    except (VaultError, FileNotFoundError) as exc:
+        raise _fail(exc) from exc
+    v = Vault(vault)
+    try:
+        records = to_clinical_json(
+            result, centre=centre, pseudonymise=lambda c: v.issue([key.encrypt(n) for n in c], actor=actor)
+        )
+    finally:
+        v.close()
+    suffix = TEMPLATES[kind]["kind"]
+    (outbox / "data").mkdir(parents=True, exist_ok=True)
+    for record in records:
+        (outbox / "data" / f"{record['Pseudonym']}_{suffix}.json").write_text(json.dumps(record, indent=1) + "\n")
+    console.print(f"{len(records)} record(s) written to {outbox / 'data'}; {len(result.held_rows)} row(s) held back")
+
+
 @app.command()
 def demo(
     directory: Path = typer.Option(Path("nccid-demo"), "--dir", help="Where the demo store and catalog go."),

@@ -1,0 +1,142 @@
+"""Clinical templates: every kind of row error named by row and column, valid rows proceed, XLSX and CSV."""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import json
+import subprocess
+import sys
+
+import openpyxl
+import pytest
+
+from nccid.site.templates import (
+    NEGATIVE_COLUMNS,
+    POSITIVE_COLUMNS,
+    blank_template,
+    read_rows,
+    to_clinical_json,
+    validate_sheet,
+)
+from nccid.site.vault import PseudonymKey
+
+HEAD = [
+    "NHS/CHI Number",
+    "Hospital (Internal) Number",
+    "Hospital",
+    "Age",
+    "Sex (Male = 1, Female = 0)",
+    "Date of Positive Covid Swab",
+    "PMH h1pertension",
+    "CXR severity",
+    "Notes",
+]
+GOOD = ["943 476 5919", "RX1", "Northfield", 71, 1, "04/03/2020", 1, 2, "x"]
+
+
+def rows(*body):
+    return [HEAD, *body]
+
+
+def test_a_valid_row_becomes_clinical_json_without_identifiers():
+    result = validate_sheet(rows(GOOD), "positive")
+    assert result.errors == [] and len(result.records) == 1
+    assert "column 'PMH h1pertension' read as 'PMH hypertension' (a known header typo)" in result.warnings
+    assert "column 'Notes' is not a template field and is left out" in result.warnings
+    (record,) = to_clinical_json(result, centre="Northfield Trust", pseudonymise=lambda n: ["Covid77"])
+    assert record == {
+        "Pseudonym": "Covid77",
+        "SubmittingCentre": "Northfield Trust",
+        "Hospital": "Northfield",
+        "Age": 71,
+        "Sex": 1,
+        "Date of Positive Covid Swab": "04/03/2020",
+        "PMH hypertension": 1,
+        "CXR severity": 2,
+    }
+
+
+@pytest.mark.parametrize(
+    ("change", "column", "reason"),
+    [
+        ({0: "9434765918"}, "NHS/CHI Number", "fails the modulus 11 check"),
+        ({0: "1000000010"}, "NHS/CHI Number", "check value is 10"),
+        ({3: None}, "Age", "required value is missing"),
+        ({5: "2020-04-03"}, "Date of Positive Covid Swab", "not a date in the template's MM/DD/YYYY"),
+        ({5: "13/04/2020"}, "Date of Positive Covid Swab", "not a date in the template's MM/DD/YYYY"),
+        ({4: 2}, "Sex", "not a code from 0 to 1"),
+        ({7: 4}, "CXR severity", "not a code from 1 to 3"),
+        ({6: "yes"}, "PMH hypertension", "not a code from 0 to 2"),
+    ],
+)
+def test_each_kind_of_error_is_named_by_row_and_column(change, column, reason):
+    bad = [change.get(i, v) for i, v in enumerate(GOOD)]
+    other = ["401 023 2137", "RX2", "Northfield", 50, 0, "04/05/2020", 0, 1, ""]
+    result = validate_sheet(rows(bad, other), "positive")
+    assert [(e.row, e.column) for e in result.errors] == [(2, column)]
+    assert reason in result.errors[0].reason
+    assert str(result.errors[0]).startswith(f"row 2, column {column!r}: ")
+    assert [r[0] for r in result.records] == [3]  # the valid row proceeds
+    assert result.held_rows == {2}
+
+
+def test_duplicate_rows_are_held():
+    result = validate_sheet(rows(GOOD, ["9434765919", "RX1", "Northfield", 71, 1, "04/03/2020", 1, 2, ""]), "positive")
+    assert [(e.row, e.reason) for e in result.errors] == [(3, "the same person as row 2 (duplicate row)")]
+
+
+def test_negative_template_dates_are_day_first():
+    head = ["NHS/CHI Number", "Hospital", "SwabStatus", "SwabDate"]
+    result = validate_sheet(
+        [head, ["9434765919", "H", 0, "25/12/2020"], ["4010232137", "H", 0, "12/25/2020"]], "negative"
+    )
+    assert [r[2]["SwabDate"] for r in result.records] == ["25/12/2020"]
+    assert "DD/MM/YYYY" in result.errors[0].reason and result.errors[0].row == 3
+
+
+def test_xlsx_and_csv_read_the_same_and_blank_templates_have_the_template_headers(tmp_path):
+    book = openpyxl.Workbook()
+    book.active.append(HEAD)
+    book.active.append([*GOOD[:5], dt.datetime(2020, 4, 3), *GOOD[6:]])  # a real date cell
+    book.save(tmp_path / "sheet.xlsx")
+    with open(tmp_path / "sheet.csv", "w", newline="") as handle:
+        csv.writer(handle).writerows(rows(GOOD))
+    from_xlsx = validate_sheet(read_rows(tmp_path / "sheet.xlsx"), "positive").records
+    from_csv = validate_sheet(read_rows(tmp_path / "sheet.csv"), "positive").records
+    assert from_xlsx == from_csv and from_csv[0][2]["Date of Positive Covid Swab"] == "04/03/2020"
+    assert read_rows(blank_template("positive", tmp_path / "p.xlsx"))[0] == POSITIVE_COLUMNS
+    assert read_rows(blank_template("negative", tmp_path / "n.csv"))[0] == NEGATIVE_COLUMNS
+
+
+def test_clinical_command_writes_valid_rows_and_strict_refuses_the_sheet(tmp_path):
+    with open(tmp_path / "sheet.csv", "w", newline="") as handle:
+        csv.writer(handle).writerows(rows(GOOD, ["123", "RX9", "Northfield", 40, 1, "04/03/2020", 0, 1, ""]))
+    key_file = PseudonymKey.generate().save(tmp_path / "k.key")
+    base = [
+        sys.executable,
+        "-m",
+        "nccid.cli",
+        "site",
+        "clinical",
+        str(tmp_path / "sheet.csv"),
+        str(tmp_path / "out"),
+        "--template",
+        "positive",
+        "--centre",
+        "Northfield Trust",
+        "--key-file",
+        str(key_file),
+        "--vault",
+        str(tmp_path / "v.sqlite"),
+    ]
+    strict = subprocess.run([*base, "--strict"], capture_output=True, text=True)
+    assert strict.returncode == 1 and "row 3, column 'NHS/CHI Number'" in strict.stderr
+    assert not (tmp_path / "out").exists()
+    ok = subprocess.run(base, capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    assert "1 record(s) written" in ok.stdout and "1 row(s) held back" in ok.stdout
+    (written,) = (tmp_path / "out" / "data").iterdir()
+    record = json.loads(written.read_text())
+    assert written.name == f"{record['Pseudonym']}_data.json" and record["SubmittingCentre"] == "Northfield Trust"
+    assert "9434765919" not in written.read_text() and "RX1" not in written.read_text()
