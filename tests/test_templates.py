@@ -140,3 +140,22 @@ def test_clinical_command_writes_valid_rows_and_strict_refuses_the_sheet(tmp_pat
     record = json.loads(written.read_text())
     assert written.name == f"{record['Pseudonym']}_data.json" and record["SubmittingCentre"] == "Northfield Trust"
     assert "9434765919" not in written.read_text() and "RX1" not in written.read_text()
+
+
+@pytest.mark.parametrize(("kind", "suffix"), [("positive", ".xlsx"), ("negative", ".csv")])
+def test_synthetic_filled_sheets_carry_defects_the_validator_finds(tmp_path, kind, suffix):
+    import random
+
+    from nccid.synth.hospital import filled_template, hospital_patient
+
+    rng = random.Random(5)
+    people = [hospital_patient(rng) for _ in range(8)]
+    sheet = filled_template(people, str(tmp_path / f"sheet{suffix}"), kind=kind, seed=5)
+    result = validate_sheet(read_rows(sheet.path), kind)
+    by_row = {e.row: e for e in result.errors}
+    assert all("NHS" in by_row[r].reason or "check" in by_row[r].reason for r in sheet.invalid_numbers)
+    assert all("duplicate row" in by_row[r].reason for r in sheet.duplicate_rows)
+    assert all("not a date in the template's" in by_row[r].reason for r in sheet.bad_dates)
+    assert result.held_rows == set(sheet.invalid_numbers + sheet.duplicate_rows + sheet.bad_dates)
+    assert len(result.records) == sheet.rows - len(result.held_rows) == 6  # 8 people + 1 duplicate, 3 held
+    assert all(f"column {t!r} read as" in " ".join(result.warnings) for t in sheet.header_typos)

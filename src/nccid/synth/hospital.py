@@ -115,3 +115,80 @@ def pacs_image(
     block.add_new(0x01, "LO", person.nhs)
     block.add_new(0x02, "LO", f"{person.family}^{person.given}")
     return ds
+
+
+@dataclass(frozen=True)
+class FilledSheet:
+    """A filled template and what was planted in it, so tests and demos can check the validator finds it."""
+
+    path: str
+    rows: int
+    invalid_numbers: list[int]  # sheet row numbers (header is row 1)
+    duplicate_rows: list[int]
+    bad_dates: list[int]
+    header_typos: list[str]
+
+
+def filled_template(
+    people: list[HospitalPatient], path: str, *, kind: str = "positive", seed: int = 0, defects: bool = True
+) -> FilledSheet:
+    """A site's filled sheet (XLSX or CSV by extension), with real-world defects when asked: an invalid NHS
+    number, a duplicated person, a date in the other order, and header typos."""
+    from nccid.site.templates import TEMPLATES
+    from nccid.synth.clinical import negative_record, positive_record
+
+    rng = random.Random(seed)
+    columns = list(TEMPLATES[kind]["columns"])
+    typos = []
+    if defects and kind == "positive":
+        columns[columns.index("PMH hypertension")] = "PMH h1pertension"
+        typos.append("PMH h1pertension")
+    maker = positive_record if kind == "positive" else negative_record
+    body, invalid, duplicate, bad_dates = [], [], [], []
+    for n, person in enumerate(people):
+        swab = dt.date(2020, 4, 1) + dt.timedelta(days=rng.randint(0, 30))
+        age = (swab - person.birth_date).days // 365
+        record = maker(
+            rng,
+            pseudonym="",
+            centre="",
+            hospital="Northfield General Hospital",
+            age=age,
+            sex=1 if person.sex == "M" else 0,
+            swab_date=swab,
+            defects=False,
+        )
+        record = {
+            **record,
+            "NHS/CHI Number": person.nhs,
+            "Hospital (Internal) Number": person.hospital_number,
+            "Sex (Male = 1, Female = 0)": record.get("Sex"),
+            "Smoking status (Never = 0, Ex-smoker = 1, Current = 2, Unknown = 3)": record.get("Smoking status"),
+            "PMH h1pertension": record.get("PMH hypertension"),
+        }
+        row_number = len(body) + 2
+        if defects and n == 1:
+            record["NHS/CHI Number"] = nhs_number(rng, valid=False)
+            invalid.append(row_number)
+        if defects and n == 2:
+            date_field = "Date of Positive Covid Swab" if kind == "positive" else "SwabDate"
+            record[date_field] = dt.date(2020, 4, 25).strftime("%d/%m/%Y" if kind == "positive" else "%m/%d/%Y")
+            bad_dates.append(row_number)
+        body.append([record.get(c, "") for c in columns])
+    if defects and body:
+        body.append(list(body[0]))
+        duplicate.append(len(body) + 1)
+    if path.endswith(".xlsx"):
+        import openpyxl
+
+        book = openpyxl.Workbook()
+        book.active.append(columns)
+        for row in body:
+            book.active.append(row)
+        book.save(path)
+    else:
+        import csv
+
+        with open(path, "w", newline="", encoding="utf-8") as handle:
+            csv.writer(handle).writerows([columns, *body])
+    return FilledSheet(path, len(body), invalid, duplicate, bad_dates, typos)
