@@ -114,56 +114,44 @@ class LocalStore(ObjectStore):
         return ObjectInfo(key=key, size=st.st_size, checksum=cached_checksum(path, st), mtime=st.st_mtime)
 
     # -- listing ---------------------------------------------------------------------------------------
-    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+    def _entries(self, prefix: str) -> tuple[str, list[os.DirEntry]]:
+        """The folder a prefix points into ('a/b/c' -> 'a/b/') and its entries starting with the rest ('c')."""
         check_prefix(prefix)
         dir_part, _, name_part = prefix.rpartition("/")
-        start = os.path.join(self.root, dir_part) if dir_part else str(self.root)
         base = f"{dir_part}/" if dir_part else ""
-        yield from self._walk(start, base, name_part, top=not dir_part)
-
-    def _walk(self, directory: str, base: str, name_part: str, top: bool) -> Iterator[ObjectInfo]:
         try:
-            with os.scandir(directory) as it:
-                entries = [e for e in it if e.name.startswith(name_part)]
+            with os.scandir(os.path.join(self.root, dir_part) if dir_part else self.root) as it:
+                entries = [e for e in it if e.name.startswith(name_part) and not (base == "" and e.name == TMP_DIR)]
         except (FileNotFoundError, NotADirectoryError):
-            return
+            return base, []
+        return base, entries
+
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        base, entries = self._entries(prefix)
+        yield from self._walk(base, entries)
+
+    def _walk(self, base: str, entries: list[os.DirEntry]) -> Iterator[ObjectInfo]:
         # S3 order: a folder sorts as its name followed by '/', so 'a-b' comes before everything in 'a/'.
         entries.sort(key=lambda e: e.name + "/" if e.is_dir(follow_symlinks=False) else e.name)
         for entry in entries:
-            if top and entry.name == TMP_DIR:
-                continue
             if entry.is_dir(follow_symlinks=False):
-                yield from self._walk(entry.path, f"{base}{entry.name}/", "", top=False)
+                try:
+                    with os.scandir(entry.path) as it:
+                        children = list(it)
+                except (FileNotFoundError, NotADirectoryError):
+                    continue  # removed by another writer while we listed
+                yield from self._walk(f"{base}{entry.name}/", children)
             elif entry.is_file(follow_symlinks=False):
                 yield self._info(base + entry.name, entry.path, entry.stat(follow_symlinks=False))
 
     def list_level(self, prefix: str = "") -> Iterator[ObjectInfo]:
-        check_prefix(prefix)
-        dir_part, _, name_part = prefix.rpartition("/")
-        directory = os.path.join(self.root, dir_part) if dir_part else str(self.root)
-        base = f"{dir_part}/" if dir_part else ""
-        try:
-            with os.scandir(directory) as it:
-                files = sorted(
-                    (e for e in it if e.name.startswith(name_part) and e.is_file(follow_symlinks=False)),
-                    key=lambda e: e.name,
-                )
-        except (FileNotFoundError, NotADirectoryError):
-            return
-        for entry in files:
+        base, entries = self._entries(prefix)
+        for entry in sorted((e for e in entries if e.is_file(follow_symlinks=False)), key=lambda e: e.name):
             yield self._info(base + entry.name, entry.path, entry.stat(follow_symlinks=False))
 
     def list_dirs(self, prefix: str = "") -> list[str]:
-        check_prefix(prefix)
-        dir_part, _, name_part = prefix.rpartition("/")
-        directory = os.path.join(self.root, dir_part) if dir_part else str(self.root)
-        base = f"{dir_part}/" if dir_part else ""
-        try:
-            with os.scandir(directory) as it:
-                names = [e.name for e in it if e.name.startswith(name_part) and e.is_dir(follow_symlinks=False)]
-        except (FileNotFoundError, NotADirectoryError):
-            return []
-        return sorted(f"{base}{n}/" for n in names if not (base == "" and n == TMP_DIR))
+        base, entries = self._entries(prefix)
+        return sorted(f"{base}{e.name}/" for e in entries if e.is_dir(follow_symlinks=False))
 
     # -- reading ---------------------------------------------------------------------------------------
     def stat(self, key: str) -> ObjectInfo | None:
