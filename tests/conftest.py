@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import uuid
 
 import numpy as np
@@ -137,3 +139,20 @@ def put_image(
 
 def listing(store: ObjectStore, prefix: str = "") -> dict[str, tuple[int, str]]:
     return {i.key: (i.size, i.checksum) for i in store.list(prefix)}
+
+
+def key_env(seaweed, creds) -> dict[str, str]:
+    """Only what the NCCID guide asks of a user: an endpoint and their key pair (no administrator variables)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env.update(
+        AWS_ENDPOINT_URL=seaweed.state().endpoint,
+        AWS_ACCESS_KEY_ID=creds.access_key,
+        AWS_SECRET_ACCESS_KEY=creds.secret_key,
+        AWS_DEFAULT_REGION="eu-west-2",
+    )
+    return env
+
+
+def run_cli(*args, env=None) -> subprocess.CompletedProcess:
+    """`nccid ARGS` as a user types it, output captured."""
+    return subprocess.run([sys.executable, "-m", "nccid.cli", *map(str, args)], env=env, capture_output=True, text=True)

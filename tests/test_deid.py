@@ -11,6 +11,7 @@ import re
 
 import pydicom
 import pytest
+from conftest import run_cli
 
 from nccid.site.deid import EXACT_ACTIONS, PROFILE_EDITION, DeidHeld, DeidKeys, deidentify, profile_action
 from nccid.site.gate import scan
@@ -140,9 +141,6 @@ def test_synthetic_nhs_numbers_are_valid_or_deliberately_not():
 
 
 def test_a_folder_is_deidentified_through_the_vault_and_the_gate(tmp_path):
-    import subprocess
-    import sys
-
     rng = random.Random(9)
     people = [hospital_patient(rng) for _ in range(3)]
     src = tmp_path / "pacs"
@@ -159,22 +157,19 @@ def test_a_folder_is_deidentified_through_the_vault_and_the_gate(tmp_path):
     nameless.save_as(src / "nameless.dcm", enforce_file_format=True)
     (src / "notes.txt").write_text("not dicom")
     key_file = KEY.save(tmp_path / "k.key")
-    cmd = [
-        sys.executable,
-        "-m",
-        "nccid.cli",
+    args = [
         "site",
         "deid",
-        str(src),
-        str(tmp_path / "out"),
+        src,
+        tmp_path / "out",
         "--key-file",
-        str(key_file),
+        key_file,
         "--vault",
-        str(tmp_path / "vault.sqlite"),
+        tmp_path / "vault.sqlite",
         "--as",
         "site-a",
     ]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = run_cli(*args)
     assert proc.returncode == 0, proc.stderr + proc.stdout
     assert "de-identified 6 files" in proc.stdout and "held 2" in proc.stdout
     assert "nameless.dcm: no valid NHS/CHI number" in proc.stdout
@@ -184,34 +179,21 @@ def test_a_folder_is_deidentified_through_the_vault_and_the_gate(tmp_path):
     for who in people:
         for path in (tmp_path / "out").rglob("*.dcm"):
             assert scan(pydicom.dcmread(path), who.known, path.name) == []
-    again = subprocess.run(cmd, capture_output=True, text=True)  # a re-send: same pseudonyms, same files
+    again = run_cli(*args)  # a re-send: same pseudonyms, same files
     assert sorted(p.name for p in (tmp_path / "out" / "images").iterdir()) == folders
     assert len(list((tmp_path / "out").rglob("*.dcm"))) == 6 and again.returncode == 0
 
 
 def test_the_batch_fails_when_the_gate_finds_an_identifier_the_profile_keeps(tmp_path):
-    import subprocess
-    import sys
-
     who = hospital_patient(random.Random(11))
     ds = pacs_image(who, random.Random(11), seed="leak")
     ds.ManufacturerModelName = f"Portable unit, ward of {who.family}"  # kept by Retain Device Identity
     (tmp_path / "pacs").mkdir()
     ds.save_as(tmp_path / "pacs" / "leak.dcm", enforce_file_format=True)
-    cmd = [
-        sys.executable,
-        "-m",
-        "nccid.cli",
-        "site",
-        "deid",
-        str(tmp_path / "pacs"),
-        str(tmp_path / "out"),
-        "--key-file",
-        str(KEY.save(tmp_path / "k.key")),
-        "--vault",
-        str(tmp_path / "v.sqlite"),
-    ]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    key_file = KEY.save(tmp_path / "k.key")
+    proc = run_cli(
+        "site", "deid", tmp_path / "pacs", tmp_path / "out", "--key-file", key_file, "--vault", tmp_path / "v.sqlite"
+    )
     assert proc.returncode == 1
     assert "(0008,1090)" in proc.stderr and "name" in proc.stderr and "must not be uploaded" in proc.stderr
     assert not list((tmp_path / "out").rglob("*.dcm")) if (tmp_path / "out").exists() else True

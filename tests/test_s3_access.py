@@ -19,7 +19,7 @@ import boto3
 import pytest
 from botocore.config import Config
 from botocore.exceptions import ClientError
-from conftest import BOGUS_ENV_KEY
+from conftest import BOGUS_ENV_KEY, key_env
 
 from nccid.access.audit import summarise
 from nccid.access.grants import GrantError, Registry
@@ -67,18 +67,6 @@ def client(seaweed, access_key: str, secret: str):
     )
 
 
-def researcher_env(seaweed, creds) -> dict[str, str]:
-    """Only what the guide asks of a researcher: an endpoint and a key pair."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
-    env.update(
-        AWS_ENDPOINT_URL=seaweed.state().endpoint,
-        AWS_ACCESS_KEY_ID=creds.access_key,
-        AWS_SECRET_ACCESS_KEY=creds.secret_key,
-        AWS_DEFAULT_REGION="eu-west-2",
-    )
-    return env
-
-
 def denied(call) -> bool:
     try:
         call()
@@ -110,7 +98,7 @@ def test_aws_cli_examples_run_unchanged(seaweed, warehouse, registry, tmp_path):
     proc = subprocess.run(
         ["bash", "-c", script],
         cwd=tmp_path,
-        env=researcher_env(seaweed, creds),
+        env=key_env(seaweed, creds),
         capture_output=True,
         text=True,
         timeout=300,
@@ -127,7 +115,7 @@ def test_boto3_examples_run_unchanged(seaweed, warehouse, registry, tmp_path):
     creds = registry.grant("Oxford Radiology", "training-all", bucket=BUCKET)
     proc = subprocess.run(
         [sys.executable, str(EXAMPLES / "boto3_examples.py"), str(tmp_path / "data")],
-        env=researcher_env(seaweed, creds),
+        env=key_env(seaweed, creds),
         capture_output=True,
         text=True,
         timeout=300,
@@ -149,7 +137,7 @@ def test_boto3_examples_run_unchanged(seaweed, warehouse, registry, tmp_path):
 
 def test_nccid_sync_and_api_work_with_researcher_credentials(seaweed, warehouse, registry, tmp_path):
     creds = registry.grant("Cambridge AI", "training-ct", bucket=BUCKET)
-    env = researcher_env(seaweed, creds)
+    env = key_env(seaweed, creds)
     nccid_sync = [sys.executable, "-m", "nccid.cli", "sync", "--store", f"s3://{BUCKET}"]
     proc = subprocess.run(
         [*nccid_sync, "training/ct/", str(tmp_path / "ct")], env=env, capture_output=True, text=True, timeout=300

@@ -5,10 +5,9 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import subprocess
-import sys
 
 import pytest
+from conftest import key_env, run_cli
 
 from nccid.site.upload import JOURNAL, UploadError, upload
 from nccid.store import StoreError
@@ -84,52 +83,25 @@ def test_uploads_with_a_write_only_uploader_key_on_s3(seaweed, tmp_path):
     admin.create_bucket()
     creds = Registry(seaweed).grant("Northfield NHS Trust", "uploader", bucket="nccid-uploads", uploader="northfield")
     files = make_outbox(tmp_path / "outbox")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
-    env.update(
-        AWS_ENDPOINT_URL=seaweed.state().endpoint,
-        AWS_ACCESS_KEY_ID=creds.access_key,
-        AWS_SECRET_ACCESS_KEY=creds.secret_key,
-        AWS_DEFAULT_REGION="eu-west-2",
-    )
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "nccid.cli",
-            "site",
-            "upload",
-            str(tmp_path / "outbox"),
-            "--uploader",
-            "northfield",
-            "--store",
-            "s3://nccid-uploads",
-            "--date",
-            "2020-04-06",
-        ],
+    env = key_env(seaweed, creds)
+    proc = run_cli(
+        "site",
+        "upload",
+        tmp_path / "outbox",
+        "--uploader",
+        "northfield",
+        "--store",
+        "s3://nccid-uploads",
+        "--date",
+        "2020-04-06",
         env=env,
-        capture_output=True,
-        text=True,
     )
     assert proc.returncode == 0, proc.stderr
     assert "uploaded 9 objects" in proc.stdout
     assert {i.key: i.checksum for i in admin.list("raw-northfield/")} == {
         f"raw-northfield/2020-04-06/{rel}": md5 for rel, md5 in files.items()
     }
-    wrong = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "nccid.cli",
-            "site",
-            "upload",
-            str(tmp_path / "outbox"),
-            "--uploader",
-            "riverside",
-            "--store",
-            "s3://nccid-uploads",
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
+    wrong = run_cli(
+        "site", "upload", tmp_path / "outbox", "--uploader", "riverside", "--store", "s3://nccid-uploads", env=env
     )
     assert wrong.returncode == 1 and "is being uploaded by northfield" in wrong.stderr

@@ -563,6 +563,16 @@ VaultOption = typer.Option(
 KeyFileOption = typer.Option(None, "--key-file", help="Owner-only key file (else $NCCID_PSEUDONYM_KEY).")
 
 
+def _pseudonym_key(key_file: Path | None):
+    """The key from the owner-only file or NCCID_PSEUDONYM_KEY, or a clear error and exit 1."""
+    from nccid.site.vault import PseudonymKey, VaultError
+
+    try:
+        return PseudonymKey.load(key_file)
+    except (VaultError, FileNotFoundError) as exc:
+        raise _fail(exc) from exc
+
+
 @vault_app.command("keygen")
 def vault_keygen(key_file: Path = typer.Argument(..., help="Where to write the new key (owner-only).")) -> None:
     """Make a new pseudonym key (AES-SIV key + salt). Keep it out of the store and the repository."""
@@ -580,9 +590,8 @@ def vault_add_manager(name: str = typer.Argument(...), vault: Path = VaultOption
     """Name a data manager: only they may reveal a pseudonym."""
     from nccid.site.vault import Vault
 
-    v = Vault(vault)
-    v.add_manager(name)
-    v.close()
+    with Vault(vault) as v:
+        v.add_manager(name)
     console.print(f"{name} is a data manager of {vault}")
 
 
@@ -594,15 +603,14 @@ def vault_reveal(
     key_file: Path | None = KeyFileOption,
 ) -> None:
     """Re-identify a pseudonym for approved linkage. Needs the key and the data-manager role; audited."""
-    from nccid.site.vault import PseudonymKey, Vault, VaultError
+    from nccid.site.vault import Vault, VaultError
 
-    v = Vault(vault)
-    try:
-        print(v.reveal(pseudonym, key=PseudonymKey.load(key_file), actor=actor))
-    except (VaultError, FileNotFoundError) as exc:
-        raise _fail(exc) from exc
-    finally:
-        v.close()
+    key = _pseudonym_key(key_file)
+    with Vault(vault) as v:
+        try:
+            print(v.reveal(pseudonym, key=key, actor=actor))
+        except VaultError as exc:
+            raise _fail(exc) from exc
 
 
 # -- the hospital side ------------------------------------------------------------------------------------
@@ -620,17 +628,11 @@ def site_deid(
 ) -> None:
     """De-identify a folder; the gate checks every output for the originals' identifiers. Exit 1 on any finding."""
     from nccid.site.batch import deidentify_folder
-    from nccid.site.vault import PseudonymKey, Vault, VaultError
+    from nccid.site.vault import Vault
 
-    try:
-        key = PseudonymKey.load(key_file)
-    except (VaultError, FileNotFoundError) as exc:
-        raise _fail(exc) from exc
-    v = Vault(vault)
-    try:
+    key = _pseudonym_key(key_file)
+    with Vault(vault) as v:
         result = deidentify_folder(src, out, key=key, pseudonymise=lambda c: v.issue(c, actor=actor))
-    finally:
-        v.close()
     console.print(f"de-identified {len(result.written)} files into {out}; held {len(result.held)}")
     for name, reason in result.held[:50]:
         console.print(f"  held {name}: {reason}")
@@ -694,7 +696,7 @@ def site_clinical(
     import json
 
     from nccid.site.templates import TEMPLATES, read_rows, to_clinical_json, validate_sheet
-    from nccid.site.vault import PseudonymKey, Vault, VaultError
+    from nccid.site.vault import Vault
 
     if kind not in TEMPLATES:
         raise _fail(ValueError(f"--template must be one of: {', '.join(TEMPLATES)}"))
@@ -705,17 +707,11 @@ def site_clinical(
         err_console.print(f"{sheet.name}: {error}")
     if result.errors and (strict or not result.records):
         raise _fail(RuntimeError(f"{len(result.errors)} error(s) in {len(result.held_rows)} row(s): nothing written"))
-    try:
-        key = PseudonymKey.load(key_file)
-    except (VaultError, FileNotFoundError) as exc:
-        raise _fail(exc) from exc
-    v = Vault(vault)
-    try:
+    key = _pseudonym_key(key_file)
+    with Vault(vault) as v:
         records = to_clinical_json(
             result, centre=centre, pseudonymise=lambda c: v.issue([key.encrypt(n) for n in c], actor=actor)
         )
-    finally:
-        v.close()
     suffix = TEMPLATES[kind]["kind"]
     (outbox / "data").mkdir(parents=True, exist_ok=True)
     for record in records:

@@ -68,13 +68,10 @@ CODES: dict[str, tuple[int, int]] = {
     "Age": (0, 120),
     "SwabStatus": (0, 1),
 }
+#: the identifying and demographic columns both templates start with
+COMMON_COLUMNS = [NHS_COLUMN, HOSPITAL_NUMBER, "Hospital", "Age", "Sex (Male = 1, Female = 0)", "Ethnicity"]
 POSITIVE_COLUMNS = [
-    NHS_COLUMN,
-    HOSPITAL_NUMBER,
-    "Hospital",
-    "Age",
-    "Sex (Male = 1, Female = 0)",
-    "Ethnicity",
+    *COMMON_COLUMNS,
     "Smoking status (Never = 0, Ex-smoker = 1, Current = 2, Unknown = 3)",
     "Pack year history",
     *POSITIVE_DATES,
@@ -120,16 +117,7 @@ POSITIVE_COLUMNS = [
     "Intubation",
     "Death",
 ]
-NEGATIVE_COLUMNS = [
-    NHS_COLUMN,
-    HOSPITAL_NUMBER,
-    "Hospital",
-    "Age",
-    "Sex (Male = 1, Female = 0)",
-    "Ethnicity",
-    "SwabStatus",
-    "SwabDate",
-]
+NEGATIVE_COLUMNS = [*COMMON_COLUMNS, "SwabStatus", "SwabDate"]
 TEMPLATES = {
     "positive": {
         "columns": POSITIVE_COLUMNS,

@@ -151,9 +151,10 @@ def _image_key(hospital: Hospital, date: str, study: str, series: str, sop: str)
     return f"{base}{study}/{series}/{sop}.dcm" if hospital.subfolders else f"{base}{sop}.dcm"
 
 
-def make_config(spec: SynthSpec, hospitals: list[Hospital]) -> WarehouseConfig:
+def make_config(spec: SynthSpec, hospitals: list[Hospital], uploaders: list[Hospital] | None = None) -> WarehouseConfig:
+    """Site rules for `hospitals`; raw prefixes for `uploaders` (which may include a site missing from the rules)."""
     return WarehouseConfig(
-        raw_prefixes=tuple(f"raw-{h.uploader}/" for h in hospitals),
+        raw_prefixes=tuple(f"raw-{h.uploader}/" for h in (uploaders or hospitals)),
         training_percentage=spec.training_percentage,
         split_sites=frozenset(h.centre for h in hospitals if h.rule == "split"),
         training_sites=frozenset(h.centre for h in hospitals if h.rule == "training"),
@@ -169,14 +170,7 @@ def generate(store: ObjectStore, spec: SynthSpec, progress: Callable[[int], None
     senders = hospitals + ([UNCONFIGURED] if spec.awkward else [])
     dates = [(spec.start + dt.timedelta(days=7 * d)).isoformat() for d in range(max(2, spec.days))]
     # the unconfigured site uploads (raw prefix listed) but its centre is missing from 'sites'
-    config = make_config(spec, hospitals)
-    config = WarehouseConfig(
-        raw_prefixes=tuple(f"raw-{h.uploader}/" for h in senders),
-        training_percentage=config.training_percentage,
-        split_sites=config.split_sites,
-        training_sites=config.training_sites,
-        validation_sites=config.validation_sites,
-    )
+    config = make_config(spec, hospitals, senders)
     save_config(store, config)
     result = SynthResult(spec=spec, config=config, upload_dates=dates)
     out = _Writer(store, result, progress or (lambda n: None))
