@@ -645,6 +645,91 @@ def site_deid(
     console.print("gate: no identifiers found in any output file")
 
 
+def _vault_issuer(vault: Path, actor: str):
+    """Pseudonyms from the vault, opening it per call: safe from any thread (the node's associations)."""
+    from nccid.site.vault import Vault
+
+    def issue(ciphertexts: list[str]) -> list[str]:
+        with Vault(vault) as v:
+            return v.issue(ciphertexts, actor=actor)
+
+    return issue
+
+
+@site_app.command("node")
+def site_node(
+    outbox: Path = typer.Argument(..., help="The outbox the de-identified images go to."),
+    ae_title: str = typer.Option("NCCID", "--ae-title", help="This node's AE title (the PACS calls it)."),
+    port: int = typer.Option(11112, help="TCP port to listen on."),
+    host: str = typer.Option("127.0.0.1", help="Address to listen on; loopback unless told otherwise."),
+    max_associations: int = typer.Option(16, "--max-associations", help="Associations served at once."),
+    key_file: Path | None = KeyFileOption,
+    vault: Path = VaultOption,
+    actor: str = typer.Option(os.environ.get("USER", "site"), "--as", help="Who runs the node (for the audit)."),
+) -> None:
+    """Run the site DICOM node: a Storage SCP (C-ECHO, C-STORE of CR, DX, CT, MR) that de-identifies on arrival."""
+    from nccid.site.node import NodeConfig, SiteNode
+
+    key = _pseudonym_key(key_file)
+
+    def report(calling_ae: str, counts) -> None:
+        parts = ", ".join(f"{n} {outcome}" for outcome, n in sorted(counts.items())) or "nothing stored"
+        console.print(f"association from {calling_ae or '?'} ended: {parts}")
+
+    config = NodeConfig(outbox, ae_title=ae_title, host=host, port=port, max_associations=max_associations)
+    node = SiteNode(config, key=key, pseudonymise=_vault_issuer(vault, actor), on_association=report)
+    console.print(
+        f"site node {ae_title} listening on {host}:{port}; outbox {outbox}; "
+        f"held images wait in {outbox / 'held'} for their clinical sheet. Ctrl-C stops."
+    )
+    try:
+        node.serve_forever()
+    except OSError as exc:
+        raise _fail(OSError(f"cannot listen on {host}:{port}: {exc.strerror or exc}")) from exc
+    totals = node.totals
+    console.print(
+        f"node stopped: {totals['filed']} filed, {totals['held']} held, {totals['refused']} refused "
+        f"(details in {outbox / 'node-events.jsonl'})"
+    )
+
+
+@site_app.command("status")
+def site_status(
+    outbox: Path = typer.Argument(..., help="The outbox."),
+    show_numbers: bool = typer.Option(
+        False, "--show-numbers", help="Show the NHS/CHI numbers of held patients (needs the key; screen only)."
+    ),
+    key_file: Path | None = KeyFileOption,
+) -> None:
+    """What is ready to upload, which patients' images wait for a clinical sheet, and what the node refused."""
+    import datetime as dt
+    from collections import Counter
+
+    from nccid.site.node import node_events
+    from nccid.site.outbox import held_patients, ready_counts, release_held
+
+    released = release_held(outbox)
+    records, images = ready_counts(outbox)
+    console.print(
+        f"ready to upload: {records} clinical record(s), {images} image(s)"
+        + (f" ({released} just released from held/)" if released else "")
+    )
+    held = held_patients(outbox)
+    key = _pseudonym_key(key_file) if show_numbers and held else None
+    console.print(
+        f"held, waiting for a clinical sheet: {sum(h.images for h in held)} image(s) of {len(held)} patient(s)"
+    )
+    for h in held:
+        since = dt.datetime.fromtimestamp(h.since, dt.UTC).strftime("%Y-%m-%d %H:%M")
+        number = f"  NHS/CHI {key.decrypt(h.person)}" if key is not None and h.person else ""
+        console.print(f"  {h.pseudonym}: {h.images} image(s) since {since} UTC{number}")
+    refused = Counter(e["reason"] for e in node_events(outbox) if e["outcome"] == "refused")
+    if refused:
+        console.print(f"refused by the node (the PACS keeps these): {sum(refused.values())}")
+        for reason, n in refused.most_common():
+            console.print(f"  {n} × {reason}")
+
+
 @site_app.command("upload")
 def site_upload(
     outbox: Path = typer.Argument(..., help="De-identified outbox with data/ and images/."),
@@ -653,8 +738,10 @@ def site_upload(
     date: str | None = typer.Option(None, help="Upload date folder (default today, UTC; fixed by the journal)."),
 ) -> None:
     """Upload the outbox to raw-<uploader>/<date>/: verified object by object, resumable after a crash."""
+    from nccid.site.outbox import held_patients, release_held
     from nccid.site.upload import upload
 
+    release_held(outbox)
     target = _store(store)
     try:
         with progress_bar("uploading") as tick:
@@ -666,6 +753,12 @@ def site_upload(
         f"{target.url.rstrip('/')}/raw-{uploader}/{result.date}/, {result.skipped} already there; "
         f"journal: {outbox / '.upload-journal.jsonl'}"
     )
+    held = held_patients(outbox)
+    if held:
+        console.print(
+            f"not uploaded: {sum(h.images for h in held)} image(s) of {len(held)} patient(s) held for a clinical "
+            f"sheet (nccid site status {outbox})"
+        )
 
 
 @site_app.command("template")
@@ -695,6 +788,7 @@ def site_clinical(
     """Validate a clinical sheet row by row; valid rows become pseudonymised clinical JSON in the outbox."""
     import json
 
+    from nccid.site.outbox import release_held
     from nccid.site.templates import TEMPLATES, read_rows, to_clinical_json, validate_sheet
     from nccid.site.vault import Vault
 
@@ -717,6 +811,9 @@ def site_clinical(
     for record in records:
         (outbox / "data" / f"{record['Pseudonym']}_{suffix}.json").write_text(json.dumps(record, indent=1) + "\n")
     console.print(f"{len(records)} record(s) written to {outbox / 'data'}; {len(result.held_rows)} row(s) held back")
+    released = release_held(outbox)
+    if released:
+        console.print(f"released {released} held image(s) whose clinical record has now arrived")
 
 
 @app.command()

@@ -50,7 +50,13 @@ METHOD_CODES = [
     ("113108", "Retain Patient Characteristics Option"),
     ("113109", "Retain Device Identity Option"),
 ]
-METHOD = "nccid: PS3.15 E.1 Basic Profile; Retain Patient Characteristics; Retain Device Identity; NCCID dates"
+#: LO is at most 64 characters a value, so the description is multi-valued
+METHOD = [
+    "nccid: PS3.15 E.1 Basic Application Confidentiality Profile",
+    "Retain Patient Characteristics",
+    "Retain Device Identity",
+    "NCCID dates",
+]
 PATIENT_CHARACTERISTICS = {Tag(0x0010, 0x0040), Tag(0x0010, 0x1010), Tag(0x0010, 0x1020), Tag(0x0010, 0x1030)}
 DEVICE_IDENTITY = {
     Tag(0x0018, 0x1000),

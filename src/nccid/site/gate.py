@@ -12,6 +12,8 @@ from pydicom.dataset import Dataset
 from pydicom.tag import Tag
 
 _NON_ALNUM = re.compile(r"[^A-Z0-9]")
+_NAME_PARTS = re.compile(r"[\s^,.'-]+")
+_WORD_SPLIT = re.compile(r"[^A-Z0-9]+")
 
 
 def _norm(value: object) -> str:
@@ -34,7 +36,10 @@ class KnownIdentifiers:
         """(kind, normalised token) pairs worth searching for; very short tokens would only add noise."""
         out: list[tuple[str, str]] = []
         for name in self.names:
-            out += [("name", t) for t in {_norm(p) for p in re.split(r"[\s^,.'-]+", name)} if len(t) >= 3]
+            # a name part is matched as a whole word (AVA is a name, Avanto a scanner); the full name anywhere
+            out += [("name", t) for t in {_norm(p) for p in _NAME_PARTS.split(name)} if len(t) >= 3]
+            if len(_norm(name)) >= 6:
+                out.append(("full name", _norm(name)))
         out += [("number", _norm(n)) for n in self.numbers if len(_norm(n)) >= 4]
         if self.birth_date:
             ymd = _norm(self.birth_date)
@@ -84,14 +89,25 @@ def scan(ds: Dataset, known: KnownIdentifiers, source: str) -> list[Finding]:
     for path, tag, vr, value in pairs + list(_elements(ds)):
         if value is None or (tag == Tag(0x7FE0, 0x0010)):
             continue
-        text = _norm(value if not isinstance(value, list | tuple) else "\\".join(map(str, value)))
+        raw = value if not isinstance(value, list | tuple) else "\\".join(map(str, value))
+        text = _norm(raw)
         if not text:
             continue
+        words = None
         if tag == Tag(0x0010, 0x0030) and text.endswith("0101") and len(text) == 8:
             continue  # the NCCID policy's reduced birth date (year + 0101) is allowed
         for kind, token in tokens:
+            if kind == "name":
+                if token not in text:  # cheap test first
+                    continue
+                if words is None:
+                    upper = (raw.decode("latin-1", "replace") if isinstance(raw, bytes) else str(raw)).upper()
+                    words = set(_WORD_SPLIT.split(upper))
+                if token in words:
+                    findings.append(Finding(source, path, kind))
+                    break
             # keyed UIDs are long random digit strings: only long tokens (NHS numbers, dates) are meaningful there
-            if token and token in text and (vr != "UI" or len(token) >= 8):
+            elif token and token in text and (vr != "UI" or len(token) >= 8):
                 findings.append(Finding(source, path, kind))
                 break
     return findings

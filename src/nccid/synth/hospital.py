@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import random
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -69,22 +70,31 @@ def hospital_patient(rng: random.Random) -> HospitalPatient:
 
 
 def pacs_image(
-    person: HospitalPatient, rng: random.Random, *, modality: str = "CT", seed: str = "0", accession: str = "ACC0001"
+    person: HospitalPatient,
+    rng: random.Random,
+    *,
+    modality: str = "CT",
+    seed: str = "0",
+    accession: str = "ACC0001",
+    scale: float | None = None,
 ) -> Dataset:
     """One image as a PACS would send it: identifiers at the top, nested, in text and in private tags."""
     age = (dt.date(2020, 4, 1) - person.birth_date).days // 365
     study = synthetic_uid("pacs-study", person.nhs, seed)
     subject = Subject(person.nhs, f"{person.family}^{person.given}", person.sex, age, study, "20200401", accession)
-    nprng = np.random.default_rng(abs(hash(seed)) % 2**32)
+    nprng = np.random.default_rng(zlib.crc32(f"{person.nhs}-{seed}".encode()))  # hash() differs per process
     series = synthetic_uid("pacs-series", person.nhs, seed)
+    uid = f"{person.nhs}-{seed}"
     if modality == "CT":
-        ds = synth_dicom.ct_slices(subject, nprng, slices=1, scale=0.05, series_uid=series, uid_seed=seed)[0]
+        ds = synth_dicom.ct_slices(subject, nprng, slices=1, scale=scale or 0.05, series_uid=series, uid_seed=uid)[0]
+    elif modality == "MR":
+        ds = synth_dicom.mr_slices(subject, nprng, slices=1, scale=scale or 0.1, series_uid=series, uid_seed=uid)[0]
     else:
         ds = synth_dicom.xray(
             subject,
             nprng,
             modality=modality,
-            scale=0.02,
+            scale=scale or 0.02,
             series_uid=series,
             sop_uid=synthetic_uid("pacs-sop", person.nhs, seed),
         )

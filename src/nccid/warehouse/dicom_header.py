@@ -15,6 +15,7 @@ from typing import BinaryIO
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
+from pydicom.filereader import read_dataset
 from pydicom.uid import UID
 
 from nccid.store.base import StoreError
@@ -58,6 +59,26 @@ class ImageFacts:
 
 def read_header(reader: BinaryIO, size: int) -> Dataset:
     """Parse the header of a Part 10 file up to the pixel data and check the file is whole."""
+    return _read_checked(reader, size)[0]
+
+
+def read_image(reader: BinaryIO, size: int) -> Dataset:
+    """The whole object, pixel data and any trailing elements included, after the same completeness checks as
+    `read_header`, in one pass over the file."""
+    ds, pos = _read_checked(reader, size)
+    implicit, little = ds.original_encoding
+    reader.seek(pos)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            rest = read_dataset(reader, bool(implicit), little is not False)
+        except Exception as exc:  # pydicom raises many types for corrupt data
+            raise ImageRejected(f"unreadable Pixel Data (7FE0,0010): {type(exc).__name__}") from exc
+    ds.update(rest)
+    return ds
+
+
+def _read_checked(reader: BinaryIO, size: int) -> tuple[Dataset, int]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
@@ -70,8 +91,9 @@ def read_header(reader: BinaryIO, size: int) -> Dataset:
             raise ImageRejected(f"truncated: the file ends inside the DICOM header ({size} bytes)") from exc
         except Exception as exc:  # pydicom raises many types for corrupt headers
             raise ImageRejected(f"unreadable DICOM header: {type(exc).__name__}: {exc}") from exc
-    _check_complete(reader, reader.tell(), size, ds)
-    return ds
+    pos = reader.tell()
+    _check_complete(reader, pos, size, ds)
+    return ds, pos
 
 
 def _check_complete(reader: BinaryIO, pos: int, size: int, ds: Dataset) -> None:
