@@ -663,6 +663,9 @@ def site_node(
     port: int = typer.Option(11112, help="TCP port to listen on."),
     host: str = typer.Option("127.0.0.1", help="Address to listen on; loopback unless told otherwise."),
     max_associations: int = typer.Option(16, "--max-associations", help="Associations served at once."),
+    workers: int = typer.Option(
+        os.cpu_count() or 1, "--workers", help="Processes sharing the port (default: one per core)."
+    ),
     key_file: Path | None = KeyFileOption,
     vault: Path = VaultOption,
     actor: str = typer.Option(os.environ.get("USER", "site"), "--as", help="Who runs the node (for the audit)."),
@@ -676,10 +679,12 @@ def site_node(
         parts = ", ".join(f"{n} {outcome}" for outcome, n in sorted(counts.items())) or "nothing stored"
         console.print(f"association from {calling_ae or '?'} ended: {parts}")
 
-    config = NodeConfig(outbox, ae_title=ae_title, host=host, port=port, max_associations=max_associations)
+    config = NodeConfig(
+        outbox, ae_title=ae_title, host=host, port=port, max_associations=max_associations, workers=max(1, workers)
+    )
     node = SiteNode(config, key=key, pseudonymise=_vault_issuer(vault, actor), on_association=report)
     console.print(
-        f"site node {ae_title} listening on {host}:{port}; outbox {outbox}; "
+        f"site node {ae_title} listening on {host}:{port} ({config.workers} process(es)); outbox {outbox}; "
         f"held images wait in {outbox / 'held'} for their clinical sheet. Ctrl-C stops."
     )
     try:

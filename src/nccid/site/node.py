@@ -210,6 +210,7 @@ class NodeConfig:
     max_associations: int = 16
     max_pdu: int = 262_144  # larger PDUs: fewer Python round trips per megabyte
     network_timeout: float = 60.0
+    workers: int = 1  # processes sharing the port (SO_REUSEPORT): associations spread over the cores
 
     @property
     def spool(self) -> Path:
@@ -249,11 +250,14 @@ class SiteNode:
         spool.mkdir(parents=True, mode=0o700)
         os.chmod(spool, 0o700)
 
-    def start(self) -> None:
+    def start(self, *, prepare: bool = True) -> None:
         from pynetdicom import AE, _config, evt
 
         Path(self.config.outbox).mkdir(parents=True, exist_ok=True)
-        self._prepare_spool()
+        if prepare:
+            self._prepare_spool()
+        if self.config.workers > 1:
+            _share_port()
         _config.STORE_RECV_CHUNKED_DATASET = True  # stream each data set to a spool file, not memory
         tempfile.tempdir = str(self.config.spool)
         ae = AE(ae_title=self.config.ae_title)
@@ -289,15 +293,51 @@ class SiteNode:
         event("site.node.stop", **{k: v for k, v in self.totals.items()})
 
     def serve_forever(self) -> None:
-        """Run until SIGINT or SIGTERM, then stop cleanly."""
+        """Run until SIGINT or SIGTERM, then stop cleanly; with workers > 1, as that many processes on one port.
+
+        Workers are forked before any thread starts; SIGTERM to this process stops them all.
+        """
+        import multiprocessing
+
+        Path(self.config.outbox).mkdir(parents=True, exist_ok=True)
+        self._prepare_spool()
+        events = Path(self.config.outbox) / EVENTS_FILE
+        offset = events.stat().st_size if events.exists() else 0
+        if self.config.workers > 1 and not self.config.port:
+            raise ValueError("several workers need a fixed --port")
+        children = [
+            multiprocessing.get_context("fork").Process(target=self._serve_child, daemon=True)
+            for _ in range(self.config.workers - 1)
+        ]
+        for child in children:
+            child.start()
         for signum in (signal.SIGINT, signal.SIGTERM):
             signal.signal(signum, lambda *_: self._stop.set())
-        self.start()
+        try:
+            self.start(prepare=False)
+            while not self._stop.wait(0.5):
+                if any(not c.is_alive() for c in children):
+                    raise RuntimeError("a node worker process died")
+        finally:
+            for child in children:
+                if child.is_alive():
+                    os.kill(child.pid, signal.SIGTERM)
+            for child in children:
+                child.join(timeout=30)
+            self.stop()
+            self.totals = Counter(e["outcome"] for e in node_events(self.config.outbox, offset))
+
+    def _serve_child(self) -> None:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, lambda *_: self._stop.set())
+        self.start(prepare=False)
         try:
             while not self._stop.wait(0.5):
                 pass
         finally:
-            self.stop()
+            self._stop.set()
+            if self._server is not None:
+                self._server.shutdown()
 
     def _sweep(self) -> None:
         """Release held images whose sheet arrived, and delete spool files of aborted transfers."""
@@ -336,8 +376,11 @@ class SiteNode:
         with self._events_lock:
             self.totals[result.outcome] += 1
             self._per_association.setdefault(id(assoc), Counter())[result.outcome] += 1
-            with open(Path(self.config.outbox) / EVENTS_FILE, "a") as log:
-                log.write(json.dumps(line) + "\n")
+            fd = os.open(Path(self.config.outbox) / EVENTS_FILE, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            try:  # one write per line with O_APPEND: worker processes never interleave
+                os.write(fd, (json.dumps(line) + "\n").encode())
+            finally:
+                os.close(fd)
         event("site.node.store", outcome=result.outcome, status=line["status"], modality=result.modality)
 
     def _on_end(self, evt_) -> None:
@@ -347,9 +390,31 @@ class SiteNode:
             self._on_association(str(evt_.assoc.requestor.ae_title).strip(), counts)
 
 
-def node_events(outbox: Path) -> list[dict]:
-    """Everything the node has recorded for this outbox (no identifiers: pseudonyms, statuses, reasons)."""
+def node_events(outbox: Path, offset: int = 0) -> list[dict]:
+    """What the node has recorded for this outbox (no identifiers: pseudonyms, statuses, reasons), from a byte
+    offset (where a run started) to the end."""
     path = Path(outbox) / EVENTS_FILE
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    with open(path, "rb") as handle:
+        handle.seek(offset)
+        return [json.loads(line) for line in handle.read().decode().splitlines() if line.strip()]
+
+
+def _share_port() -> None:
+    """Let several node processes listen on one port (SO_REUSEPORT): the kernel spreads associations over them.
+
+    pynetdicom builds its server inside `AE.start_server` with no hook for socket options, so the class it uses
+    is swapped for a subclass that sets the option before binding. Only the node's own process is affected.
+    """
+    import socket
+
+    import pynetdicom.ae
+    from pynetdicom.transport import ThreadedAssociationServer
+
+    class SharedPortServer(ThreadedAssociationServer):
+        def server_bind(self) -> None:
+            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            super().server_bind()
+
+    pynetdicom.ae.ThreadedAssociationServer = SharedPortServer
