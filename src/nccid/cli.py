@@ -735,14 +735,73 @@ def site_status(
             console.print(f"  {n} × {reason}")
 
 
+IdentifiersOption = typer.Option(
+    [],
+    "--identifiers",
+    help="What the site knows of its patients (PAS extract or filled template, CSV/XLSX); repeatable.",
+)
+
+
+def _gate(identifiers: list[Path], key_file: Path | None, vault: Path):
+    """The gate with the site's knowledge, keyed by pseudonym through the vault (nothing new is issued)."""
+    from nccid.site.check import Gate, people_by_pseudonym, read_identifiers
+    from nccid.site.vault import Vault
+
+    known = {}
+    for path in identifiers:
+        known.update(read_identifiers(path))
+    if not known:
+        return Gate({})
+    key = _pseudonym_key(key_file)
+    with Vault(vault) as v:
+        return Gate(people_by_pseudonym(known, v.lookup, key.encrypt))
+
+
+@site_app.command("check")
+def site_check(
+    outbox: Path | None = typer.Argument(None, help="An outbox (data/, images/, held/)."),
+    store: str | None = typer.Option(None, "--store", help="Check a whole store instead (path or s3:// URL)."),
+    prefix: str = typer.Option("", help="Only under this prefix of --store."),
+    identifiers: list[Path] = IdentifiersOption,
+    key_file: Path | None = KeyFileOption,
+    vault: Path = VaultOption,
+) -> None:
+    """The de-identification gate over every file: the patient's own identifiers, any known NHS/CHI or hospital
+    number, NHS-number patterns, private tags, and the de-identified marks. Exit 1 on any finding."""
+    from nccid.site.check import check_files, outbox_files, store_files
+
+    if (outbox is None) == (store is None):
+        raise _fail(ValueError("give an OUTBOX folder or --store URL (one of them)"))
+    gate = _gate(identifiers, key_file, vault)
+    if store is not None:
+        target = _store(store)
+        items, where = store_files(target, prefix), target.url.rstrip("/") + "/" + prefix
+    else:
+        items, where = outbox_files(outbox), str(outbox)
+    with progress_bar("checking") as tick:
+        report = check_files(items, gate, progress=tick)
+    for finding in report.findings[:100]:
+        err_console.print(f"[red]gate:[/] {finding}")
+    summary = (
+        f"{report.files} files in {where}: {report.dicom} DICOM, {report.clinical} clinical records, "
+        f"{report.other} other; checked against {len(gate.people)} known patient(s)"
+    )
+    if not report.clean:
+        raise _fail(RuntimeError(f"{summary}: {len(report.findings)} finding(s): must not be uploaded or released"))
+    console.print(f"{summary}: no identifiers found")
+
+
 @site_app.command("upload")
 def site_upload(
     outbox: Path = typer.Argument(..., help="De-identified outbox with data/ and images/."),
     uploader: str = typer.Option(..., "--uploader", help="Your raw-<uploader>/ prefix."),
     store: str = StoreOption,
     date: str | None = typer.Option(None, help="Upload date folder (default today, UTC; fixed by the journal)."),
+    identifiers: list[Path] = IdentifiersOption,
+    key_file: Path | None = KeyFileOption,
+    vault: Path = VaultOption,
 ) -> None:
-    """Upload the outbox to raw-<uploader>/<date>/: verified object by object, resumable after a crash."""
+    """Upload the outbox to raw-<uploader>/<date>/ after the gate passes: verified object by object, resumable."""
     from nccid.site.outbox import held_patients, release_held
     from nccid.site.upload import upload
 
@@ -750,7 +809,9 @@ def site_upload(
     target = _store(store)
     try:
         with progress_bar("uploading") as tick:
-            result = upload(outbox, target, uploader, date=date, progress=tick)
+            result = upload(
+                outbox, target, uploader, date=date, progress=tick, gate=_gate(identifiers, key_file, vault)
+            )
     except StoreError as exc:
         raise _fail(exc) from exc
     console.print(

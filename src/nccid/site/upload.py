@@ -4,6 +4,8 @@ Resumable and verified, with write-only credentials (an uploader may not read or
 uploads): each object's checksum comes back from the write itself (the S3 ETag is the MD5 of a single-part
 upload) and is compared with the local file's. A journal in the outbox records the batch's date and every
 verified object, so an interrupted upload resumes under the same date, without duplicates or gaps.
+
+The de-identification gate runs over the whole outbox first: one finding and nothing is uploaded.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nccid.log import event
+from nccid.site.check import Gate, check_files, outbox_files
 from nccid.store import ObjectStore, StoreError
 from nccid.warehouse.layout import raw_prefix
 
@@ -64,8 +67,17 @@ def upload(
     *,
     date: str | None = None,
     progress: Callable[[int, int], None] | None = None,
+    gate: Gate | None = None,
 ) -> UploadResult:
+    """Upload after the gate passes over every file (with `gate`'s knowledge of the site's patients, or with
+    the structural and NHS-number-pattern checks alone)."""
     outbox = Path(outbox)
+    verdict = check_files(outbox_files(outbox, AREAS), gate or Gate({}))
+    if not verdict.clean:
+        raise UploadError(
+            f"the gate found {len(verdict.findings)} problem(s) in {outbox}, nothing uploaded; first: "
+            f"{verdict.findings[0]} (run `nccid site check {outbox}` for all)"
+        )
     prefix = raw_prefix(uploader)
     head, done = _journal(outbox)
     if head and (head["uploader"] != uploader or head["store"] != store.url):

@@ -202,3 +202,41 @@ def filled_template(
         with open(path, "w", newline="", encoding="utf-8") as handle:
             csv.writer(handle).writerows([columns, *body])
     return FilledSheet(path, len(body), invalid, duplicate, bad_dates, typos)
+
+
+PAS_COLUMNS = [
+    "NHS/CHI Number",
+    "Hospital (Internal) Number",
+    "Family Name",
+    "Given Name",
+    "Date of Birth",
+    "Address",
+    "Postcode",
+    "Accession Numbers",
+    "Referring Physician",
+]
+
+
+def write_identifiers(people: list[HospitalPatient], path: str, accessions: dict[str, list[str]] | None = None) -> str:
+    """The site's own list of what it knows per patient (a PAS extract), for the de-identification gate."""
+    import csv
+
+    accessions = accessions or {}
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        out = csv.writer(handle)
+        out.writerow(PAS_COLUMNS)
+        for p in people:
+            out.writerow(
+                [
+                    p.nhs,
+                    p.hospital_number,
+                    p.family,
+                    p.given,
+                    p.birth_date.isoformat(),
+                    p.address,
+                    p.postcode,
+                    ";".join(accessions.get(p.nhs, [])),
+                    "HOUSE^GREGORY",
+                ]
+            )
+    return path
