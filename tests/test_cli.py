@@ -16,16 +16,39 @@ def nccid(*args, check=True, env=None):
     return proc
 
 
-def test_demo_runs_end_to_end_and_the_second_load_is_a_no_op(tmp_path):
-    out = nccid("demo", "--dir", tmp_path / "demo", "--patients", 40, "--scale", 0.03).stdout
-    assert "second load: 0 objects with a new outcome" in out
-    assert "Summary" in out and "Total patients" in out
-    store = tmp_path / "demo" / "store"
-    assert (store / "stats" / "latest.json").exists()
-    assert list((store / "reports" / "load").glob("*.json"))
+def test_demo_goes_from_identifiable_hospital_data_to_a_clean_warehouse(tmp_path):
+    demo = tmp_path / "demo"
+    out = nccid("demo", "--dir", demo, "--patients", 40, "--scale", 0.05).stdout
+    # the site side: defects held back, burned-in annotation held, the node holding then releasing
+    assert "sheet positive-sheet-1.xlsx: 8 record(s), 3 row(s) held back" in out
+    assert "BurnedInAnnotation (0028,0301) is YES" in out
+    assert "received 16 image(s) over 2 associations: 12 filed, 4 held for 3 patient(s)" in out
+    assert "4 held image(s) released" in out
+    assert out.count("checked against 10 patients' identifiers: no identifiers found") == 4
+    # the warehouse side
+    assert "second load: 0 objects with a new outcome" in out and "Total patients" in out
+    store = demo / "store"
+    assert (store / "stats" / "latest.json").exists() and list((store / "reports" / "load").glob("*.json"))
+    assert {p.name for p in store.iterdir() if p.name.startswith("raw-")} == {
+        "raw-northfield", "raw-riverside", "raw-kingsbridge", "raw-westcliff",
+    }  # fmt: skip
     assert (store / "training" / "data").is_dir() and (store / "validation" / "data").is_dir()
+    assert "checked against the identifiers of all 40 patients" in out and "zero identifiers found" in out
+
+    # the verdict is real: plant one identifier in the warehouse and the same check, as a command, finds it
+    person = next(iter((demo / "hospitals" / "kingsbridge" / "pas-extract.csv").read_text().splitlines()[1:]))
+    nhs = person.split(",")[0]
+    record = next((store / "training" / "data").rglob("*.json"))
+    record.write_text(record.read_text().replace('"Pseudonym"', f'"Notes": "NHS {nhs}", "Pseudonym"', 1))
+    args = ["--key-file", demo / "site.key", "--vault", demo / "vault.sqlite"]
+    for site in ("northfield", "riverside", "kingsbridge", "westcliff"):
+        args += ["--identifiers", demo / "hospitals" / site / "pas-extract.csv"]
+    found = nccid("site", "check", "--store", store, *args, check=False)
+    assert found.returncode == 1 and f"{record.relative_to(store).as_posix()}: a known NHS/CHI" in found.stderr
+    assert nhs not in found.stderr + found.stdout
+
     # a second demo run starts fresh in its own folder, but refuses to delete someone else's
-    nccid("demo", "--dir", tmp_path / "demo", "--patients", 10, "--scale", 0.03)
+    nccid("demo", "--dir", demo, "--patients", 12, "--scale", 0.03)
     (tmp_path / "mine").mkdir()
     refused = nccid("demo", "--dir", tmp_path / "mine", check=False)
     assert refused.returncode != 0 and (tmp_path / "mine").exists()
@@ -35,6 +58,7 @@ def test_demo_runs_on_s3_and_refuses_a_store_with_data(make_store, tmp_path):
     store = make_store("s3")
     out = nccid("demo", "--dir", tmp_path / "demo", "--store", store.url, "--patients", 30, "--scale", 0.03).stdout
     assert "second load: 0 objects with a new outcome" in out and f"store:       {store.url}" in out
+    assert "zero identifiers found" in out
     assert store.exists("stats/latest.json") and any(True for _ in store.list("training/data/"))
     again = nccid("demo", "--dir", tmp_path / "demo", "--store", store.url, check=False)
     assert again.returncode != 0 and "is not empty" in again.stderr + again.stdout

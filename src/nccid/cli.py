@@ -852,45 +852,45 @@ def site_clinical(
     actor: str = typer.Option(os.environ.get("USER", "site"), "--as", help="Who runs it (for the audit)."),
 ) -> None:
     """Validate a clinical sheet row by row; valid rows become pseudonymised clinical JSON in the outbox."""
-    import json
-
-    from nccid.site.outbox import release_held
-    from nccid.site.templates import TEMPLATES, read_rows, to_clinical_json, validate_sheet
+    from nccid.site.templates import TEMPLATES, file_sheet
     from nccid.site.vault import Vault
 
     if kind not in TEMPLATES:
         raise _fail(ValueError(f"--template must be one of: {', '.join(TEMPLATES)}"))
-    result = validate_sheet(read_rows(sheet), kind)
+    key = _pseudonym_key(key_file)
+    with Vault(vault) as v:
+        filed = file_sheet(
+            sheet,
+            outbox,
+            template=kind,
+            centre=centre,
+            strict=strict,
+            pseudonymise=lambda c: v.issue([key.encrypt(n) for n in c], actor=actor),
+        )
+    result = filed.result
     for warning in result.warnings:
         console.print(f"[yellow]warning:[/] {warning}")
     for error in result.errors:
         err_console.print(f"{sheet.name}: {error}")
-    if result.errors and (strict or not result.records):
+    if not filed.written and result.errors:
         raise _fail(RuntimeError(f"{len(result.errors)} error(s) in {len(result.held_rows)} row(s): nothing written"))
-    key = _pseudonym_key(key_file)
-    with Vault(vault) as v:
-        records = to_clinical_json(
-            result, centre=centre, pseudonymise=lambda c: v.issue([key.encrypt(n) for n in c], actor=actor)
-        )
-    suffix = TEMPLATES[kind]["kind"]
-    (outbox / "data").mkdir(parents=True, exist_ok=True)
-    for record in records:
-        (outbox / "data" / f"{record['Pseudonym']}_{suffix}.json").write_text(json.dumps(record, indent=1) + "\n")
-    console.print(f"{len(records)} record(s) written to {outbox / 'data'}; {len(result.held_rows)} row(s) held back")
-    released = release_held(outbox)
-    if released:
-        console.print(f"released {released} held image(s) whose clinical record has now arrived")
+    console.print(
+        f"{len(filed.written)} record(s) written to {outbox / 'data'}; {len(result.held_rows)} row(s) held back"
+    )
+    if filed.released:
+        console.print(f"released {filed.released} held image(s) whose clinical record has now arrived")
 
 
 @app.command()
 def demo(
-    directory: Path = typer.Option(Path("nccid-demo"), "--dir", help="Where the demo store and catalog go."),
-    patients: int = typer.Option(300, help="Number of synthetic patients."),
-    scale: float = typer.Option(1.0, help="Image size multiplier (1.0: realistic sizes, about 1 GB in all)."),
+    directory: Path = typer.Option(Path("nccid-demo"), "--dir", help="Where the hospitals, store and catalog go."),
+    patients: int = typer.Option(300, help="Synthetic patients, spread over four hospitals."),
+    scale: float = typer.Option(0.5, help="Radiograph size (1.0: full detector size, about 10 MB each)."),
     seed: int = typer.Option(0, help="Random seed."),
     store: str | None = typer.Option(None, "--store", help="An empty store to use instead (e.g. s3://bucket/demo)."),
 ) -> None:
-    """The whole spine in one go: synthesise a national dataset, load it, load again, publish statistics."""
+    """End to end: identifiable hospital data through the site tools and node, upload, load, statistics, and
+    the de-identification gate over everything in the warehouse."""
     from nccid.demo import run_demo
 
     run_demo(directory, patients=patients, scale=scale, seed=seed, store_url=store)

@@ -1,20 +1,61 @@
-"""`nccid demo`: synthesise a national dataset, load it, load it again (a no-op), publish the statistics."""
+"""`nccid demo`: from identifiable hospital data to published statistics, through the same library calls as the
+site and warehouse commands, ending with the de-identification gate over everything in the warehouse.
+
+Four synthetic hospitals start with what a real one has: PACS images full of identifiers, filled clinical sheets
+(one with real-world defects) and a PAS extract. Three de-identify a folder export; the fourth runs the site
+DICOM node and its PACS sends over two associations, before part of its clinical sheet has arrived. Every outbox
+passes the gate and is uploaded; the warehouse loads, loads again (a no-op) and publishes statistics.
+"""
 
 from __future__ import annotations
 
 import shutil
+import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from nccid.console import console, human_bytes, progress_bar
+from nccid.site.batch import deidentify_folder
+from nccid.site.check import Gate, check_files, outbox_files, people_by_pseudonym, read_identifiers, store_files
+from nccid.site.node import NodeConfig, SiteNode
+from nccid.site.outbox import held_patients
+from nccid.site.templates import file_sheet
+from nccid.site.upload import upload
+from nccid.site.vault import PseudonymKey, Vault
 from nccid.stats.summary import compute, publish
 from nccid.store import LocalStore, ObjectStore, open_store
 from nccid.store.s3 import S3Store
-from nccid.synth.national import SynthSpec, generate
+from nccid.synth.hospital import HospitalSite, hospital_site
+from nccid.synth.national import HOSPITALS, Hospital, SynthSpec, make_config
 from nccid.warehouse.catalog import Catalog
+from nccid.warehouse.config import save_config
 from nccid.warehouse.loader import load
 
 MARKER = ".nccid-demo"
+PACS_SOP_CLASSES = (
+    "1.2.840.10008.5.1.4.1.1.1",
+    "1.2.840.10008.5.1.4.1.1.1.1",
+    "1.2.840.10008.5.1.4.1.1.2",
+    "1.2.840.10008.5.1.4.1.1.4",
+)
+
+
+@dataclass(frozen=True)
+class DemoSite:
+    hospital: Hospital
+    route: str  # "folder": a PACS export de-identified in a batch; "node": sent to the site DICOM node
+    template: str
+    defects: bool = False
+    late_sheet: bool = False
+
+
+SITES = [
+    DemoSite(HOSPITALS[0], "folder", "positive", defects=True),  # split
+    DemoSite(HOSPITALS[1], "folder", "negative"),  # split
+    DemoSite(HOSPITALS[3], "folder", "positive"),  # all training
+    DemoSite(HOSPITALS[4], "node", "positive", late_sheet=True),  # all validation
+]
 
 
 def _fresh(directory: Path) -> None:
@@ -39,8 +80,107 @@ def _empty_store(url: str) -> ObjectStore:
     return store
 
 
+def _send_from_pacs(site: HospitalSite, port: int, associations: int = 2) -> None:
+    """The hospital PACS: pynetdicom as Storage SCU, the export split over concurrent associations."""
+    from pynetdicom import AE
+
+    files = sorted(Path(site.pacs).glob("*.dcm"))
+    failures: list[str] = []
+
+    def send(batch: list[Path]) -> None:
+        ae = AE(ae_title="PACS")
+        for sop_class in PACS_SOP_CLASSES:
+            ae.add_requested_context(sop_class)
+        assoc = ae.associate("127.0.0.1", port, ae_title="NCCID")
+        if not assoc.is_established:
+            failures.append("association refused")
+            return
+        for path in batch:
+            status = assoc.send_c_store(path)
+            if getattr(status, "Status", None) != 0:
+                failures.append(f"{path.name}: status {getattr(status, 'Status', 'none')}")
+        assoc.release()
+
+    threads = [threading.Thread(target=send, args=(files[n::associations],)) for n in range(associations)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if failures:
+        raise SystemExit(f"the PACS could not send everything to the node: {failures[:5]}")
+
+
+def _file_sheets(site: HospitalSite, demo: DemoSite, outbox: Path, vault: Vault, key: PseudonymKey, sheets) -> None:
+    for path, template in sheets:
+        filed = file_sheet(
+            path,
+            outbox,
+            template=template,
+            centre=demo.hospital.centre,
+            pseudonymise=lambda c: vault.issue([key.encrypt(n) for n in c], actor="demo-site"),
+        )
+        result = filed.result
+        line = f"  sheet {Path(path).name}: {len(filed.written)} record(s), {len(result.held_rows)} row(s) held back"
+        console.print(line + (f", {filed.released} held image(s) released" if filed.released else ""))
+        for error in result.errors[:4]:
+            console.print(f"    [yellow]{error}[/]")
+
+
+def _site_round(
+    demo: DemoSite, site: HospitalSite, work: Path, store: ObjectStore, vault: Vault, key: PseudonymKey
+) -> tuple[int, int]:
+    """One hospital: sheets, de-identification (folder or node), the gate, upload. (images sent, uploaded)."""
+    outbox = work / "outbox"
+    if demo.route == "folder":
+        _file_sheets(site, demo, outbox, vault, key, site.sheets)
+        result = deidentify_folder(
+            Path(site.pacs), outbox, key=key, pseudonymise=lambda c: vault.issue(c, actor="demo-site")
+        )
+        console.print(f"  de-identified {len(result.written)} image(s); held {len(result.held)} at the site")
+        for name, reason in result.held[:3]:
+            console.print(f"    held {name}: {reason}")
+        if not result.clean:
+            raise SystemExit(f"the gate stopped the batch: {result.findings[0]}")
+    else:
+        _file_sheets(site, demo, outbox, vault, key, site.sheets[:1])
+        node = SiteNode(
+            NodeConfig(outbox, port=0, workers=1),
+            key=key,
+            pseudonymise=lambda c: _issue(vault.path, c),
+        )
+        node.start()
+        try:
+            _send_from_pacs(site, node.config.port)
+            held = held_patients(outbox)
+            console.print(
+                f"  node on 127.0.0.1:{node.config.port} received {sum(node.totals.values())} image(s) over 2 "
+                f"associations: {node.totals['filed']} filed, {sum(h.images for h in held)} held for "
+                f"{len(held)} patient(s) whose sheet has not arrived"
+            )
+            _file_sheets(site, demo, outbox, vault, key, site.sheets[1:])
+        finally:
+            node.stop()
+    gate = Gate(people_by_pseudonym(read_identifiers(site.identifiers), vault.lookup, key.encrypt))
+    verdict = check_files(outbox_files(outbox), gate)
+    console.print(
+        f"  gate: {verdict.files} file(s) checked against {len(gate.people)} patients' identifiers: "
+        + ("no identifiers found" if verdict.clean else f"{len(verdict.findings)} finding(s)")
+    )
+    uploaded = upload(outbox, store, demo.hospital.uploader, gate=gate)
+    console.print(
+        f"  uploaded {uploaded.uploaded} object(s) ({human_bytes(uploaded.bytes)}) to raw-{demo.hospital.uploader}/"
+    )
+    return site.images, uploaded.uploaded
+
+
+def _issue(vault_path: Path, ciphertexts: list[str]) -> list[str]:
+    """The node calls the vault from its association threads: a connection per call."""
+    with Vault(vault_path) as v:
+        return v.issue(ciphertexts, actor="demo-node")
+
+
 def run_demo(
-    directory: Path, *, patients: int = 300, scale: float = 1.0, seed: int = 0, store_url: str | None = None
+    directory: Path, *, patients: int = 300, scale: float = 0.5, seed: int = 0, store_url: str | None = None
 ) -> None:
     from nccid.cli import show_load_report, show_summary
 
@@ -48,40 +188,79 @@ def run_demo(
     _fresh(directory)
     store = _empty_store(store_url) if store_url else LocalStore(directory / "store")
     catalog = Catalog(directory / "catalog.sqlite")
+    key = PseudonymKey.generate()
+    key.save(directory / "site.key")
+    vault = Vault(directory / "vault.sqlite")
+    save_config(store, make_config(SynthSpec(seed=seed), [s.hospital for s in SITES]))
 
-    console.rule("1. synthetic hospitals upload pseudonymised records and images")
+    console.rule("1. four hospitals hold identifiable data")
     start = time.perf_counter()
-    with progress_bar("synthesising") as tick:
-        made = generate(store, SynthSpec(seed=seed, patients=patients, scale=scale), progress=lambda n: tick(1, n))
-    took = time.perf_counter() - start
-    console.print(
-        f"{made.patients} patients at {len(made.config.raw_prefixes)} uploaders over "
-        f"{len(made.upload_dates)} upload dates: {made.clinical_records} clinical records, {made.images} "
-        f"images {dict(made.by_modality)}, {human_bytes(made.bytes)} in {took:.1f} s "
-        f"({human_bytes(made.bytes / took)}/s)"
-    )
+    sites = []
+    per_site = max(4, patients // len(SITES))
+    for n, demo in enumerate(SITES):
+        folder = directory / "hospitals" / demo.hospital.uploader
+        site = hospital_site(
+            str(folder),
+            patients=per_site,
+            seed=seed * 100 + n,
+            template=demo.template,
+            defects=demo.defects,
+            late_sheet=demo.late_sheet,
+            scale=scale,
+        )
+        sites.append(site)
+        console.print(
+            f"{demo.hospital.name}: {len(site.people)} patients, {site.images} identifiable images "
+            f"({human_bytes(site.bytes)}), {len(site.sheets)} {demo.template} sheet(s), a PAS extract; "
+            f"images via {'the site DICOM node' if demo.route == 'node' else 'a PACS folder export'}"
+        )
+    console.print(f"made in {time.perf_counter() - start:.1f} s under {directory / 'hospitals'}")
 
-    console.rule("2. the warehouse loads them")
+    console.rule("2. at each hospital: sheets, de-identification, the gate, upload")
+    for demo, site in zip(SITES, sites, strict=True):
+        console.print(f"[bold]{demo.hospital.name}[/] ({demo.hospital.centre})")
+        _site_round(demo, site, directory / "hospitals" / demo.hospital.uploader, store, vault, key)
+
+    console.rule("3. the warehouse loads them")
     with progress_bar("loading") as tick:
         first = load(store, catalog, progress=tick)
     show_load_report(first, limit=25)
 
-    console.rule("3. loading again changes nothing")
+    console.rule("4. loading again changes nothing")
     second = load(store, catalog)
     console.print(
         f"second load: {sum(second.counts.values())} objects with a new outcome, "
         f"{second.unchanged} unchanged, {second.duration_s:.2f} s"
     )
 
-    console.rule("4. statistics")
+    console.rule("5. statistics")
     stats = compute(store, catalog)
     prefix = publish(store, stats)
     show_summary(stats.summary)
     catalog.close()
 
+    console.rule("6. the gate over everything in the warehouse")
+    known = {}
+    for site in sites:
+        known.update(read_identifiers(site.identifiers))
+    gate = Gate(people_by_pseudonym(known, vault.lookup, key.encrypt))
+    vault.close()
+    with progress_bar("checking") as tick:
+        verdict = check_files(store_files(store), gate, progress=tick)
+    console.print(
+        f"{verdict.files} objects in the warehouse ({verdict.dicom} DICOM, {verdict.clinical} clinical records, "
+        f"{verdict.other} other) checked against the identifiers of all {len(gate.people)} patients"
+    )
+    if not verdict.clean:
+        for finding in verdict.findings[:20]:
+            console.print(f"[red]gate:[/] {finding}")
+        raise SystemExit(f"the gate found {len(verdict.findings)} identifier(s) in the warehouse")
+    console.print("[bold green]gate verdict: zero identifiers found[/]")
+
     console.rule("where everything is")
     where = str(store.root) if isinstance(store, LocalStore) else store.url
     base = where.rstrip("/") + "/"
+    console.print(f"hospitals:   {directory / 'hospitals'}   (identifiable inputs, outboxes, node records)")
     console.print(f"store:       {where}   (processed layout under training/ and validation/)")
     console.print(f"catalog:     {directory / 'catalog.sqlite'}")
     console.print(f"load report: {base}{first.report_key}")
@@ -89,4 +268,8 @@ def run_demo(
     console.print("try:")
     console.print(f"  nccid ls training/ --store {where}")
     console.print(f"  nccid sync training/data/ ./clinical --store {where}")
-    console.print(f"  nccid warehouse status --store {where} --catalog {directory / 'catalog.sqlite'}")
+    console.print(f"  nccid site status {directory / 'hospitals' / SITES[-1].hospital.uploader / 'outbox'}")
+    console.print(
+        f"  nccid site check --store {where} --identifiers {sites[0].identifiers} "
+        f"--key-file {directory / 'site.key'} --vault {directory / 'vault.sqlite'}"
+    )

@@ -126,17 +126,21 @@ class Gate:
 
     def __init__(self, people: dict[str, KnownIdentifiers]) -> None:
         self.people = people  # pseudonym -> what the site knows of that person
-        self.numbers = {
-            re.sub(r"\D", "", n).encode() for k in people.values() for n in k.numbers if len(re.sub(r"\D", "", n)) >= 6
-        }
-        self.hospital_numbers = {
-            n.encode() for k in people.values() for n in k.numbers if not n.isdigit() and len(n) >= 6
-        }
+        self.numbers: set[bytes] = set()  # all-digit numbers (NHS/CHI): equal to a whole run of digits
+        self.codes: set[bytes] = set()  # numbers with letters (hospital, accession): anywhere, any case
+        for known in people.values():
+            for number in known.numbers:
+                compact = re.sub(r"[\s-]", "", number).upper()
+                if compact.isdigit() and len(compact) >= 8:
+                    self.numbers.add(compact.encode())
+                elif not compact.isdigit() and len(compact) >= 6:
+                    self.codes.add(compact.encode())
 
     def _numbers_in(self, blob: bytes) -> bool:
-        if any(run in self.numbers for run in _DIGIT_RUNS.findall(blob)):
+        if self.numbers and any(run in self.numbers for run in _DIGIT_RUNS.findall(blob)):
             return True
-        return any(n in blob for n in self.hospital_numbers)
+        upper = blob.upper() if self.codes else b""
+        return any(code in upper for code in self.codes)
 
     def check_dicom(self, ds: Dataset, name: str, pseudonym_hint: str) -> list[Finding]:
         findings: list[Finding] = []

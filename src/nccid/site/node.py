@@ -241,6 +241,7 @@ class SiteNode:
         self._server = None
         self._stop = threading.Event()
         self._sweeper: threading.Thread | None = None
+        self._previous: tuple[bool, str | None] = (False, None)
 
     # -- lifecycle ------------------------------------------------------------------------------------------
     def _prepare_spool(self) -> None:
@@ -258,6 +259,7 @@ class SiteNode:
             self._prepare_spool()
         if self.config.workers > 1:
             _share_port()
+        self._previous = (_config.STORE_RECV_CHUNKED_DATASET, tempfile.tempdir)
         _config.STORE_RECV_CHUNKED_DATASET = True  # stream each data set to a spool file, not memory
         tempfile.tempdir = str(self.config.spool)
         ae = AE(ae_title=self.config.ae_title)
@@ -282,10 +284,13 @@ class SiteNode:
         event("site.node.start", ae_title=self.config.ae_title, host=self.config.host, port=self.config.port)
 
     def stop(self) -> None:
+        from pynetdicom import _config
+
         self._stop.set()
         if self._server is not None:
             self._server.shutdown()
             self._server = None
+            _config.STORE_RECV_CHUNKED_DATASET, tempfile.tempdir = self._previous
         if self._sweeper is not None:
             self._sweeper.join(timeout=10)
         release_held(self.config.outbox)

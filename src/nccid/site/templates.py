@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import datetime as dt
 import io
+import json
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -289,3 +290,38 @@ def blank_template(template: str, path: str | Path) -> Path:
         csv.writer(buffer).writerow(columns)
         path.write_text(buffer.getvalue(), encoding="utf-8")
     return path
+
+
+@dataclass
+class FiledSheet:
+    result: SheetResult
+    written: list[Path]
+    released: int  # held images of these patients moved to images/
+
+
+def file_sheet(
+    sheet: str | Path,
+    outbox: str | Path,
+    *,
+    template: str,
+    centre: str,
+    pseudonymise: Callable[[list[str]], list[str]],
+    strict: bool = False,
+) -> FiledSheet:
+    """Validate a filled sheet; valid rows go to the outbox as data/<Pseudonym>_{data,status}.json, and images
+    held for those patients are released. With `strict`, any invalid row means nothing is written."""
+    from nccid.site.outbox import release_held
+
+    result = validate_sheet(read_rows(sheet), template)
+    if result.errors and (strict or not result.records):
+        return FiledSheet(result, [], 0)
+    outbox = Path(outbox)
+    (outbox / "data").mkdir(parents=True, exist_ok=True)
+    written = []
+    for record in to_clinical_json(result, centre=centre, pseudonymise=pseudonymise):
+        path = outbox / "data" / f"{record['Pseudonym']}_{TEMPLATES[template]['kind']}.json"
+        tmp = path.with_name(f".{path.name}.part")
+        tmp.write_text(json.dumps(record, indent=1) + "\n")
+        tmp.replace(path)
+        written.append(path)
+    return FiledSheet(result, written, release_held(outbox))

@@ -240,3 +240,61 @@ def write_identifiers(people: list[HospitalPatient], path: str, accessions: dict
                 ]
             )
     return path
+
+
+@dataclass
+class HospitalSite:
+    """One synthetic hospital's identifiable starting point: PACS exports, filled sheets, and its PAS extract."""
+
+    people: list[HospitalPatient]
+    pacs: str  # folder of identifiable DICOM as the PACS exports it
+    sheets: list[tuple[str, str]]  # (path, template) in the order they arrive
+    identifiers: str  # the PAS extract the gate checks against
+    images: int
+    bytes: int
+
+
+def hospital_site(
+    folder: str,
+    *,
+    patients: int,
+    seed: int,
+    template: str = "positive",
+    defects: bool = False,
+    late_sheet: bool = False,
+    scale: float = 0.5,
+) -> HospitalSite:
+    """Make a hospital's identifiable data in `folder`: every patient has a radiograph (CR or DX); one in three
+    also a CT slice and one in five an MR slice. With `defects` the sheet carries the real-world defects and one
+    radiograph has burned-in annotation; with `late_sheet` the last third of patients come in a second sheet."""
+    import os
+
+    rng = random.Random(seed)
+    people = [hospital_patient(rng) for _ in range(patients)]
+    pacs = os.path.join(folder, "pacs")
+    os.makedirs(pacs, exist_ok=True)
+    accessions: dict[str, list[str]] = {}
+    images = size = 0
+    for i, person in enumerate(people):
+        plan = [("CR" if i % 2 else "DX", scale)]
+        plan += [("CT", 1.0)] if i % 3 == 0 else []
+        plan += [("MR", 1.0)] if i % 5 == 0 else []
+        for j, (modality, image_scale) in enumerate(plan):
+            accession = f"A{seed:03d}{i:04d}{j}"
+            accessions.setdefault(person.nhs, []).append(accession)
+            ds = pacs_image(person, rng, modality=modality, seed=f"{seed}-{j}", accession=accession, scale=image_scale)
+            if defects and i == 0 and j == 0:
+                ds.BurnedInAnnotation = "YES"  # a scanned request form: held at the site, never sent
+            path = os.path.join(pacs, f"{i:04d}-{j}-{modality}.dcm")
+            ds.save_as(path, enforce_file_format=True)
+            images += 1
+            size += os.path.getsize(path)
+    split = len(people) - len(people) // 3 if late_sheet else len(people)
+    sheets = []
+    for n, group in enumerate([people[:split], people[split:]]):
+        if group:
+            path = os.path.join(folder, f"{template}-sheet-{n + 1}.xlsx")
+            filled_template(group, path, kind=template, seed=seed + n, defects=defects and n == 0)
+            sheets.append((path, template))
+    identifiers = write_identifiers(people, os.path.join(folder, "pas-extract.csv"), accessions)
+    return HospitalSite(people, pacs, sheets, identifiers, images, size)
