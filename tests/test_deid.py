@@ -50,7 +50,8 @@ def test_identifiers_everywhere_are_removed_and_the_gate_finds_none(person):
     assert "OtherPatientIDsSequence" not in out and "PatientAddress" not in out and "ImageComments" not in out
     assert not any(elem.tag.is_private for elem in out.iterall())
     assert "RequestAttributesSequence" not in out and out.AccessionNumber == ""
-    assert out.PatientIdentityRemoved == "YES" and "Basic Profile" in out.DeidentificationMethod
+    assert out.PatientIdentityRemoved == "YES" and all(len(v) <= 64 for v in out.DeidentificationMethod)
+    assert "Basic Application Confidentiality Profile" in out.DeidentificationMethod[0]
     assert [c.CodeValue for c in out.DeidentificationMethodCodeSequence] == ["113100", "113107", "113108", "113109"]
 
 
