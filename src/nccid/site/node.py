@@ -36,7 +36,6 @@ from pydicom.dataset import Dataset
 from pydicom.uid import (
     JPEG2000,
     UID,
-    DeflatedExplicitVRLittleEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
     JPEG2000Lossless,
@@ -66,11 +65,11 @@ STATUS_HELD_BY_POLICY = 0xC230
 STATUS_GATE = 0xC240
 STATUS_OUT_OF_RESOURCES = 0xA700
 
-#: what a PACS commonly sends; compressed pixel data passes through unchanged (pylibjpeg decodes it downstream)
+#: what a PACS commonly sends; compressed pixel data passes through unchanged (pylibjpeg decodes it downstream).
+#: Deflated data sets are not offered: the header checks read the file's bytes where they lie.
 TRANSFER_SYNTAXES = [
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
-    DeflatedExplicitVRLittleEndian,
     JPEGBaseline8Bit,
     JPEGExtended12Bit,
     JPEGLossless,
