@@ -631,8 +631,8 @@ def site_deid(
     from nccid.site.vault import Vault
 
     key = _pseudonym_key(key_file)
-    with Vault(vault) as v:
-        result = deidentify_folder(src, out, key=key, pseudonymise=lambda c: v.issue(c, actor=actor))
+    with Vault(vault) as v, progress_bar("de-identifying") as tick:
+        result = deidentify_folder(src, out, key=key, pseudonymise=lambda c: v.issue(c, actor=actor), progress=tick)
     console.print(f"de-identified {len(result.written)} files into {out}; held {len(result.held)}")
     for name, reason in result.held[:50]:
         console.print(f"  held {name}: {reason}")

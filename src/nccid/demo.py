@@ -133,9 +133,14 @@ def _site_round(
     outbox = work / "outbox"
     if demo.route == "folder":
         _file_sheets(site, demo, outbox, vault, key, site.sheets)
-        result = deidentify_folder(
-            Path(site.pacs), outbox, key=key, pseudonymise=lambda c: vault.issue(c, actor="demo-site")
-        )
+        with progress_bar("de-identifying") as tick:
+            result = deidentify_folder(
+                Path(site.pacs),
+                outbox,
+                key=key,
+                pseudonymise=lambda c: vault.issue(c, actor="demo-site"),
+                progress=tick,
+            )
         console.print(f"  de-identified {len(result.written)} image(s); held {len(result.held)} at the site")
         for name, reason in result.held[:3]:
             console.print(f"    held {name}: {reason}")

@@ -77,11 +77,20 @@ def known_from_header(ds: Dataset) -> KnownIdentifiers:
     )
 
 
-def deidentify_folder(src: Path, out: Path, *, key: PseudonymKey, pseudonymise: Pseudonymise) -> BatchResult:
+def deidentify_folder(
+    src: Path,
+    out: Path,
+    *,
+    key: PseudonymKey,
+    pseudonymise: Pseudonymise,
+    progress: Callable[[int, int], None] | None = None,
+) -> BatchResult:
     result = BatchResult()
+    tick = progress or (lambda n, b: None)
     keys = DeidKeys.derive(key.key)
     pseudonyms: dict[str, str] = {}  # one vault round trip per person, not per file
     for path in sorted(p for p in Path(src).rglob("*") if p.is_file()):
+        tick(1, path.stat().st_size)
         name = str(path.relative_to(src))
         try:
             with warnings.catch_warnings():
