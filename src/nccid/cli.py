@@ -816,7 +816,8 @@ def site_upload(
         raise _fail(exc) from exc
     console.print(
         f"uploaded {result.uploaded} objects ({human_bytes(result.bytes)}) to "
-        f"{target.url.rstrip('/')}/raw-{uploader}/{result.date}/, {result.skipped} already there; "
+        f"{target.url.rstrip('/')}/raw-{uploader}/{result.date}/, {result.skipped} already there, after the gate "
+        f"passed {result.checked} file(s); "
         f"journal: {outbox / '.upload-journal.jsonl'}"
     )
     held = held_patients(outbox)

@@ -17,11 +17,11 @@ from pathlib import Path
 
 from nccid.console import console, human_bytes, progress_bar
 from nccid.site.batch import deidentify_folder
-from nccid.site.check import Gate, check_files, outbox_files, people_by_pseudonym, read_identifiers, store_files
+from nccid.site.check import Gate, check_files, people_by_pseudonym, read_identifiers, store_files
 from nccid.site.node import NodeConfig, SiteNode
 from nccid.site.outbox import held_patients
 from nccid.site.templates import file_sheet
-from nccid.site.upload import upload
+from nccid.site.upload import UploadError, upload
 from nccid.site.vault import PseudonymKey, Vault
 from nccid.stats.summary import compute, publish
 from nccid.store import LocalStore, ObjectStore, open_store
@@ -166,12 +166,14 @@ def _site_round(
         finally:
             node.stop()
     gate = Gate(people_by_pseudonym(read_identifiers(site.identifiers), vault.lookup, key.encrypt))
-    verdict = check_files(outbox_files(outbox), gate)
+    try:
+        uploaded = upload(outbox, store, demo.hospital.uploader, gate=gate)  # the gate runs first
+    except UploadError as exc:
+        raise SystemExit(str(exc)) from exc
     console.print(
-        f"  gate: {verdict.files} file(s) checked against {len(gate.people)} patients' identifiers: "
-        + ("no identifiers found" if verdict.clean else f"{len(verdict.findings)} finding(s)")
+        f"  gate: {uploaded.checked} file(s) checked against {len(gate.people)} patients' identifiers: "
+        "no identifiers found"
     )
-    uploaded = upload(outbox, store, demo.hospital.uploader, gate=gate)
     console.print(
         f"  uploaded {uploaded.uploaded} object(s) ({human_bytes(uploaded.bytes)}) to raw-{demo.hospital.uploader}/"
     )

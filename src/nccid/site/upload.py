@@ -36,6 +36,7 @@ class UploadResult:
     uploaded: int = 0
     skipped: int = 0  # verified by an earlier, interrupted run
     bytes: int = 0
+    checked: int = 0  # files the gate passed before anything was sent
 
 
 def _md5(path: Path) -> str:
@@ -86,7 +87,7 @@ def upload(
     if not head:
         with open(outbox / JOURNAL, "w") as log:
             log.write(json.dumps({"uploader": uploader, "store": store.url, "date": batch_date}) + "\n")
-    result = UploadResult(date=batch_date)
+    result = UploadResult(date=batch_date, checked=verdict.files)
     tick = progress or (lambda n, b: None)
     files = sorted(p for area in AREAS for p in (outbox / area).rglob("*") if p.is_file())
     with open(outbox / JOURNAL, "a") as log:
