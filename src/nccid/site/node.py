@@ -32,6 +32,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import pydicom.config
 from pydicom import uid
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
@@ -228,7 +229,7 @@ class SiteNode:
         self._server = None
         self._stop = threading.Event()
         self._sweeper: threading.Thread | None = None
-        self._previous: tuple[bool, str | None] = (False, None)
+        self._previous: tuple = ()
 
     # -- lifecycle ------------------------------------------------------------------------------------------
     def _prepare_spool(self) -> None:
@@ -241,14 +242,24 @@ class SiteNode:
     def start(self, *, prepare: bool = True) -> None:
         from pynetdicom import AE, _config, evt
 
+        from nccid.site.transport import start_server
+
         Path(self.config.outbox).mkdir(parents=True, exist_ok=True)
         if prepare:
             self._prepare_spool()
-        if self.config.workers > 1:
-            _share_port()
-        self._previous = (_config.STORE_RECV_CHUNKED_DATASET, tempfile.tempdir)
+        settings = pydicom.config.settings
+        self._previous = (
+            _config.STORE_RECV_CHUNKED_DATASET,
+            tempfile.tempdir,
+            settings.reading_validation_mode,
+            settings.writing_validation_mode,
+        )
         _config.STORE_RECV_CHUNKED_DATASET = True  # stream each data set to a spool file, not memory
         tempfile.tempdir = str(self.config.spool)
+        # pydicom checks every value it reads or writes against its VR and only warns; the node keeps values as
+        # sent either way (the gate is what judges them), so those regex checks are skipped: a third of the time
+        # pynetdicom spends on each message's command set
+        settings.reading_validation_mode = settings.writing_validation_mode = pydicom.config.IGNORE
         ae = AE(ae_title=self.config.ae_title)
         ae.require_called_aet = True
         ae.maximum_associations = self.config.max_associations
@@ -264,7 +275,8 @@ class SiteNode:
             (evt.EVT_RELEASED, self._on_end),
             (evt.EVT_ABORTED, self._on_end),
         ]
-        self._server = ae.start_server((self.config.host, self.config.port), block=False, evt_handlers=handlers)
+        address = (self.config.host, self.config.port)
+        self._server = start_server(ae, address, handlers, share_port=self.config.workers > 1)
         self.config.port = self._server.server_address[1]  # port 0: the one the system chose
         self._sweeper = threading.Thread(target=self._sweep, name="nccid-node-sweeper", daemon=True)
         self._sweeper.start()
@@ -277,7 +289,13 @@ class SiteNode:
         if self._server is not None:
             self._server.shutdown()
             self._server = None
-            _config.STORE_RECV_CHUNKED_DATASET, tempfile.tempdir = self._previous
+            settings = pydicom.config.settings
+            (
+                _config.STORE_RECV_CHUNKED_DATASET,
+                tempfile.tempdir,
+                settings.reading_validation_mode,
+                settings.writing_validation_mode,
+            ) = self._previous
         if self._sweeper is not None:
             self._sweeper.join(timeout=10)
         release_held(self.config.outbox)
@@ -391,22 +409,3 @@ def node_events(outbox: Path, offset: int = 0) -> list[dict]:
     with open(path, "rb") as handle:
         handle.seek(offset)
         return [json.loads(line) for line in handle.read().decode().splitlines() if line.strip()]
-
-
-def _share_port() -> None:
-    """Let several node processes listen on one port (SO_REUSEPORT): the kernel spreads associations over them.
-
-    pynetdicom builds its server inside `AE.start_server` with no hook for socket options, so the class it uses
-    is swapped for a subclass that sets the option before binding. Only the node's own process is affected.
-    """
-    import socket
-
-    import pynetdicom.ae
-    from pynetdicom.transport import ThreadedAssociationServer
-
-    class SharedPortServer(ThreadedAssociationServer):
-        def server_bind(self) -> None:
-            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            super().server_bind()
-
-    pynetdicom.ae.ThreadedAssociationServer = SharedPortServer
