@@ -8,7 +8,6 @@ from the gate fails the whole batch: nothing from it may be uploaded.
 
 from __future__ import annotations
 
-import os
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,6 +20,7 @@ from pydicom.errors import InvalidDicomError
 from nccid.site.deid import DeidHeld, DeidKeys, deidentify
 from nccid.site.gate import Finding, KnownIdentifiers, scan
 from nccid.site.identifiers import IdentifierError, validate_patient_number
+from nccid.site.outbox import write_image
 from nccid.site.vault import PseudonymKey
 
 Pseudonymise = Callable[[list[str]], list[str]]  # ciphertexts -> pseudonyms (the vault, or its service)
@@ -117,9 +117,6 @@ def deidentify_folder(
         if findings:
             result.findings.extend(findings)
             continue
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_suffix(".part")
-        clean.save_as(tmp, enforce_file_format=True)
-        os.replace(tmp, target)
+        write_image(clean, target)
         result.written.append(target)
     return result

@@ -9,7 +9,6 @@ from dataclasses import dataclass, field
 
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
-from pydicom.tag import Tag
 
 _NON_ALNUM = re.compile(r"[^A-Z0-9]")
 _NAME_PARTS = re.compile(r"[\s^,.'-]+")
@@ -59,6 +58,7 @@ class Finding:
         return f"{self.file}: {self.kind} found in {self.tag_path}"
 
 
+_PIXEL_DATA, _BIRTH_DATE = 0x7FE00010, 0x00100030
 _BINARY = {"US", "SS", "UL", "SL", "FL", "FD", "AT", "OF", "OD", "OL", "OV", "OW"}
 
 
@@ -87,14 +87,14 @@ def scan(ds: Dataset, known: KnownIdentifiers, source: str) -> list[Finding]:
     meta = getattr(ds, "file_meta", None)
     pairs = list(_elements(meta, "meta:")) if meta is not None else []
     for path, tag, vr, value in pairs + list(_elements(ds)):
-        if value is None or (tag == Tag(0x7FE0, 0x0010)):
+        if value is None or tag == _PIXEL_DATA:
             continue
         raw = value if not isinstance(value, list | tuple) else "\\".join(map(str, value))
         text = _norm(raw)
         if not text:
             continue
         words = None
-        if tag == Tag(0x0010, 0x0030) and text.endswith("0101") and len(text) == 8:
+        if tag == _BIRTH_DATE and text.endswith("0101") and len(text) == 8:
             continue  # the NCCID policy's reduced birth date (year + 0101) is allowed
         for kind, token in tokens:
             if kind == "name":
