@@ -93,6 +93,15 @@ class _UpperLayer(DULServiceProvider):
         self._kill_thread = True
         self._wake()
 
+    def stop_dul(self) -> bool:
+        """As pynetdicom's, but the reactor is woken to stop now rather than at its next timer check."""
+        if self.state_machine.current_state != "Sta1":
+            return False
+        self.kill_dul()
+        if threading.current_thread() is not self:
+            self.join()
+        return True
+
     def _wait_for_work(self) -> None:
         waiting: list[Any] = [self._wake_read]
         transport = self.socket
