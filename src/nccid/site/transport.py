@@ -16,6 +16,8 @@ DIMSE messages, the events and handlers the node binds) and changes only how tho
 
 Both threads still wake every `IDLE_CHECK` seconds to look at their timers, as pynetdicom's do every millisecond.
 pynetdicom's server takes `server_class` and `request_handler` in `AE.make_server`, which is the seam used here.
+The reactors below are pynetdicom 3.0's with those changes, which is why pyproject.toml holds pynetdicom below
+3.1; `tests/test_node.py` drives them end to end with DCMTK's tools.
 """
 
 from __future__ import annotations
