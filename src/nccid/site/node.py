@@ -257,8 +257,8 @@ class SiteNode:
         _config.STORE_RECV_CHUNKED_DATASET = True  # stream each data set to a spool file, not memory
         tempfile.tempdir = str(self.config.spool)
         # pydicom checks every value it reads or writes against its VR and only warns; the node keeps values as
-        # sent either way (the gate is what judges them), so those regex checks are skipped: a third of the time
-        # pynetdicom spends on each message's command set
+        # sent either way (the gate is what judges them), so those regex checks are skipped: some 13 % of the
+        # time to de-identify a CT slice here, and part of pynetdicom's work on every command set
         settings.reading_validation_mode = settings.writing_validation_mode = pydicom.config.IGNORE
         ae = AE(ae_title=self.config.ae_title)
         ae.require_called_aet = True

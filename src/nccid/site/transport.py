@@ -44,6 +44,7 @@ from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAsso
 #: how often an idle thread wakes to check the ARTIM and network-idle timers (seconds)
 IDLE_CHECK = 0.05
 _PDU_TYPES = frozenset(range(0x01, 0x08))
+_PREALLOCATE = 1 << 20  # bytes reserved ahead of a read; larger reads grow as the data arrives
 _P_DATA_TF = 0x04
 
 
@@ -61,7 +62,19 @@ class _SignallingQueue(queue.Queue):
 
 class _Socket(AssociationSocket):
     def recv(self, nr_bytes: int) -> bytearray:
-        """Read exactly `nr_bytes` (fewer only if the peer closed), as few system calls as the kernel allows."""
+        """Read exactly `nr_bytes` (fewer only if the peer closed), as few system calls as the kernel allows.
+
+        The length comes from the peer, so only up to `_PREALLOCATE` bytes are reserved before they arrive: a PDU
+        header claiming 4 GiB must not cost 4 GiB of memory.
+        """
+        if nr_bytes > _PREALLOCATE:
+            buffer = bytearray()
+            while len(buffer) < nr_bytes:
+                chunk = self.socket.recv(min(nr_bytes - len(buffer), _PREALLOCATE))
+                if not chunk:
+                    break
+                buffer += chunk
+            return buffer
         buffer = bytearray(nr_bytes)
         nr_read = 0
         with memoryview(buffer) as view:
