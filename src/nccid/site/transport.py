@@ -266,17 +266,11 @@ class _Association(Association):
                 self._arrived.set()  # another message may already be queued
             if self.is_established and self.acse.is_release_requested():
                 self.acse.send_release(is_response=True)
-                self.is_released = True
-                self.is_established = False
-                evt.trigger(self, evt.EVT_RELEASED, {})
-                self.kill()
+                self._end("is_released", evt.EVT_RELEASED)
                 return
             if self.acse.is_aborted():
-                self.dul.receive_pdu(wait=False)
-                self.is_aborted = True
-                self.is_established = False
-                evt.trigger(self, evt.EVT_ABORTED, {})
-                self.kill()
+                self.dul.receive_pdu(wait=False)  # so EVT_ACSE_RECV fires, as in pynetdicom
+                self._end("is_aborted", evt.EVT_ABORTED)
                 return
             if not self.dul.is_alive():
                 self.kill()
@@ -285,6 +279,13 @@ class _Association(Association):
                 self.abort()
                 self.kill()
                 return
+
+    def _end(self, outcome: str, event: Any) -> None:
+        """Released or aborted by the peer: mark it, tell the handlers, stop both threads."""
+        setattr(self, outcome, True)
+        self.is_established = False
+        evt.trigger(self, event, {})
+        self.kill()
 
 
 class _RequestHandler(RequestHandler):
