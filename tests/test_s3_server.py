@@ -49,6 +49,18 @@ def _serve(home, env):
     pytest.fail("nccid s3 serve did not become ready: " + "".join(lines))
 
 
+def _client(endpoint: str, access_key: str, secret: str):
+    """An S3 client as a user would configure one from the printed credentials; no retries, so a refusal shows."""
+    return boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        region_name="us-east-1",
+        aws_access_key_id=access_key,
+        aws_secret_access_key=secret,
+        config=Config(retries={"max_attempts": 1}),
+    )
+
+
 def _cli(*args, env):
     return subprocess.run(
         [sys.executable, "-m", "nccid.cli", *args], env=env, capture_output=True, text=True, check=True
@@ -74,13 +86,7 @@ def test_serve_grant_expire_stop_and_restart(tmp_path):
             if c.status == psutil.CONN_LISTEN
         }
         assert listening == {"127.0.0.1"}, listening
-        s3 = boto3.client(
-            "s3",
-            endpoint_url=admin["AWS_ENDPOINT_URL"],
-            aws_access_key_id=admin["AWS_ACCESS_KEY_ID"],
-            aws_secret_access_key=admin["AWS_SECRET_ACCESS_KEY"],
-            region_name="us-east-1",
-        )
+        s3 = _client(admin["AWS_ENDPOINT_URL"], admin["AWS_ACCESS_KEY_ID"], admin["AWS_SECRET_ACCESS_KEY"])
         s3.put_object(Bucket="nccid-data-warehouse-prod", Key="training/data/Covid1/data_2020-04-01.json", Body=b"{}")
 
         soon = (dt.datetime.now(dt.UTC) + dt.timedelta(seconds=4)).strftime("%Y-%m-%dT%H:%M:%S")
@@ -88,14 +94,7 @@ def test_serve_grant_expire_stop_and_restart(tmp_path):
             "access", "grant", "Short Visit Lab", "--group", "training-all", "--expires", soon, "--home", home, env=env
         )
         creds = dict(line.split("=", 1) for line in out.splitlines() if line.startswith("AWS_"))
-        visitor = boto3.client(
-            "s3",
-            endpoint_url=admin["AWS_ENDPOINT_URL"],
-            region_name="us-east-1",
-            aws_access_key_id=creds["AWS_ACCESS_KEY_ID"],
-            aws_secret_access_key=creds["AWS_SECRET_ACCESS_KEY"],
-            config=Config(retries={"max_attempts": 1}),
-        )
+        visitor = _client(admin["AWS_ENDPOINT_URL"], creds["AWS_ACCESS_KEY_ID"], creds["AWS_SECRET_ACCESS_KEY"])
         key = "training/data/Covid1/data_2020-04-01.json"
         assert visitor.get_object(Bucket="nccid-data-warehouse-prod", Key=key)["Body"].read() == b"{}"
         deadline = time.monotonic() + 30
@@ -110,14 +109,7 @@ def test_serve_grant_expire_stop_and_restart(tmp_path):
         listing = _cli("access", "list", "--home", home, env=env)
         assert "Short Visit Lab" in listing and "expired" in listing
         assert creds["AWS_SECRET_ACCESS_KEY"] not in listing
-        shell_key = boto3.client(
-            "s3",
-            endpoint_url=admin["AWS_ENDPOINT_URL"],
-            region_name="us-east-1",
-            aws_access_key_id="AKIAFROMSHELL",
-            aws_secret_access_key="shell-secret",
-            config=Config(retries={"max_attempts": 1}),
-        )
+        shell_key = _client(admin["AWS_ENDPOINT_URL"], "AKIAFROMSHELL", "shell-secret")
         with pytest.raises(ClientError):
             shell_key.list_objects_v2(Bucket="nccid-data-warehouse-prod")
     finally:
@@ -132,13 +124,7 @@ def test_serve_grant_expire_stop_and_restart(tmp_path):
             for line in _cli("s3", "env", "--home", home, env=env).splitlines()
         )
         assert admin2["AWS_ACCESS_KEY_ID"] == admin["AWS_ACCESS_KEY_ID"]
-        s3 = boto3.client(
-            "s3",
-            endpoint_url=admin2["AWS_ENDPOINT_URL"],
-            aws_access_key_id=admin2["AWS_ACCESS_KEY_ID"],
-            aws_secret_access_key=admin2["AWS_SECRET_ACCESS_KEY"],
-            region_name="us-east-1",
-        )
+        s3 = _client(admin2["AWS_ENDPOINT_URL"], admin2["AWS_ACCESS_KEY_ID"], admin2["AWS_SECRET_ACCESS_KEY"])
         assert s3.get_object(Bucket="nccid-data-warehouse-prod", Key=key)["Body"].read() == b"{}"
     finally:
         _cli("s3", "stop", "--home", home, env=env)
