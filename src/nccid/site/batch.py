@@ -22,6 +22,7 @@ from nccid.site.gate import Finding, KnownIdentifiers, scan
 from nccid.site.identifiers import IdentifierError, validate_patient_number
 from nccid.site.outbox import write_image
 from nccid.site.vault import PseudonymKey
+from nccid.warehouse.dicom_header import ImageRejected
 
 Pseudonymise = Callable[[list[str]], list[str]]  # ciphertexts -> pseudonyms (the vault, or its service)
 
@@ -77,6 +78,42 @@ def known_from_header(ds: Dataset) -> KnownIdentifiers:
     )
 
 
+@dataclass(frozen=True)
+class Deidentified:
+    """One object matched, pseudonymised, de-identified and scanned by the gate (not yet written)."""
+
+    clean: Dataset
+    pseudonym: str
+    person: str  # the NHS/CHI ciphertext
+    findings: list[Finding]
+
+
+def deidentify_checked(
+    ds: Dataset, *, key: PseudonymKey, keys: DeidKeys, pseudonym_of: Callable[[str], str]
+) -> Deidentified:
+    """The one path from an identifiable object to a gated, de-identified one, for `site deid` and the node.
+
+    Raises IdentifierError (no valid NHS/CHI number), DeidHeld (held by policy), or ImageRejected when a value
+    cannot be decoded; the reasons never quote a value. `pseudonym_of` maps a ciphertext to its pseudonym.
+    """
+    try:
+        person = key.encrypt(patient_number(ds))
+    except IdentifierError:
+        raise
+    except Exception as exc:  # a corrupt value in the identifying elements
+        raise ImageRejected(f"unreadable patient identifiers ({type(exc).__name__})") from exc
+    pseudonym = pseudonym_of(person)
+    try:
+        known = known_from_header(ds)
+        clean = deidentify(ds, pseudonym=pseudonym, person=person, keys=keys)
+        findings = scan(clean, known, f"images/{pseudonym}/{clean.SOPInstanceUID}.dcm")
+    except DeidHeld:
+        raise
+    except Exception as exc:  # a value pydicom cannot convert: a malformed data set
+        raise ImageRejected(f"cannot de-identify the data set ({type(exc).__name__})") from exc
+    return Deidentified(clean, pseudonym, person, findings)
+
+
 def deidentify_folder(
     src: Path,
     out: Path,
@@ -89,6 +126,12 @@ def deidentify_folder(
     tick = progress or (lambda n, b: None)
     keys = DeidKeys.derive(key.key)
     pseudonyms: dict[str, str] = {}  # one vault round trip per person, not per file
+
+    def pseudonym_of(person: str) -> str:
+        if person not in pseudonyms:
+            (pseudonyms[person],) = pseudonymise([person])
+        return pseudonyms[person]
+
     for path in sorted(p for p in Path(src).rglob("*") if p.is_file()):
         tick(1, path.stat().st_size)
         name = str(path.relative_to(src))
@@ -96,27 +139,21 @@ def deidentify_folder(
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 ds = pydicom.dcmread(path)
-            ciphertext = key.encrypt(patient_number(ds))
         except (InvalidDicomError, OSError) as exc:
             result.held.append((name, f"not a readable DICOM file: {exc}"))
             continue
+        try:
+            done = deidentify_checked(ds, key=key, keys=keys, pseudonym_of=pseudonym_of)
         except IdentifierError as exc:
             result.held.append((name, str(exc)))
             continue
-        known = known_from_header(ds)
-        if ciphertext not in pseudonyms:
-            (pseudonyms[ciphertext],) = pseudonymise([ciphertext])
-        pseudonym = pseudonyms[ciphertext]
-        try:
-            clean = deidentify(ds, pseudonym=pseudonym, person=ciphertext, keys=keys)
-        except DeidHeld as exc:
+        except (DeidHeld, ImageRejected) as exc:
             result.held.append((name, exc.reason))
             continue
-        target = out / "images" / pseudonym / f"{clean.SOPInstanceUID}.dcm"
-        findings = scan(clean, known, str(target.relative_to(out)))
-        if findings:
-            result.findings.extend(findings)
+        if done.findings:
+            result.findings.extend(done.findings)
             continue
-        write_image(clean, target)
+        target = out / "images" / done.pseudonym / f"{done.clean.SOPInstanceUID}.dcm"
+        write_image(done.clean, target)
         result.written.append(target)
     return result

@@ -38,9 +38,8 @@ from pydicom.dataset import Dataset
 from pydicom.uid import UID
 
 from nccid.log import event
-from nccid.site.batch import known_from_header, patient_number
-from nccid.site.deid import ALLOWED_SOP_CLASSES, DeidHeld, DeidKeys, deidentify
-from nccid.site.gate import scan
+from nccid.site.batch import deidentify_checked
+from nccid.site.deid import ALLOWED_SOP_CLASSES, DeidHeld, DeidKeys
 from nccid.site.identifiers import IdentifierError
 from nccid.site.outbox import clinical_pseudonyms, hold_image, release_held, write_image
 from nccid.site.vault import PseudonymKey
@@ -158,30 +157,24 @@ class Receiver:
         if short:
             return _refused(STATUS_DOES_NOT_MATCH, short)
         try:
-            number = patient_number(ds)
+            done = deidentify_checked(ds, key=self.key, keys=self.keys, pseudonym_of=self.pseudonym)
         except IdentifierError as exc:
             return _refused(STATUS_NO_PATIENT_NUMBER, str(exc))
-        except Exception as exc:  # a corrupt value in the identifying elements
-            return _refused(STATUS_MALFORMED, f"unreadable patient identifiers ({type(exc).__name__})")
-        ciphertext = self.key.encrypt(number)
-        try:
-            known = known_from_header(ds)
-            modality = str(ds.get("Modality", ""))
-            pseudonym = self.pseudonym(ciphertext)
-            clean = deidentify(ds, pseudonym=pseudonym, person=ciphertext, keys=self.keys)
-            findings = scan(clean, known, f"{pseudonym}/{clean.SOPInstanceUID}.dcm")
         except DeidHeld as exc:
             return _refused(STATUS_HELD_BY_POLICY, exc.reason)
-        except Exception as exc:  # a value pydicom cannot convert: a malformed data set
+        except ImageRejected as exc:
+            return _refused(STATUS_MALFORMED, exc.reason)
+        except Exception as exc:  # the vault failed: the sender keeps its copy and may resend
             return _refused(STATUS_MALFORMED, f"cannot de-identify the data set ({type(exc).__name__})")
-        if findings:
-            tags = ", ".join(sorted({f.tag_path for f in findings}))
+        if done.findings:
+            tags = ", ".join(sorted({f.tag_path for f in done.findings}))
             return _refused(STATUS_GATE, f"the gate found identifiers in {tags}")
+        clean, pseudonym, modality = done.clean, done.pseudonym, str(done.clean.get("Modality", ""))
         try:
             if self.has_clinical(pseudonym):
                 write_image(clean, self.outbox / "images" / pseudonym / f"{clean.SOPInstanceUID}.dcm")
                 return Received(STATUS_SUCCESS, "filed", "", pseudonym, modality)
-            hold_image(clean, self.outbox, pseudonym, ciphertext)
+            hold_image(clean, self.outbox, pseudonym, done.person)
             if self.has_clinical(pseudonym):  # the sheet arrived while we wrote: release now, not at the next sweep
                 release_held(self.outbox)
             return Received(STATUS_SUCCESS, "held", "no clinical sheet for this patient yet", pseudonym, modality)
