@@ -2,8 +2,8 @@
 
 import pytest
 
+from nccid.contracts.layout import LayoutError, metadata_key, parse_processed_key, parse_raw_key
 from nccid.warehouse.config import ConfigError, WarehouseConfig, group_for, hash_split_is_training
-from nccid.warehouse.layout import LayoutError, metadata_key, parse_processed_key, parse_raw_key
 
 CONFIG = WarehouseConfig(
     raw_prefixes=("raw-a/",),

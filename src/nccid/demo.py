@@ -189,7 +189,7 @@ def _issue(vault_path: Path, ciphertexts: list[str]) -> list[str]:
 def run_demo(
     directory: Path, *, patients: int = 300, scale: float = 0.5, seed: int = 0, store_url: str | None = None
 ) -> None:
-    from nccid.cli import show_load_report, show_summary
+    from nccid.render import show_load_report, show_summary
 
     directory = directory.resolve()
     _fresh(directory)

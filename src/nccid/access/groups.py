@@ -8,6 +8,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from nccid.errors import GroupError
+
 _UPLOADER = re.compile(r"[a-z0-9][a-z0-9_.-]{0,62}")
 
 
@@ -45,10 +47,6 @@ GROUPS: dict[str, Rule] = {
     "validation-all": Rule(read=("validation/",), description="read the held-out validation set (validators)"),
     "auditor": Rule(read=("reports/", "stats/", "audit/"), description="read load reports, statistics, audit"),
 }
-
-
-class GroupError(ValueError):
-    """Unknown group, or an uploader group without a valid uploader name."""
 
 
 def prefixes(group: str, uploader: str | None = None) -> Rule:

@@ -19,16 +19,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from nccid.store import ObjectInfo, ObjectStore, StoreError, check_key
-from nccid.store.local import md5_file
+from nccid.errors import SyncError
+from nccid.files import md5_file
+from nccid.store import ObjectInfo, ObjectStore, check_key
 
 MANIFEST_NAME = ".nccid-sync-manifest.jsonl"
 PART_SUFFIX = ".nccid-part"
 Progress = Callable[[int, int], None]  # (files, bytes)
-
-
-class SyncError(StoreError):
-    """A file could not be fetched intact; the message names the key."""
 
 
 @dataclass

@@ -17,12 +17,12 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
+from nccid.contracts.dicom import ImageRejected
 from nccid.site.deid import DeidHeld, DeidKeys, deidentify
 from nccid.site.gate import Finding, KnownIdentifiers, scan
 from nccid.site.identifiers import IdentifierError, validate_patient_number
 from nccid.site.outbox import write_image
 from nccid.site.vault import PseudonymKey
-from nccid.warehouse.dicom_header import ImageRejected
 
 Pseudonymise = Callable[[list[str]], list[str]]  # ciphertexts -> pseudonyms (the vault, or its service)
 

@@ -30,11 +30,11 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
+from nccid.contracts.layout import is_pseudonym
 from nccid.site.gate import Finding, KnownIdentifiers, _elements, scan
 from nccid.site.identifiers import IdentifierError, check_digit, validate_patient_number
 from nccid.site.templates import read_rows
 from nccid.store import ObjectStore
-from nccid.warehouse.layout import is_pseudonym
 
 _NHS_SHAPE = re.compile(rb"(?<![\d.])(\d{3})[ -]?(\d{3})[ -]?(\d{4})(?![\d.])")
 _DIGIT_RUNS = re.compile(rb"\d{6,}")

@@ -16,6 +16,16 @@ by the `dicom-anonymizer` package (edition below). On top of the basic profile:
 
 Objects likely to carry burned-in identifiers (BurnedInAnnotation YES, secondary capture, any SOP class other
 than the CR/DX/CT/MR images the warehouse files) are held with a reason, never de-identified and sent.
+
+The output does not depend on the route (a folder export or the site DICOM node): the file meta is the project's
+own (`project_file_meta`: its implementation class UID and version name, no source AE title or other meta
+elements of the sending system), and the transfer syntax follows one rule (`output_transfer_syntax`: native and
+deflated encodings are written as Explicit VR Little Endian, which every reader handles; compressed pixel
+encodings such as JPEG, JPEG 2000 and RLE stay as they are). The same image sent both ways gives the same bytes.
+
+Ages over 89 (`AgePolicy`): a site setting. `keep` (the original programme's policy, the default) leaves
+PatientAge and the reduced birth year as they are; `cap` writes PatientAge 090Y and moves the birth year so
+that the person is 90 at the study date.
 """
 
 from __future__ import annotations
@@ -26,10 +36,13 @@ import hmac
 import importlib
 from dataclasses import dataclass
 
-from pydicom.dataset import Dataset
+import numpy as np
+from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
 from pydicom.tag import Tag
-from pydicom.uid import UID
+from pydicom.uid import UID, ExplicitVRLittleEndian
+
+from nccid.errors import DeidHeld
 
 PROFILE_EDITION = "dicomfields_2026c"  # dicom-anonymizer's machine-readable Table E.1-1
 _CATEGORY_ACTION = {
@@ -80,12 +93,14 @@ ALLOWED_SOP_CLASSES = {
 }
 
 
-class DeidHeld(ValueError):
-    """The object is held back at the site, not uploaded; `reason` says why."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
+#: the project's own DICOM implementation class UID (a 2.25 UUID-derived UID) and version name, written in the
+#: file meta of every de-identified image. The version name names the output format, not the software release:
+#: it changes only when de-identified bytes change, so a re-send after an upgrade is still a duplicate.
+IMPLEMENTATION_CLASS_UID = "2.25.39129277982002273127591903119906553236"
+IMPLEMENTATION_VERSION_NAME = "NCCID_DEID_1"
+#: ages above this are capped by the `cap` policy (HIPAA Safe Harbor and the NCCID's own option)
+AGE_CAP = 90
+AGE_POLICIES = ("keep", "cap")
 
 
 def _load_table() -> tuple[dict[int, str], list[tuple[int, int, int, int, str]]]:
@@ -216,12 +231,89 @@ def check_sendable(ds: Dataset) -> None:
         raise DeidHeld(f"unsupported SOP class {UID(sop_class).name or sop_class}: only CR, DX, CT and MR images")
 
 
-def deidentify(ds: Dataset, *, pseudonym: str, person: str, keys: DeidKeys) -> Dataset:
-    """De-identify `ds` in place and return it. `person` (the NHS/CHI ciphertext) fixes the date offset."""
+def output_transfer_syntax(source: str | None) -> UID:
+    """The one rule for the transfer syntax of de-identified output, whatever the route: a compressed pixel
+    encoding (JPEG, JPEG-LS, JPEG 2000, RLE, ...) is kept as it is; everything else (implicit or explicit,
+    little or big endian, deflated) becomes Explicit VR Little Endian."""
+    syntax = UID(str(source or ExplicitVRLittleEndian))
+    if syntax.is_transfer_syntax and syntax.is_compressed and not syntax.is_deflated:
+        return syntax
+    return ExplicitVRLittleEndian
+
+
+def project_file_meta(ds: Dataset) -> FileMetaDataset:
+    """The file meta of a de-identified image: only what PS3.10 requires, with the project's implementation
+    class UID and version name (nothing from the sending system: no source AE title, no private meta)."""
+    source = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
+    meta = FileMetaDataset()
+    meta.FileMetaInformationVersion = b"\x00\x01"
+    meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    meta.TransferSyntaxUID = output_transfer_syntax(source)
+    meta.ImplementationClassUID = IMPLEMENTATION_CLASS_UID
+    meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
+    return meta
+
+
+def _little_endian_pixels(ds: Dataset) -> None:
+    """Native pixel data read from a big-endian file holds big-endian words: swap them for little endian
+    (pydicom re-encodes every other element itself, but copies Pixel Data bytes as they are)."""
+    if ds.original_encoding[1] is not False or "PixelData" not in ds:
+        return
+    if ds.file_meta.get("TransferSyntaxUID") not in (None, "1.2.840.10008.1.2.2"):
+        return  # encapsulated data is byte-ordered by its codec, not by the transfer syntax
+    bits = int(ds.get("BitsAllocated", 8))
+    if bits in (16, 32, 64):
+        words = np.frombuffer(ds.PixelData, dtype=f">u{bits // 8}")
+        ds.PixelData = words.astype(f"<u{bits // 8}").tobytes()
+        ds["PixelData"].VR = "OW"
+
+
+def _age_years(ds: Dataset) -> int | None:
+    """The age at the study in whole years, from PatientAge (nnnY) or else from the birth and study dates."""
+    text = str(ds.get("PatientAge", "") or "").strip().upper()
+    if len(text) == 4 and text[:3].isdigit():
+        return int(text[:3]) if text[3] == "Y" else 0
+    birth, study = str(ds.get("PatientBirthDate", "") or ""), str(ds.get("StudyDate", "") or "")
+    if len(birth) >= 4 and len(study) >= 4 and birth[:4].isdigit() and study[:4].isdigit():
+        return int(study[:4]) - int(birth[:4])
+    return None
+
+
+def cap_age(ds: Dataset) -> bool:
+    """The `cap` policy: an age over 89 becomes 90 (PatientAge 090Y) and the birth year moves to match (the
+    study year minus 90). Returns True if anything changed."""
+    age = _age_years(ds)
+    if age is None or age < AGE_CAP:
+        return False
+    changed = False
+    if "PatientAge" in ds and str(ds.PatientAge) != f"{AGE_CAP:03d}Y":
+        ds.PatientAge = f"{AGE_CAP:03d}Y"
+        changed = True
+    study = str(ds.get("StudyDate", "") or "")
+    birth = str(ds.get("PatientBirthDate", "") or "")
+    if birth and len(study) >= 4 and study[:4].isdigit():
+        moved = f"{int(study[:4]) - AGE_CAP}0101"
+        changed = changed or birth != moved
+        ds.PatientBirthDate = moved
+    return changed
+
+
+def deidentify(
+    ds: Dataset, *, pseudonym: str, person: str, keys: DeidKeys, age_policy: str = "keep"
+) -> Dataset:
+    """De-identify `ds` in place and return it. `person` (the NHS/CHI ciphertext) fixes the date offset;
+    `age_policy` is the site's setting for ages over 89 (`keep` or `cap`). Raises DeidHeld for objects that
+    may carry burned-in identifiers. The file meta becomes the project's own (see `project_file_meta`)."""
     check_sendable(ds)
     _apply(ds, pseudonym, keys, keys.day_offset(person))  # private tags go in the same pass, at every depth
-    if hasattr(ds, "file_meta"):
-        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    if age_policy == "cap":
+        cap_age(ds)
+    if not hasattr(ds, "file_meta"):
+        ds.file_meta = FileMetaDataset()
+    _little_endian_pixels(ds)
+    ds.file_meta = project_file_meta(ds)
+    ds.preamble = b"\0" * 128  # a PACS may put its own bytes (a TIFF header, say) in the preamble
     ds.PatientIdentityRemoved = "YES"
     ds.LongitudinalTemporalInformationModified = "MODIFIED"
     ds.DeidentificationMethod = METHOD

@@ -11,11 +11,9 @@ import datetime as dt
 import re
 from typing import Literal
 
+from nccid.errors import IdentifierError
+
 _SEPARATORS = re.compile(r"[\s\-]")
-
-
-class IdentifierError(ValueError):
-    """The number is not a valid NHS / CHI number; the message says why."""
 
 
 def normalise(text: str) -> str:

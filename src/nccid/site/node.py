@@ -37,13 +37,13 @@ from pydicom import uid
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
 
+from nccid.contracts.dicom import ImageRejected, read_image
 from nccid.log import event
 from nccid.site.batch import deidentify_checked
 from nccid.site.deid import ALLOWED_SOP_CLASSES, DeidHeld, DeidKeys
 from nccid.site.identifiers import IdentifierError
 from nccid.site.outbox import clinical_pseudonyms, hold_image, release_held, write_image
 from nccid.site.vault import PseudonymKey
-from nccid.warehouse.dicom_header import ImageRejected, read_image
 
 STATUS_SUCCESS = 0x0000
 STATUS_MALFORMED = 0xC210

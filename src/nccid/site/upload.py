@@ -11,23 +11,20 @@ The de-identification gate runs over the whole outbox first: one finding and not
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from nccid.contracts.layout import raw_prefix
+from nccid.errors import UploadError
+from nccid.files import md5_file
 from nccid.log import event
 from nccid.site.check import Gate, check_files, outbox_files
-from nccid.store import ObjectStore, StoreError
-from nccid.warehouse.layout import raw_prefix
+from nccid.store import ObjectStore
 
 JOURNAL = ".upload-journal.jsonl"
 AREAS = ("data", "images")
-
-
-class UploadError(StoreError):
-    """An object did not arrive intact; the message names the file."""
 
 
 @dataclass
@@ -37,14 +34,6 @@ class UploadResult:
     skipped: int = 0  # verified by an earlier, interrupted run
     bytes: int = 0
     checked: int = 0  # files the gate passed before anything was sent
-
-
-def _md5(path: Path) -> str:
-    digest = hashlib.md5(usedforsecurity=False)
-    with open(path, "rb") as handle:
-        while chunk := handle.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _journal(outbox: Path) -> tuple[dict, dict[str, dict]]:
@@ -93,7 +82,7 @@ def upload(
     with open(outbox / JOURNAL, "a") as log:
         for path in files:
             rel = path.relative_to(outbox).as_posix()
-            size, checksum = path.stat().st_size, _md5(path)
+            size, checksum = path.stat().st_size, md5_file(path)
             previous = done.get(rel)
             if previous and previous["size"] == size and previous["md5"] == checksum:
                 result.skipped += 1

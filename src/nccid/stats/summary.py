@@ -18,9 +18,9 @@ import io
 import json
 from dataclasses import dataclass, field
 
+from nccid.contracts.layout import GROUPS, MODALITY_FOLDERS
 from nccid.store import ObjectStore
 from nccid.warehouse.catalog import Catalog
-from nccid.warehouse.layout import GROUPS, MODALITY_FOLDERS
 
 STATS_PREFIX = "stats/"
 LATEST_KEY = "stats/latest.json"

@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
+from nccid.files import md5_file
 from nccid.store.base import (
     ObjectExists,
     ObjectInfo,
@@ -32,14 +33,6 @@ from nccid.store.base import (
 TMP_DIR = ".nccid-tmp"
 _XATTR = "user.nccid.md5"
 _CHUNK = 1 << 20
-
-
-def md5_file(path: str | os.PathLike[str]) -> str:
-    digest = hashlib.md5(usedforsecurity=False)
-    with open(path, "rb") as handle:
-        while chunk := handle.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _stamp(st: os.stat_result) -> str:

@@ -32,14 +32,12 @@ from pathlib import Path
 
 import msgpack
 
+from nccid.errors import ServerError
+from nccid.files import write_private
 from nccid.log import event
 
 ADMIN_NAME = "nccid-admin"
 STATE_FILE = "server.json"
-
-
-class ServerError(RuntimeError):
-    """The local S3 server could not be started, reached or stopped; the message says why."""
 
 
 def weed_binary() -> str:
@@ -57,15 +55,6 @@ def free_port(bind: str = "127.0.0.1") -> int:
     with socket.socket() as sock:
         sock.bind((bind, 0))
         return sock.getsockname()[1]
-
-
-def write_private(path: Path, text: str) -> None:
-    """Owner-only from the first byte: secrets are never world-readable, not even for a moment."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as handle:
-        handle.write(text)
-    os.chmod(path, 0o600)
 
 
 @dataclass

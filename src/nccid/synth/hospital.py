@@ -17,7 +17,8 @@ from pydicom.dataset import Dataset
 from nccid.site.gate import KnownIdentifiers
 from nccid.site.identifiers import check_digit
 from nccid.synth import dicom as synth_dicom
-from nccid.synth.dicom import Subject, synthetic_uid
+from nccid.synth.dicom import DEFAULT_SIGNAL, Subject, synthetic_uid
+from nccid.synth.national import HOSPITALS, Hospital
 
 FAMILY = ["SMITH", "JONES", "TAYLOR", "BROWN", "WILLIAMS", "WILSON", "JOHNSON", "DAVIES", "ROBINSON", "WRIGHT"]
 GIVEN = ["OLIVIA", "AMELIA", "ISLA", "GEORGE", "OLIVER", "HARRY", "JACK", "NOAH", "AVA", "MOHAMMED"]
@@ -77,8 +78,13 @@ def pacs_image(
     seed: str = "0",
     accession: str = "ACC0001",
     scale: float | None = None,
+    hospital: Hospital = HOSPITALS[0],
+    signal: float = 0.0,
 ) -> Dataset:
-    """One image as a PACS would send it: identifiers at the top, nested, in text and in private tags."""
+    """One image as a PACS would send it: identifiers at the top, nested, in text and in private tags.
+
+    The institution and station names are `hospital`'s; a radiograph carries planted opacities of strength
+    `signal` (0: none; see `nccid.synth.dicom.plant_opacities`)."""
     age = (dt.date(2020, 4, 1) - person.birth_date).days // 365
     study = synthetic_uid("pacs-study", person.nhs, seed)
     subject = Subject(person.nhs, f"{person.family}^{person.given}", person.sex, age, study, "20200401", accession)
@@ -97,20 +103,21 @@ def pacs_image(
             scale=scale or 0.02,
             series_uid=series,
             sop_uid=synthetic_uid("pacs-sop", person.nhs, seed),
+            signal=signal,
         )
     del ds.PatientIdentityRemoved
     ds.PatientBirthDate = person.birth_date.strftime("%Y%m%d")
     ds.PatientAddress = f"{person.address} {person.postcode}"
     ds.ReferringPhysicianName = "HOUSE^GREGORY"
-    ds.InstitutionName = "Northfield General Hospital"
-    ds.StationName = "NFG-CT-01"
+    ds.InstitutionName = hospital.name
+    ds.StationName = f"{station_prefix(hospital)}-{modality}-01"
     ds.DeviceSerialNumber = "SN-000123"
     ds.SeriesDate, ds.ContentDate = "20200402", "20200403"
     ds.ImageComments = f"Portable film, patient {person.family} {person.given}, hosp no {person.hospital_number}"
     ds.PatientSize, ds.PatientWeight = 1.72, 81.0
     other = Dataset()
     other.PatientID = person.hospital_number
-    other.IssuerOfPatientID = "NFG"
+    other.IssuerOfPatientID = station_prefix(hospital)
     ds.OtherPatientIDsSequence = [other]
     request = Dataset()
     request.RequestedProcedureID = accession
@@ -121,10 +128,24 @@ def pacs_image(
     referenced.ReferencedSOPClassUID = ds.SOPClassUID
     referenced.ReferencedSOPInstanceUID = synthetic_uid("pacs-sop-ref", person.nhs, seed)
     ds.ReferencedImageSequence = [referenced]
-    block = ds.private_block(0x0099, "NFG PACS", create=True)
+    block = ds.private_block(0x0099, f"{station_prefix(hospital)} PACS", create=True)
     block.add_new(0x01, "LO", person.nhs)
     block.add_new(0x02, "LO", f"{person.family}^{person.given}")
     return ds
+
+
+def station_prefix(hospital: Hospital) -> str:
+    """A short code for a hospital's stations and PACS ('Northfield General Hospital' -> 'NGH')."""
+    return "".join(word[0] for word in hospital.name.split() if word[:1].isalpha()).upper()[:4]
+
+
+def hospital_for_folder(folder: str) -> Hospital:
+    """The synthetic hospital whose uploader name is `folder`'s last component (the demo's layout,
+    `hospitals/<uploader>`), else the first hospital."""
+    import os
+
+    name = os.path.basename(os.path.normpath(folder))
+    return next((h for h in HOSPITALS if h.uploader == name), HOSPITALS[0])
 
 
 @dataclass(frozen=True)
@@ -140,10 +161,17 @@ class FilledSheet:
 
 
 def filled_template(
-    people: list[HospitalPatient], path: str, *, kind: str = "positive", seed: int = 0, defects: bool = True
+    people: list[HospitalPatient],
+    path: str,
+    *,
+    kind: str = "positive",
+    seed: int = 0,
+    defects: bool = True,
+    hospital: Hospital = HOSPITALS[0],
 ) -> FilledSheet:
-    """A site's filled sheet (XLSX or CSV by extension), with real-world defects when asked: an invalid NHS
-    number, a duplicated person, a date in the other order, and header typos."""
+    """A site's filled sheet (XLSX or CSV by extension) whose Hospital column is `hospital`'s name, with
+    real-world defects when asked: an invalid NHS number, a duplicated person, a date in the other order, and
+    header typos."""
     from nccid.site.templates import TEMPLATES
     from nccid.synth.clinical import negative_record, positive_record
 
@@ -162,7 +190,7 @@ def filled_template(
             rng,
             pseudonym="",
             centre="",
-            hospital="Northfield General Hospital",
+            hospital=hospital.name,
             age=age,
             sex=1 if person.sex == "M" else 0,
             swab_date=swab,
@@ -263,12 +291,20 @@ def hospital_site(
     defects: bool = False,
     late_sheet: bool = False,
     scale: float = 0.5,
+    hospital: Hospital | None = None,
+    signal: float = DEFAULT_SIGNAL,
 ) -> HospitalSite:
     """Make a hospital's identifiable data in `folder`: every patient has a radiograph (CR or DX); one in three
     also a CT slice and one in five an MR slice. With `defects` the sheet carries the real-world defects and one
-    radiograph has burned-in annotation; with `late_sheet` the last third of patients come in a second sheet."""
+    radiograph has burned-in annotation; with `late_sheet` the last third of patients come in a second sheet.
+
+    The sheets' Hospital column and the images' institution and station names are `hospital`'s (by default the
+    hospital whose uploader name is the folder's name, see `hospital_for_folder`). On a positive template every
+    patient is COVID-19 positive, and their radiographs carry the planted sign of disease at strength `signal`.
+    """
     import os
 
+    hospital = hospital or hospital_for_folder(folder)
     rng = random.Random(seed)
     people = [hospital_patient(rng) for _ in range(patients)]
     pacs = os.path.join(folder, "pacs")
@@ -282,7 +318,16 @@ def hospital_site(
         for j, (modality, image_scale) in enumerate(plan):
             accession = f"A{seed:03d}{i:04d}{j}"
             accessions.setdefault(person.nhs, []).append(accession)
-            ds = pacs_image(person, rng, modality=modality, seed=f"{seed}-{j}", accession=accession, scale=image_scale)
+            ds = pacs_image(
+                person,
+                rng,
+                modality=modality,
+                seed=f"{seed}-{j}",
+                accession=accession,
+                scale=image_scale,
+                hospital=hospital,
+                signal=signal if template == "positive" else 0.0,
+            )
             if defects and i == 0 and j == 0:
                 ds.BurnedInAnnotation = "YES"  # a scanned request form: held at the site, never sent
             path = os.path.join(pacs, f"{i:04d}-{j}-{modality}.dcm")
@@ -294,7 +339,7 @@ def hospital_site(
     for n, group in enumerate([people[:split], people[split:]]):
         if group:
             path = os.path.join(folder, f"{template}-sheet-{n + 1}.xlsx")
-            filled_template(group, path, kind=template, seed=seed + n, defects=defects and n == 0)
+            filled_template(group, path, kind=template, seed=seed + n, defects=defects and n == 0, hospital=hospital)
             sheets.append((path, template))
     identifiers = write_identifiers(people, os.path.join(folder, "pas-extract.csv"), accessions)
     return HospitalSite(people, pacs, sheets, identifiers, images, size)

@@ -20,7 +20,7 @@ import numpy as np
 from nccid.store import ObjectStore
 from nccid.synth import clinical as synth_clinical
 from nccid.synth import dicom as synth_dicom
-from nccid.synth.dicom import Subject, encode, synthetic_uid
+from nccid.synth.dicom import DEFAULT_SIGNAL, Subject, encode, synthetic_uid
 from nccid.warehouse.config import WarehouseConfig, save_config
 
 
@@ -76,6 +76,8 @@ class SynthSpec:
     awkward: bool = True
     training_percentage: int = 50
     start: dt.date = dt.date(2020, 4, 6)
+    #: strength of the sign of disease planted in positive patients' radiographs (0: none; see plant_opacities)
+    signal: float = DEFAULT_SIGNAL
 
 
 @dataclass
@@ -162,13 +164,18 @@ def make_config(spec: SynthSpec, hospitals: list[Hospital], uploaders: list[Hosp
     )
 
 
+def upload_dates(spec: SynthSpec) -> list[str]:
+    """The weekly upload dates of `spec`: exactly `spec.days` of them (at least one)."""
+    return [(spec.start + dt.timedelta(days=7 * d)).isoformat() for d in range(max(1, spec.days))]
+
+
 def generate(store: ObjectStore, spec: SynthSpec, progress: Callable[[int], None] | None = None) -> SynthResult:
     """Write config.json and the raw uploads of `spec` into `store`."""
     rng = random.Random(spec.seed)
     nprng = np.random.default_rng(spec.seed)
     hospitals = HOSPITALS[: max(1, min(spec.hospitals, len(HOSPITALS)))]
     senders = hospitals + ([UNCONFIGURED] if spec.awkward else [])
-    dates = [(spec.start + dt.timedelta(days=7 * d)).isoformat() for d in range(max(2, spec.days))]
+    dates = upload_dates(spec)
     # the unconfigured site uploads (raw prefix listed) but its centre is missing from 'sites'
     config = make_config(spec, hospitals, senders)
     save_config(store, config)
@@ -259,7 +266,13 @@ def generate(store: ObjectStore, spec: SynthSpec, progress: Callable[[int], None
                 modality = "CR" if rng.random() < 0.6 else "DX"
                 sop = synthetic_uid(spec.seed, person.pseudonym, "sop", study_n)
                 ds = synth_dicom.xray(
-                    subject, nprng, modality=modality, scale=spec.scale, series_uid=series, sop_uid=sop
+                    subject,
+                    nprng,
+                    modality=modality,
+                    scale=spec.scale,
+                    series_uid=series,
+                    sop_uid=sop,
+                    signal=spec.signal if person.positive else 0.0,
                 )
                 datasets = [ds]
             elif roll < 1.0 - spec.mr_share:

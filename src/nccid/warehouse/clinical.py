@@ -5,15 +5,8 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-from nccid.warehouse.layout import LayoutError, RawKey, parse_clinical_name
-
-
-class ClinicalRejected(ValueError):
-    """The record is held; `reason` names the file and field."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
+from nccid.contracts.layout import LayoutError, RawKey, parse_clinical_name
+from nccid.errors import ClinicalRejected
 
 
 @dataclass(frozen=True, slots=True)

@@ -6,13 +6,10 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 
+from nccid.errors import ConfigError
 from nccid.store import ObjectNotFound, ObjectStore
 
 CONFIG_KEY = "config.json"
-
-
-class ConfigError(ValueError):
-    """config.json is missing or malformed; the message names the field."""
 
 
 @dataclass(frozen=True)

@@ -34,13 +34,8 @@ from enum import Enum
 from itertools import islice
 from pathlib import Path
 
-from nccid.log import event
-from nccid.store import LocalStore, ObjectExists, ObjectInfo, ObjectStore
-from nccid.warehouse.catalog import FINAL_OUTCOMES, Catalog, ClinicalRow, Instance, RawRow
-from nccid.warehouse.clinical import ClinicalRecord, ClinicalRejected, check_clinical
-from nccid.warehouse.config import WarehouseConfig, group_for, load_config
-from nccid.warehouse.dicom_header import ImageFacts, ImageRejected, image_facts, metadata_json, read_header
-from nccid.warehouse.layout import (
+from nccid.contracts.dicom import ImageFacts, ImageRejected, image_facts, metadata_json, read_header
+from nccid.contracts.layout import (
     LayoutError,
     clinical_key,
     image_key,
@@ -48,6 +43,11 @@ from nccid.warehouse.layout import (
     metadata_key,
     parse_raw_key,
 )
+from nccid.log import event
+from nccid.store import LocalStore, ObjectExists, ObjectInfo, ObjectStore
+from nccid.warehouse.catalog import FINAL_OUTCOMES, Catalog, ClinicalRow, Instance, RawRow
+from nccid.warehouse.clinical import ClinicalRecord, ClinicalRejected, check_clinical
+from nccid.warehouse.config import WarehouseConfig, group_for, load_config
 
 REPORT_PREFIX = "reports/load/"
 _PSEUDONYM_IN_TEXT = re.compile(r"\bCovid[0-9]+\b")

@@ -18,8 +18,8 @@ from pydicom.errors import InvalidDicomError
 from pydicom.filereader import read_dataset
 from pydicom.uid import UID
 
-from nccid.store.base import StoreError
-from nccid.warehouse.layout import MODALITY_FOLDER, is_pseudonym, is_uid
+from nccid.contracts.layout import MODALITY_FOLDER, is_pseudonym, is_uid
+from nccid.errors import ImageRejected, StoreError
 
 _BINARY_VRS = {"OB", "OD", "OF", "OL", "OV", "OW", "UN"}
 _PIXEL_TAGS = {0x7FE00008, 0x7FE00009, 0x7FE00010}
@@ -34,14 +34,6 @@ STUDY_FIELDS = (
     "Manufacturer",
     "ManufacturerModelName",
 )
-
-
-class ImageRejected(ValueError):
-    """The file cannot be filed; `reason` names the tag or defect."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
 
 
 @dataclass(frozen=True, slots=True)

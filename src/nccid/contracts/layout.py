@@ -10,6 +10,8 @@ import re
 from dataclasses import dataclass
 from typing import Literal
 
+from nccid.errors import LayoutError
+
 GROUPS = ("training", "validation")
 Group = Literal["training", "validation"]
 ClinicalKind = Literal["data", "status"]
@@ -23,10 +25,6 @@ _UID = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*")
 _UPLOADER = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
 _CLINICAL_NAME = re.compile(r"(?P<pseudonym>[^/]+)_(?P<kind>data|status)\.json")
 _PROCESSED_CLINICAL = re.compile(r"(?P<kind>data|status)_(?P<date>\d{4}-\d{2}-\d{2})\.json")
-
-
-class LayoutError(ValueError):
-    """A key or identifier does not fit the layout; the message says why."""
 
 
 def is_pseudonym(value: str) -> bool:

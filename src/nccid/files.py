@@ -1,0 +1,29 @@
+"""Small file helpers every room shares: owner-only writes and the MD5 of a file (an object store's ETag)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+_CHUNK = 1 << 20
+
+
+def write_private(path: Path, text: str) -> None:
+    """Write `text` to `path`, owner-only from the first byte: secrets and identifiable reports are never
+    world-readable, not even for a moment. Creates the parent folder; replaces an existing file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(text)
+    os.chmod(path, 0o600)
+
+
+def md5_file(path: str | os.PathLike[str]) -> str:
+    """The hex MD5 of the file's bytes, read in 1 MiB chunks (what S3 reports as the ETag of a single-part
+    object). Raises OSError if the file cannot be read."""
+    digest = hashlib.md5(usedforsecurity=False)
+    with open(path, "rb") as handle:
+        while chunk := handle.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
