@@ -36,13 +36,13 @@ def site(tmp_path):
     key = PseudonymKey.load(key_file)
     outbox, vault = tmp_path / "outbox", tmp_path / "vault.sqlite"
     with Vault(vault) as v:
-        result = deidentify_folder(pacs, outbox, key=key, pseudonymise=lambda c: v.issue(c, actor="t"))
         pseudonyms = v.issue([key.encrypt(p.nhs) for p in people], actor="t")
+        (outbox / "data").mkdir(parents=True)
+        for pseudonym in pseudonyms:  # the sheet first, so that the images are ready, not held
+            record = {"Pseudonym": pseudonym, "SubmittingCentre": "Northfield Trust", "Age": 71, "Sex": 1}
+            (outbox / "data" / f"{pseudonym}_data.json").write_text(json.dumps(record))
+        result = deidentify_folder(pacs, outbox, key=key, pseudonymise=lambda c: v.issue(c, actor="t"))
     assert result.clean and len(result.written) == 4
-    (outbox / "data").mkdir()
-    for pseudonym in pseudonyms:
-        record = {"Pseudonym": pseudonym, "SubmittingCentre": "Northfield Trust", "Age": 71, "Sex": 1}
-        (outbox / "data" / f"{pseudonym}_data.json").write_text(json.dumps(record))
     pas = write_identifiers(people, str(tmp_path / "pas.csv"), accessions)
     return {
         "people": people,

@@ -74,7 +74,8 @@ def test_load_ls_cat_centres_status_and_stats(store, tmp_path):
     assert json.loads(dry.stdout)["counts"] == {"filed": 2, "held": 1}
     assert not list(store.list("training/"))
     out = nccid("warehouse", "load", "--store", store.url, "--catalog", cat).stdout
-    assert "filed" in out and f"report: {store.url.rstrip('/')}/reports/load/" in out and "not configured" in out
+    assert "images filed: 1," in out and f"report: {store.url.rstrip('/')}/reports/load/" in out
+    assert "not configured" in out
     centres = nccid("warehouse", "centres", "--store", store.url, "--catalog", cat).stdout
     assert "Unlisted Trust" in centres and "NOT CONFIGURED" in centres
     status = nccid("warehouse", "status", "--store", store.url, "--catalog", cat).stdout

@@ -172,16 +172,18 @@ def test_a_folder_is_deidentified_through_the_vault_and_the_gate(tmp_path):
     ]
     proc = run_cli(*args)
     assert proc.returncode == 0, proc.stderr + proc.stdout
-    assert "de-identified 6 files" in proc.stdout and "held 2" in proc.stdout
-    assert "nameless.dcm: no valid NHS/CHI number" in proc.stdout
+    # no clinical record yet: every image waits in held/, as the node would hold it
+    assert "de-identified 6 of 8 input file(s)" in proc.stdout and "0 ready in images/, 6 held in held/" in proc.stdout
+    assert "2 not sent" in proc.stdout and re.search(r"not sent: input #\d+: no valid NHS/CHI number", proc.stdout)
+    assert "nameless" not in proc.stdout and "export0" not in proc.stdout  # inputs are named by number
     assert "gate: no identifiers found" in proc.stdout
-    folders = sorted(p.name for p in (tmp_path / "out" / "images").iterdir())
+    folders = sorted(p.name for p in (tmp_path / "out" / "held").iterdir())
     assert len(folders) == 3 and all(f.startswith("Covid") for f in folders)  # one pseudonym per person
     for who in people:
         for path in (tmp_path / "out").rglob("*.dcm"):
             assert scan(pydicom.dcmread(path), who.known, path.name) == []
     again = run_cli(*args)  # a re-send: same pseudonyms, same files
-    assert sorted(p.name for p in (tmp_path / "out" / "images").iterdir()) == folders
+    assert sorted(p.name for p in (tmp_path / "out" / "held").iterdir()) == folders
     assert len(list((tmp_path / "out").rglob("*.dcm"))) == 6 and again.returncode == 0
 
 

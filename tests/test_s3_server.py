@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -47,6 +48,20 @@ def _serve(home, env):
             return proc, lines
     proc.kill()
     pytest.fail("nccid s3 serve did not become ready: " + "".join(lines))
+
+
+def _read_until(proc, marker: str, timeout: float) -> list[str]:
+    """Lines the server prints until one contains `marker` (or it exits, or the time is up)."""
+    deadline = time.monotonic() + timeout
+    lines = []
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+        if marker in line:
+            return lines
+    pytest.fail(f"no {marker!r} from nccid s3 serve: " + "".join(lines))
 
 
 def _client(endpoint: str, access_key: str, secret: str):
@@ -126,6 +141,15 @@ def test_serve_grant_expire_stop_and_restart(tmp_path):
         assert admin2["AWS_ACCESS_KEY_ID"] == admin["AWS_ACCESS_KEY_ID"]
         s3 = _client(admin2["AWS_ENDPOINT_URL"], admin2["AWS_ACCESS_KEY_ID"], admin2["AWS_SECRET_ACCESS_KEY"])
         assert s3.get_object(Bucket="nccid-data-warehouse-prod", Key=key)["Body"].read() == b"{}"
+
+        # SeaweedFS dies under the supervisor: it says so and brings it back on the same endpoint
+        dead_pid = __import__("json").loads((home / "server.json").read_text())["weed_pid"]
+        os.kill(dead_pid, signal.SIGKILL)
+        lines = _read_until(proc, "S3 ready again", 90)
+        assert any(f"SeaweedFS (pid {dead_pid}) died; restarting" in line for line in lines), lines
+        new_pid = __import__("json").loads((home / "server.json").read_text())["weed_pid"]
+        assert new_pid != dead_pid and psutil.pid_exists(new_pid)
+        assert s3.get_object(Bucket="nccid-data-warehouse-prod", Key=key)["Body"].read() == b"{}"
     finally:
         _cli("s3", "stop", "--home", home, env=env)
         proc.wait(30)
@@ -142,3 +166,12 @@ def test_policy_export_and_clear_errors_from_the_access_commands(tmp_path):
     ):
         proc = subprocess.run([sys.executable, "-m", "nccid.cli", *args], env=env, capture_output=True, text=True)
         assert proc.returncode == 1 and message in proc.stderr, (args, proc.stderr)
+
+
+def test_watchdog_restarts_until_seaweedfs_dies_too_often():
+    from nccid.s3server.serve import Watchdog
+
+    dog = Watchdog(max_restarts=2, window_s=100.0)
+    assert dog.may_restart(0.0) and dog.may_restart(10.0)
+    assert not dog.may_restart(20.0)  # a third death within the window: give up (exit non-zero)
+    assert dog.may_restart(150.0)  # the earlier deaths have left the window

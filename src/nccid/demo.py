@@ -19,7 +19,8 @@ from nccid.console import console, human_bytes, progress_bar
 from nccid.site.batch import deidentify_folder
 from nccid.site.check import Gate, check_files, people_by_pseudonym, read_identifiers, store_files
 from nccid.site.node import NodeConfig, SiteNode
-from nccid.site.outbox import held_patients
+from nccid.site.outbox import Outbox
+from nccid.site.pseudonymiser import Pseudonymiser
 from nccid.site.templates import file_sheet
 from nccid.site.upload import UploadError, upload
 from nccid.site.vault import PseudonymKey, Vault
@@ -110,80 +111,77 @@ def _send_from_pacs(site: HospitalSite, port: int, associations: int = 2) -> Non
         raise SystemExit(f"the PACS could not send everything to the node: {failures[:5]}")
 
 
-def _file_sheets(site: HospitalSite, demo: DemoSite, outbox: Path, vault: Vault, key: PseudonymKey, sheets) -> None:
+def _file_sheets(demo: DemoSite, outbox: Path, pseudonymiser: Pseudonymiser, sheets) -> None:
     for path, template in sheets:
         filed = file_sheet(
             path,
             outbox,
+            pseudonymiser,
             template=template,
             centre=demo.hospital.centre,
-            pseudonymise=lambda c: vault.issue([key.encrypt(n) for n in c], actor="demo-site"),
+            aliases=[demo.hospital.name],  # the sheets' Hospital column names the hospital, not the trust
         )
         result = filed.result
         line = f"  sheet {Path(path).name}: {len(filed.written)} record(s), {len(result.held_rows)} row(s) held back"
         console.print(line + (f", {filed.released} held image(s) released" if filed.released else ""))
         for error in result.errors[:4]:
             console.print(f"    [yellow]{error}[/]")
+        for conversion in result.conversions[:2]:
+            console.print(f"    converted: {conversion}", highlight=False)
 
 
 def _site_round(
     demo: DemoSite, site: HospitalSite, work: Path, store: ObjectStore, vault: Vault, key: PseudonymKey
 ) -> tuple[int, int]:
     """One hospital: sheets, de-identification (folder or node), the gate, upload. (images sent, uploaded)."""
-    outbox = work / "outbox"
+    outbox = Outbox(work / "outbox")
+    sheets = Pseudonymiser(key, lambda c: vault.issue(c, actor="demo-site"))
     if demo.route == "folder":
-        _file_sheets(site, demo, outbox, vault, key, site.sheets)
+        _file_sheets(demo, outbox.root, sheets, site.sheets)
         with progress_bar("de-identifying") as tick:
-            result = deidentify_folder(
-                Path(site.pacs),
-                outbox,
-                key=key,
-                pseudonymise=lambda c: vault.issue(c, actor="demo-site"),
-                progress=tick,
-            )
-        console.print(f"  de-identified {len(result.written)} image(s); held {len(result.held)} at the site")
-        for name, reason in result.held[:3]:
-            console.print(f"    held {name}: {reason}")
+            result = deidentify_folder(Path(site.pacs), outbox.root, sheets, progress=tick)
+        console.print(
+            f"  de-identified {len(result.written)} image(s) ready, {len(result.waiting)} held for a clinical "
+            f"record; {len(result.held)} not sent (inputs by path in the site's IDENTIFIABLE report)"
+        )
+        for ref, reason in result.held[:3]:
+            console.print(f"    not sent: {ref}: {reason}")
         if not result.clean:
             raise SystemExit(f"the gate stopped the batch: {result.findings[0]}")
     else:
-        _file_sheets(site, demo, outbox, vault, key, site.sheets[:1])
+        _file_sheets(demo, outbox.root, sheets, site.sheets[:1])
         node = SiteNode(
-            NodeConfig(outbox, port=0, workers=1),
+            NodeConfig(outbox.root, port=0, workers=1),
             key=key,
-            pseudonymise=lambda c: _issue(vault.path, c),
+            pseudonymise=Pseudonymiser.with_vault(key, vault.path, "demo-node"),
         )
         node.start()
         try:
             _send_from_pacs(site, node.config.port)
-            held = held_patients(outbox)
+            held = outbox.held_patients()
             console.print(
                 f"  node on 127.0.0.1:{node.config.port} received {sum(node.totals.values())} image(s) over 2 "
                 f"associations: {node.totals['filed']} filed, {sum(h.images for h in held)} held for "
                 f"{len(held)} patient(s) whose sheet has not arrived"
             )
-            _file_sheets(site, demo, outbox, vault, key, site.sheets[1:])
+            _file_sheets(demo, outbox.root, sheets, site.sheets[1:])
         finally:
             node.stop()
     gate = Gate(people_by_pseudonym(read_identifiers(site.identifiers), vault.lookup, key.encrypt))
     try:
-        uploaded = upload(outbox, store, demo.hospital.uploader, gate=gate)  # the gate runs first
+        uploaded = upload(outbox.root, store, demo.hospital.uploader, gate=gate)  # the gate runs first
     except UploadError as exc:
         raise SystemExit(str(exc)) from exc
     console.print(
         f"  gate: {uploaded.checked} file(s) checked against {len(gate.people)} patients' identifiers: "
         "no identifiers found"
     )
+    waiting = sum(h.images for h in uploaded.held or [])
     console.print(
         f"  uploaded {uploaded.uploaded} object(s) ({human_bytes(uploaded.bytes)}) to raw-{demo.hospital.uploader}/"
+        + (f"; {waiting} image(s) stay held at the site for a clinical record" if waiting else "")
     )
     return site.images, uploaded.uploaded
-
-
-def _issue(vault_path: Path, ciphertexts: list[str]) -> list[str]:
-    """The node calls the vault from its association threads: a connection per call."""
-    with Vault(vault_path) as v:
-        return v.issue(ciphertexts, actor="demo-node")
 
 
 def run_demo(

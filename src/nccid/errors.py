@@ -50,6 +50,10 @@ class StoreMissing(StoreError):
     command that makes one (`nccid synth`, `nccid demo`, or `config.json` written by the central team)."""
 
 
+class NotDicom(StoreError):
+    """The object asked for as DICOM is not a DICOM file (a JSON record, say). Read it as bytes instead."""
+
+
 class ServerError(NccidError, RuntimeError):
     """The managed S3 server could not be started, reached or stopped, or died; the message says why. Look at
     the server's log in its home folder, then start it again."""
@@ -131,6 +135,11 @@ class UsageError(NccidError):
     value. Nothing was changed."""
 
     exit_code = 2
+
+
+class NodeError(NccidError, RuntimeError):
+    """The site DICOM node stopped because one of its processes died; its other processes were stopped and
+    the spool emptied (the PACS resends what was not answered). Look at the service log and start it again."""
 
 
 # -- validation of AI models ---------------------------------------------------------------------------

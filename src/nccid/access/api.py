@@ -17,8 +17,10 @@ from dataclasses import dataclass
 
 import pydicom
 from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
 
 from nccid.access.sync import Progress, SyncResult, sync
+from nccid.errors import NotDicom
 from nccid.store import ObjectInfo, ObjectStore, open_store
 
 
@@ -52,15 +54,24 @@ class Warehouse:
         return self.store.read(key)
 
     def dicom_header(self, key: str) -> Dataset:
-        """The DICOM header without pixel data, fetching only the bytes it needs."""
+        """The DICOM header without pixel data, fetching only the bytes it needs.
+
+        Raises ObjectNotFound for a missing key and NotDicom for an object that is not a DICOM file (a
+        clinical or metadata JSON, say)."""
         with warnings.catch_warnings(), self.store.open(key) as reader:
             warnings.simplefilter("ignore")
-            return pydicom.dcmread(reader, stop_before_pixels=True)
+            try:
+                return pydicom.dcmread(reader, stop_before_pixels=True)
+            except InvalidDicomError as exc:
+                raise NotDicom(f"{key} is not a DICOM file (no 'DICM' prefix): use `cat` without --header") from exc
 
     def dicom(self, key: str) -> Dataset:
-        """The whole DICOM object, pixels included."""
+        """The whole DICOM object, pixels included. Raises NotDicom for an object that is not DICOM."""
         with self.store.open(key) as reader:
-            return pydicom.dcmread(reader)
+            try:
+                return pydicom.dcmread(reader)
+            except InvalidDicomError as exc:
+                raise NotDicom(f"{key} is not a DICOM file (no 'DICM' prefix)") from exc
 
     def metadata(self, key: str) -> Dataset:
         """A metadata JSON (DICOM JSON model) read back as a pydicom Dataset."""

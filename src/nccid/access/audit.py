@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nccid.access.grants import Grant
-from nccid.store.seaweedfs import ADMIN_NAME
+from nccid.access.groups import ADMIN_NAME
 
 
 @dataclass(frozen=True)

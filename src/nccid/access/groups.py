@@ -10,6 +10,9 @@ from dataclasses import dataclass
 
 from nccid.errors import GroupError
 
+#: the S3 identity of the central team (the server's administrator): the audit names it "central team"
+ADMIN_NAME = "nccid-admin"
+
 _UPLOADER = re.compile(r"[a-z0-9][a-z0-9_.-]{0,62}")
 
 

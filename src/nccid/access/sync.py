@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from nccid.errors import SyncError
+from nccid.errors import SyncError, UsageError
 from nccid.files import md5_file
 from nccid.store import ObjectInfo, ObjectStore, check_key
 
@@ -37,6 +37,7 @@ class SyncResult:
     bytes_fetched: int = 0
     bytes_total: int = 0
     manifest: Path | None = None
+    failed: list[tuple[str, str]] | None = None  # (local path, reason) of files that could not be written
 
 
 class _HashingWriter:
@@ -116,13 +117,25 @@ def sync(
     workers: int = 8,
     progress: Progress | None = None,
 ) -> SyncResult:
-    """Mirror every object below `prefix` into `dest`; returns counts and where the manifest is."""
+    """Mirror every object below `prefix` into `dest`; returns counts and where the manifest is.
+
+    A file that cannot be written locally (a file stands where a folder must go, a full disk) does not stop
+    the others: they are all fetched, then SyncError names how many failed and the first, with its reason.
+    Raises UsageError for fewer than one worker and SyncError when `dest` is not a folder.
+    """
+    if workers < 1:
+        raise UsageError(f"workers must be at least 1 (got {workers})")
     dest = Path(dest)
-    dest.mkdir(parents=True, exist_ok=True)
+    if dest.exists() and not dest.is_dir():
+        raise SyncError(f"{dest} is a file, not a folder: choose a folder to sync into")
+    try:
+        dest.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise SyncError(f"cannot create the folder {dest}: {exc.strerror or exc}") from exc
     remove_partials(dest)
     manifest = dest / MANIFEST_NAME
     cache = _load_cache(manifest)
-    result = SyncResult(prefix=prefix, dest=dest, manifest=manifest)
+    result = SyncResult(prefix=prefix, dest=dest, manifest=manifest, failed=[])
     tick = progress or (lambda files, nbytes: None)
     lock = threading.Lock()
     with open(manifest, "a", encoding="utf-8") as log, cf.ThreadPoolExecutor(max_workers=workers) as pool:
@@ -141,7 +154,12 @@ def sync(
                 log.flush()
 
         def get(info: ObjectInfo, rel: str) -> None:
-            st = fetch(store, info, dest / rel)
+            try:
+                st = fetch(store, info, dest / rel)
+            except OSError as exc:  # local trouble with this one file: note it, go on with the others
+                with lock:
+                    result.failed.append((rel, _local_reason(exc, dest)))
+                return
             note(info, rel, st, "fetched")
             with lock:
                 result.fetched += 1
@@ -156,7 +174,7 @@ def sync(
             target = dest / rel
             try:
                 st = target.stat()
-            except FileNotFoundError:
+            except (FileNotFoundError, NotADirectoryError):  # not there yet, or a file stands in its way
                 st = None
             if st and st.st_size == info.size and _local_checksum(target, st, cache, rel) == info.checksum:
                 result.skipped += 1
@@ -171,4 +189,21 @@ def sync(
                     future.result()
         for future in cf.as_completed(in_flight):
             future.result()
+    if result.failed:
+        rel, reason = result.failed[0]
+        raise SyncError(
+            f"{len(result.failed)} file(s) could not be written under {dest} ({result.fetched} fetched, "
+            f"{result.skipped} unchanged), first {rel}: {reason}"
+        )
     return result
+
+
+def _local_reason(exc: OSError, dest: Path) -> str:
+    """Why a local write failed, naming the path inside `dest` that is in the way."""
+    if isinstance(exc, (FileExistsError, NotADirectoryError)) and exc.filename:
+        blocker = Path(exc.filename)
+        while blocker != dest and not blocker.is_file() and blocker.parent != blocker:
+            blocker = blocker.parent
+        if blocker.is_file():
+            return f"{blocker} is a file where a folder is needed"
+    return exc.strerror or str(exc)

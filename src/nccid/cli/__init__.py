@@ -94,8 +94,33 @@ def _register() -> None:
 _register()
 
 
-def main() -> None:  # pragma: no cover
-    app()
+def _metavars(command: click.Command) -> None:
+    """Plain placeholders in help: arguments as their upper-case names (OUTBOX, not {outbox}) and repeatable
+    options as the type of one value (PATH, not <list[Path]>)."""
+    for param in command.params:
+        if param.metavar is not None:
+            continue
+        if getattr(param, "param_type_name", "") == "argument":
+            param.metavar = name = param.name.upper()
+            # click's usage line: OUTBOX when required, [OUTBOX] when not (typer would write {outbox})
+            param._usage_display_name = lambda name=name, required=param.required: name if required else f"[{name}]"
+        elif getattr(param, "multiple", False):
+            one = param.bare_type().removeprefix("list[").removesuffix("]") if hasattr(param, "bare_type") else ""
+            param.metavar = {"Path": "PATH", "str": "TEXT", "int": "N"}.get(one, "VALUE")
+    for sub in getattr(command, "commands", {}).values():
+        _metavars(sub)
+
+
+def command() -> click.Command:
+    """The whole `nccid` command tree as click sees it (for help, tests and documentation)."""
+    built = typer.main.get_command(app)
+    _metavars(built)
+    return built
+
+
+def main() -> None:
+    """The `nccid` entry point."""
+    command()(prog_name="nccid")
 
 
 if __name__ == "__main__":  # python -m nccid.cli

@@ -44,11 +44,12 @@ def fail(exc: Exception | str) -> NccidError:
     return exc if isinstance(exc, NccidError) else NccidError(str(exc))
 
 
-def open_store_option(url: str | None) -> ObjectStore:
-    """The store named by --store / $NCCID_STORE. Raises UsageError when none is given."""
+def open_store_option(url: str | None, *, create: bool = False) -> ObjectStore:
+    """The store named by --store / $NCCID_STORE. Raises UsageError when none is given, and StoreMissing when
+    it does not exist, unless the command is one that makes a store (`create`)."""
     if not url:
         raise UsageError("no store given: pass --store PATH|s3://bucket or set NCCID_STORE")
-    return open_store(url)
+    return open_store(url, must_exist=not create)
 
 
 def open_catalog(store: ObjectStore, path: Path | None) -> Catalog:
@@ -58,7 +59,7 @@ def open_catalog(store: ObjectStore, path: Path | None) -> Catalog:
 
 def server(home: Path):
     """The managed SeaweedFS server whose home is `home` (not started)."""
-    from nccid.store.seaweedfs import SeaweedFS
+    from nccid.s3server.seaweedfs import SeaweedFS
 
     return SeaweedFS(home)
 

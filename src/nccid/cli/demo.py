@@ -12,12 +12,12 @@ def demo(
     patients: int = typer.Option(300, help="Synthetic patients, spread over four hospitals."),
     scale: float = typer.Option(0.5, help="Radiograph size (1.0: full detector size, about 10 MB each)."),
     seed: int = typer.Option(0, help="Random seed."),
-    store: str | None = typer.Option(None, "--store", help="An empty store to use instead (e.g. s3://bucket/demo)."),
+    store: str | None = typer.Option(
+        None, "--store", "-s", envvar="NCCID_STORE", help="An empty store to use instead (e.g. s3://bucket/demo)."
+    ),
 ) -> None:
     """End to end: identifiable hospital data through the site tools and node, upload, load, statistics, and
     the de-identification gate over everything in the warehouse."""
     from nccid.demo import run_demo
 
     run_demo(directory, patients=patients, scale=scale, seed=seed, store_url=store)
-
-

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -18,43 +19,32 @@ app = typer.Typer(help="A managed local S3 server (SeaweedFS on loopback) for S3
 def s3_serve(
     home: Path = HomeOption,
     port: int = typer.Option(8333, help="S3 port."),
-    bind: str = typer.Option("127.0.0.1", help="Address to listen on; anything but loopback is your decision."),
+    host: str = typer.Option(
+        "127.0.0.1", "--host", "--bind", help="Address to listen on; loopback unless told otherwise."
+    ),
     bucket: list[str] = typer.Option(["nccid-data-warehouse-prod"], "--bucket", help="Buckets to create."),
     sweep_interval: float = typer.Option(60.0, help="Seconds between checks for expired grants."),
 ) -> None:
-    """Start SeaweedFS in the foreground; Ctrl-C (or SIGTERM) stops it cleanly."""
+    """Start SeaweedFS in the foreground and keep it running (restarted if it dies); Ctrl-C or SIGTERM stops it."""
     import signal
     import threading
 
-    from nccid.access.grants import Registry
-    from nccid.store.s3 import S3Store
-    from nccid.store.seaweedfs import SeaweedFS
+    from nccid.s3server.seaweedfs import SeaweedFS
+    from nccid.s3server.serve import serve
 
-    if bind not in ("127.0.0.1", "localhost", "::1"):
-        err_console.print(f"[yellow]warning:[/] listening on {bind}: reachable beyond this machine")
-    server = SeaweedFS(home, bind=bind, s3_port=port)
-    state = server.start()
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        err_console.print(f"[yellow]warning:[/] listening on {host}: reachable beyond this machine")
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    try:
-        env = server.admin_env()
-        for name in bucket:
-            store = S3Store(name, endpoint_url=state.endpoint)
-            os.environ.update(env)
-            store.create_bucket()
-        console.print(f"S3 ready at {state.endpoint} (SeaweedFS pid {state.weed_pid}), buckets: {', '.join(bucket)}")
-        console.print(f"home: {server.home}; administrator environment: nccid s3 env --home {server.home}")
-        console.print("ready", soft_wrap=True)
-        sys.stdout.flush()
-        registry = Registry(server)
-        while not stop.wait(sweep_interval):
-            for grant in registry.sweep():
-                console.print(f"expired: {grant.access_key} ({grant.org}, {grant.group})")
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.stop()
-        console.print("stopped")
+    with contextlib.suppress(KeyboardInterrupt):
+        serve(
+            SeaweedFS(home, bind=host, s3_port=port),
+            buckets=bucket,
+            stop=stop,
+            sweep_interval=sweep_interval,
+            report=lambda line: (console.print(line, soft_wrap=True, highlight=False), sys.stdout.flush()),
+        )
+    console.print("stopped")
 
 
 @app.command("stop")
@@ -63,12 +53,12 @@ def s3_stop(home: Path = HomeOption) -> None:
     import signal
     import time
 
-    from nccid.store.seaweedfs import alive
+    from nccid.s3server.seaweedfs import alive
 
     srv = server(home)
     state = srv.state()
     if state is None:
-        raise fail(RuntimeError(f"no running server recorded in {home}"))
+        raise fail(f"no running server recorded in {home}")
     if state.supervisor_pid != os.getpid() and alive(state.supervisor_pid):
         os.kill(state.supervisor_pid, signal.SIGTERM)  # `nccid s3 serve` stops SeaweedFS and its audit receiver
         deadline = time.monotonic() + 30
@@ -84,5 +74,3 @@ def s3_env(home: Path = HomeOption) -> None:
     """Print the administrator's environment (endpoint and key pair) as shell exports."""
     for name, value in server(home).admin_env().items():
         print(f"export {name}={value}")
-
-

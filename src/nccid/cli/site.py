@@ -1,84 +1,109 @@
-"""`nccid site ...`: what runs at a hospital (the node's command is in site_node.py)."""
+"""`nccid site ...`: what runs at a hospital (the node's command is in site_node.py).
+
+Each command parses its options, calls one library function (nccid.site) and renders what it returns. Input
+paths of PACS exports are never printed: they carry names and NHS numbers; the library names inputs by number
+and writes their paths to an owner-only IDENTIFIABLE report in the outbox.
+"""
 
 from __future__ import annotations
 
-import os
+import datetime as dt
+from collections import Counter
 from pathlib import Path
 
 import typer
 
 from nccid.cli._common import (
+    STORE_HELP,
     KeyFileOption,
     StoreOption,
     VaultOption,
+    default_actor,
     fail,
     open_store_option,
     pseudonym_key,
 )
 from nccid.console import console, err_console, human_bytes, progress_bar
+from nccid.errors import UsageError
 
 app = typer.Typer(
-    help="What runs at a hospital: clinical sheets, de-identification, the DICOM node, the gate, upload.",
+    help=(
+        "What runs at a hospital. Clinical sheets: `template` (a blank sheet), `clinical` (validate and file a "
+        "filled sheet). Images: `deid` (de-identify a PACS folder export), `node` (the DICOM node the PACS sends "
+        "to). The outbox: `status` (ready, held, refused), `settings` (ages over 89), `check` (the gate over an "
+        "outbox or a store), `upload` (to the warehouse's raw prefix)."
+    ),
     no_args_is_help=True,
 )
+ActorOption = typer.Option(default_actor("site"), "--as", help="Who runs it, for the vault's audit (default: $USER).")
+OutboxArgument = typer.Argument(
+    ..., help="The site outbox: data/ and images/ are uploaded, held/ waits for clinical sheets.", show_default=False
+)
+
+
+def _pseudonymiser(key_file: Path | None, vault: Path, actor: str):
+    from nccid.site.pseudonymiser import Pseudonymiser
+
+    return Pseudonymiser.with_vault(pseudonym_key(key_file), vault, actor)
 
 
 @app.command("deid")
 def site_deid(
-    src: Path = typer.Argument(..., help="Folder of PACS exports (identifiable)."),
-    out: Path = typer.Argument(..., help="The outbox: images/<pseudonym>/<SOPInstanceUID>.dcm."),
+    src: Path = typer.Argument(..., help="Folder of PACS exports (identifiable; never named on screen)."),
+    out: Path = OutboxArgument,
     key_file: Path | None = KeyFileOption,
     vault: Path = VaultOption,
-    actor: str = typer.Option(os.environ.get("USER", "site"), "--as", help="Who runs the batch (for the audit)."),
+    actor: str = ActorOption,
 ) -> None:
-    """De-identify a folder; the gate checks every output for the originals' identifiers. Exit 1 on any finding."""
+    """De-identify a folder of PACS exports into the outbox; the gate checks every output for the originals'
+    identifiers. Images of patients without a clinical record wait in held/. Exit 1 on any gate finding."""
     from nccid.site.batch import deidentify_folder
-    from nccid.site.vault import Vault
 
-    key = pseudonym_key(key_file)
-    with Vault(vault) as v, progress_bar("de-identifying") as tick:
-        result = deidentify_folder(src, out, key=key, pseudonymise=lambda c: v.issue(c, actor=actor), progress=tick)
-    console.print(f"de-identified {len(result.written)} files into {out}; held {len(result.held)}")
-    for name, reason in result.held[:50]:
-        console.print(f"  held {name}: {reason}")
+    if not src.is_dir():
+        raise UsageError("the PACS export folder does not exist or is not a folder")
+    pseudonymiser = _pseudonymiser(key_file, vault, actor)
+    with progress_bar("de-identifying") as tick:
+        result = deidentify_folder(src, out, pseudonymiser, progress=tick)
+    console.print(
+        f"de-identified {len(result.written) + len(result.waiting)} of {result.inputs} input file(s) into {out}: "
+        f"{len(result.written)} ready in images/, {len(result.waiting)} held in held/ until their clinical record "
+        f"arrives; {len(result.held)} not sent"
+    )
+    for ref, reason in result.held[:50]:
+        console.print(f"  not sent: {ref}: {reason}")
+    if result.report is not None:
+        console.print(f"inputs by path: {result.report} (IDENTIFIABLE, owner-only, never uploaded)")
     if not result.clean:
         for finding in result.findings[:50]:
             err_console.print(f"[red]gate:[/] {finding}")
-        raise fail(
-            RuntimeError(f"the gate found {len(result.findings)} identifier(s): this batch must not be uploaded")
-        )
+        raise fail(f"the gate found {len(result.findings)} identifier(s): this batch must not be uploaded")
     console.print("gate: no identifiers found in any output file")
-
-
 
 
 @app.command("status")
 def site_status(
-    outbox: Path = typer.Argument(..., help="The outbox."),
+    outbox: Path = OutboxArgument,
     show_numbers: bool = typer.Option(
         False, "--show-numbers", help="Show the NHS/CHI numbers of held patients (needs the key; screen only)."
     ),
     key_file: Path | None = KeyFileOption,
 ) -> None:
-    """What is ready to upload, which patients' images wait for a clinical sheet, and what the node refused."""
-    import datetime as dt
-    from collections import Counter
-
+    """What is ready to upload, which patients' images wait for a clinical sheet, and what the node refused.
+    Only reads the outbox: nothing is moved."""
     from nccid.site.node import node_events
-    from nccid.site.outbox import held_patients, ready_counts, release_held
+    from nccid.site.outbox import Outbox
 
-    released = release_held(outbox)
-    records, images = ready_counts(outbox)
-    console.print(
-        f"ready to upload: {records} clinical record(s), {images} image(s)"
-        + (f" ({released} just released from held/)" if released else "")
-    )
-    held = held_patients(outbox)
-    key = pseudonym_key(key_file) if show_numbers and held else None
-    console.print(
-        f"held, waiting for a clinical sheet: {sum(h.images for h in held)} image(s) of {len(held)} patient(s)"
-    )
-    for h in held:
+    if not outbox.is_dir():
+        raise UsageError(f"no outbox at {outbox}")
+    status = Outbox(outbox).status()
+    console.print(f"ready to upload: {status.records} clinical record(s), {status.images} image(s)")
+    console.print(f"held, waiting for a clinical sheet: {status.held_images} image(s) of {len(status.held)} patient(s)")
+    if status.releasable:
+        console.print(
+            f"  {status.releasable} of them now have their clinical record: `nccid site upload` releases them"
+        )
+    key = pseudonym_key(key_file) if show_numbers and status.held else None
+    for h in status.held:
         since = dt.datetime.fromtimestamp(h.since, dt.UTC).strftime("%Y-%m-%d %H:%M")
         number = f"  NHS/CHI {key.decrypt(h.person)}" if key is not None and h.person else ""
         console.print(f"  {h.pseudonym}: {h.images} image(s) since {since} UTC{number}")
@@ -89,9 +114,32 @@ def site_status(
             console.print(f"  {n} × {reason}")
 
 
+@app.command("settings")
+def site_settings(
+    outbox: Path = OutboxArgument,
+    ages_over_89: str | None = typer.Option(
+        None,
+        "--ages-over-89",
+        help="keep (the original programme's policy, the default) or cap: PatientAge and clinical Age become 90, "
+        "the birth year moves to match.",
+        show_default=False,
+    ),
+) -> None:
+    """Show the site's settings kept in the outbox, or change them (both routes and the sheets follow them)."""
+    from nccid.site.outbox import Outbox, SiteSettings
+
+    box = Outbox(outbox)
+    if ages_over_89 is not None:
+        path = box.save_settings(SiteSettings(ages_over_89=ages_over_89))
+        console.print(f"saved {path}")
+    console.print(f"ages over 89: {box.settings().ages_over_89}")
+
+
 IdentifiersOption = typer.Option(
     [],
     "--identifiers",
+    metavar="FILE",
+    show_default=False,
     help="What the site knows of its patients (PAS extract or filled template, CSV/XLSX); repeatable.",
 )
 
@@ -113,25 +161,32 @@ def site_gate(identifiers: list[Path], key_file: Path | None, vault: Path):
 
 @app.command("check")
 def site_check(
-    outbox: Path | None = typer.Argument(None, help="An outbox (data/, images/, held/)."),
-    store: str | None = typer.Option(None, "--store", help="Check a whole store instead (path or s3:// URL)."),
-    prefix: str = typer.Option("", help="Only under this prefix of --store."),
+    outbox: Path | None = typer.Argument(
+        None, help="An outbox (data/, images/, held/); else the store of --store.", show_default=False
+    ),
+    store: str | None = typer.Option(
+        None, "--store", "-s", envvar="NCCID_STORE", help=f"Check a whole store instead. {STORE_HELP}"
+    ),
+    prefix: str = typer.Option("", help="Only under this prefix of the store."),
     identifiers: list[Path] = IdentifiersOption,
     key_file: Path | None = KeyFileOption,
     vault: Path = VaultOption,
 ) -> None:
     """The de-identification gate over every file: the patient's own identifiers, any known NHS/CHI or hospital
-    number, NHS-number patterns, private tags, and the de-identified marks. Exit 1 on any finding."""
+    number, NHS-number patterns, private tags, the de-identified marks, and whether the warehouse can file each
+    image. Exit 1 on any finding."""
     from nccid.site.check import check_files, outbox_files, store_files
 
-    if (outbox is None) == (store is None):
-        raise fail(ValueError("give an OUTBOX folder or --store URL (one of them)"))
+    if outbox is None and not store:
+        raise UsageError("give an OUTBOX folder or --store (or $NCCID_STORE)")
     gate = site_gate(identifiers, key_file, vault)
-    if store is not None:
+    if outbox is not None:
+        if not outbox.is_dir():
+            raise UsageError(f"no outbox at {outbox}")
+        items, where = outbox_files(outbox), str(outbox)
+    else:
         target = open_store_option(store)
         items, where = store_files(target, prefix), target.url.rstrip("/") + "/" + prefix
-    else:
-        items, where = outbox_files(outbox), str(outbox)
     with progress_bar("checking") as tick:
         report = check_files(items, gate, progress=tick)
     for finding in report.findings[:100]:
@@ -141,13 +196,13 @@ def site_check(
         f"{report.other} other; checked against {len(gate.people)} known patient(s)"
     )
     if not report.clean:
-        raise fail(RuntimeError(f"{summary}: {len(report.findings)} finding(s): must not be uploaded or released"))
+        raise fail(f"{summary}: {len(report.findings)} finding(s): must not be uploaded or released")
     console.print(f"{summary}: no identifiers found")
 
 
 @app.command("upload")
 def site_upload(
-    outbox: Path = typer.Argument(..., help="De-identified outbox with data/ and images/."),
+    outbox: Path = OutboxArgument,
     uploader: str = typer.Option(..., "--uploader", help="Your raw-<uploader>/ prefix."),
     store: str = StoreOption,
     date: str | None = typer.Option(None, help="Upload date folder (default today, UTC; fixed by the journal)."),
@@ -155,23 +210,24 @@ def site_upload(
     key_file: Path | None = KeyFileOption,
     vault: Path = VaultOption,
 ) -> None:
-    """Upload the outbox to raw-<uploader>/<date>/ after the gate passes: verified object by object, resumable."""
-    from nccid.site.outbox import held_patients, release_held
+    """Upload the outbox to raw-<uploader>/<date>/ after the gate passes: verified object by object, resumable.
+    Held images whose clinical record has arrived are released first; the others stay held."""
     from nccid.site.upload import upload
 
-    release_held(outbox)
     target = open_store_option(store)
     with progress_bar("uploading") as tick:
         result = upload(
             outbox, target, uploader, date=date, progress=tick, gate=site_gate(identifiers, key_file, vault)
         )
+    if result.released:
+        console.print(f"released {result.released} held image(s) whose clinical record has arrived")
     console.print(
         f"uploaded {result.uploaded} objects ({human_bytes(result.bytes)}) to "
         f"{target.url.rstrip('/')}/raw-{uploader}/{result.date}/, {result.skipped} already there, after the gate "
         f"passed {result.checked} file(s); "
         f"journal: {outbox / '.upload-journal.jsonl'}"
     )
-    held = held_patients(outbox)
+    held = result.held or []
     if held:
         console.print(
             f"not uploaded: {sum(h.images for h in held)} image(s) of {len(held)} patient(s) held for a clinical "
@@ -181,55 +237,56 @@ def site_upload(
 
 @app.command("template")
 def site_template(
-    kind: str = typer.Argument(..., help="positive or negative"),
-    out: Path = typer.Argument(..., help="Where to write it: .xlsx or .csv"),
+    kind: str = typer.Argument(..., help="Which template: positive (COVID-19 positive v1.5) or negative (status)."),
+    out: Path = typer.Argument(..., help="Where to write it: a .xlsx or .csv file."),
 ) -> None:
-    """Write a blank clinical template (COVID-19 positive v1.5, or negative status)."""
-    from nccid.site.templates import TEMPLATES, blank_template
+    """Write a blank clinical template (COVID-19 positive v1.5, or negative status) as XLSX or CSV."""
+    from nccid.site.templates import blank_template
 
-    if kind not in TEMPLATES:
-        raise fail(ValueError(f"template must be one of: {', '.join(TEMPLATES)}"))
     console.print(f"blank {kind} template: {blank_template(kind, out)}")
 
 
 @app.command("clinical")
 def site_clinical(
-    sheet: Path = typer.Argument(..., help="A filled template, .xlsx or .csv."),
-    outbox: Path = typer.Argument(..., help="The outbox: records go to data/<Pseudonym>_{data,status}.json."),
-    kind: str = typer.Option(..., "--template", help="positive or negative"),
+    sheet: Path = typer.Argument(..., help="A filled template, .xlsx or .csv (UTF-8 or as Excel saves it)."),
+    outbox: Path = OutboxArgument,
+    kind: str = typer.Option(..., "--template", help="Which template the sheet is: positive or negative."),
     centre: str = typer.Option(..., "--centre", help="Your SubmittingCentre, as configured centrally."),
+    alias: list[str] = typer.Option(
+        [],
+        "--alias",
+        metavar="HOSPITAL",
+        show_default=False,
+        help="Another name in the sheet's Hospital column that is this site's (repeatable); rows of other "
+        "hospitals are held.",
+    ),
     strict: bool = typer.Option(False, "--strict", help="Refuse the whole sheet if any row is invalid."),
     key_file: Path | None = KeyFileOption,
     vault: Path = VaultOption,
-    actor: str = typer.Option(os.environ.get("USER", "site"), "--as", help="Who runs it (for the audit)."),
+    actor: str = ActorOption,
 ) -> None:
-    """Validate a clinical sheet row by row; valid rows become pseudonymised clinical JSON in the outbox."""
-    from nccid.site.templates import TEMPLATES, file_sheet
-    from nccid.site.vault import Vault
+    """Validate a clinical sheet row by row; valid rows become pseudonymised clinical JSON in the outbox and
+    release their patients' held images. Unambiguous values are converted with a warning."""
+    from nccid.site.templates import file_sheet
 
-    if kind not in TEMPLATES:
-        raise fail(ValueError(f"--template must be one of: {', '.join(TEMPLATES)}"))
-    key = pseudonym_key(key_file)
-    with Vault(vault) as v:
-        filed = file_sheet(
-            sheet,
-            outbox,
-            template=kind,
-            centre=centre,
-            strict=strict,
-            pseudonymise=lambda c: v.issue([key.encrypt(n) for n in c], actor=actor),
-        )
+    filed = file_sheet(
+        sheet,
+        outbox,
+        _pseudonymiser(key_file, vault, actor),
+        template=kind,
+        centre=centre,
+        aliases=alias,
+        strict=strict,
+    )
     result = filed.result
     for warning in result.warnings:
-        console.print(f"[yellow]warning:[/] {warning}")
+        console.print(f"[yellow]warning:[/] {warning}", highlight=False)
     for error in result.errors:
-        err_console.print(f"{sheet.name}: {error}")
+        err_console.print(f"{sheet.name}: {error}", highlight=False)
     if not filed.written and result.errors:
-        raise fail(RuntimeError(f"{len(result.errors)} error(s) in {len(result.held_rows)} row(s): nothing written"))
+        raise fail(f"{len(result.errors)} error(s) in {len(result.held_rows)} row(s): nothing written")
     console.print(
         f"{len(filed.written)} record(s) written to {outbox / 'data'}; {len(result.held_rows)} row(s) held back"
     )
     if filed.released:
         console.print(f"released {filed.released} held image(s) whose clinical record has now arrived")
-
-

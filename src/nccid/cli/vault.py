@@ -10,9 +10,7 @@ import typer
 from nccid.cli._common import KeyFileOption, VaultOption, fail, pseudonym_key
 from nccid.console import console
 
-app = typer.Typer(
-    help="The pseudonym vault: keys, data managers, re-identification for linkage.", no_args_is_help=True
-)
+app = typer.Typer(help="The pseudonym vault: keys, data managers, re-identification for linkage.", no_args_is_help=True)
 
 
 @app.command("keygen")
@@ -28,7 +26,9 @@ def vault_keygen(key_file: Path = typer.Argument(..., help="Where to write the n
 
 
 @app.command("add-manager")
-def vault_add_manager(name: str = typer.Argument(...), vault: Path = VaultOption) -> None:
+def vault_add_manager(
+    name: str = typer.Argument(..., help="The data manager's user name (as given to --as)."), vault: Path = VaultOption
+) -> None:
     """Name a data manager: only they may reveal a pseudonym."""
     from nccid.site.vault import Vault
 
@@ -39,7 +39,7 @@ def vault_add_manager(name: str = typer.Argument(...), vault: Path = VaultOption
 
 @app.command("reveal")
 def vault_reveal(
-    pseudonym: str = typer.Argument(...),
+    pseudonym: str = typer.Argument(..., help="The pseudonym to re-identify, e.g. Covid1234567."),
     actor: str = typer.Option(os.environ.get("USER", ""), "--as", help="Who is asking (default: $USER)."),
     vault: Path = VaultOption,
     key_file: Path | None = KeyFileOption,
@@ -52,3 +52,22 @@ def vault_reveal(
         print(v.reveal(pseudonym, key=key, actor=actor))
 
 
+@app.command("link-export")
+def vault_link_export(
+    dataset: str = typer.Option(..., "--dataset", help="The linked dataset, e.g. isaric."),
+    project: str = typer.Option(..., "--project", help="The approved linkage project (recorded in the audit)."),
+    out: Path = typer.Option(..., "--out", help="Where to write the CSV (owner-only; never overwritten)."),
+    actor: str = typer.Option(os.environ.get("USER", ""), "--as", help="Who exports (a named data manager)."),
+    vault: Path = VaultOption,
+) -> None:
+    """The (pseudonym, external ID) table an approved linkage project needs: data managers only, audited."""
+    from nccid.files import write_private
+    from nccid.site.isaric import to_csv
+    from nccid.site.vault import Vault
+
+    if out.exists():
+        raise fail(FileExistsError(f"{out} exists: an export is never overwritten"))
+    with Vault(vault) as v:
+        rows = v.link_export(dataset, project=project, actor=actor)
+    write_private(out, to_csv(["Pseudonym", f"{dataset} ID", "Enrolled"], rows))
+    console.print(f"{len(rows)} {dataset} link(s) for project {project} written to {out} (mode 600); audited")

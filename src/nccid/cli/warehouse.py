@@ -35,7 +35,7 @@ def synth(
     """Write a synthetic national dataset (config.json + raw uploads) into a store."""
     from nccid.synth.national import SynthSpec, generate
 
-    target = open_store_option(store)
+    target = open_store_option(store, create=True)
     spec = SynthSpec(
         seed=seed,
         patients=patients,
@@ -89,7 +89,6 @@ def warehouse_rebuild(
 ) -> None:
     """Recreate the catalog from the store alone (the store is the truth)."""
     from nccid.warehouse.rebuild import rebuild_catalog
-
 
     target = open_store_option(store)
     path = catalog or default_catalog_path(target.url)
@@ -149,8 +148,6 @@ def warehouse_status(
         console.print(table("Outstanding", ["raw key", "outcome", "reason"], items))
 
 
-
-
 # -- statistics -----------------------------------------------------------------------------------------
 def stats_(
     store: str = StoreOption,
@@ -172,5 +169,3 @@ def stats_(
         f"tables: {target.url.rstrip('/')}/{prefix} (patients, xray, ct, mri, storage, summary; "
         f"CSV and JSON); latest: stats/latest.json"
     )
-
-

@@ -1,30 +1,77 @@
 """Reading a raw image's header (never its pixels), deciding whether it can be filed, and the metadata JSON.
 
-pydicom happily parses a truncated file and returns whatever it got, so completeness is checked here: the
-header must run up to the Pixel Data element and the pixel data must fit inside the file.
+One reader for the warehouse loader (`read_header`: the header only, bounded memory) and the site node
+(`read_image`: the whole object). Both walk the Part 10 element stream themselves, element by element, and
+hand the values to pydicom, because pydicom is tolerant on purpose: it parses a truncated file and returns
+whatever it got, swallows an unknown VR, and raises anything (NotImplementedError, BytesLengthException,
+RecursionError, ...) only later, when a value is first used. Here every defect is found while reading and
+raised as `ImageRejected` with a reason naming the tag, so that one bad file never stops a load.
+
+What a file must be to be read (each failure has its own reason):
+
+* not empty; the 128-byte preamble and 'DICM'; a file meta group with a transfer syntax that pydicom knows;
+* every element whole: a known VR (explicit VR), a length that fits in the file and in its sequence item and,
+  for fixed-size VRs (US, UL, FD, AT, OW, ...), a multiple of the value size; elements in ascending tag order,
+  none twice; items and sequences closed by their delimiters; undefined lengths only where DICOM allows them;
+* sequences nested at most `MAX_SEQUENCE_DEPTH` deep, at most `MAX_ELEMENTS` elements and at most
+  `MAX_HEADER_BYTES` of values kept in memory (`read_header`), so that the memory one header costs is bounded;
+* the header runs up to Pixel Data and the pixel data fits inside the file (the completeness check);
+* `read_header` also makes sure `pixel_array` will work on the filed file: a pixel decoder for the transfer
+  syntax is installed, the Image Pixel attributes are valid (pydicom's own checks), native pixel data holds
+  exactly Rows x Columns x Samples x Bits Allocated / 8 x Frames bytes (plus the one pad byte for odd
+  lengths), compressed pixel data is encapsulated, its fragments are well formed and the first one starts
+  with the codestream marker of its transfer syntax (JPEG, JPEG-LS, JPEG 2000, RLE).
+
+Deflated Explicit VR Little Endian files (1.2.840.10008.1.2.1.99) are inflated, streaming into a spooled
+temporary file (memory bounded, at most `MAX_INFLATED_BYTES`), and the same checks run on the inflated data set.
+
+Large values: `read_header` does not read a value longer than `BULK_THRESHOLD` bytes of a binary VR (OB, OW,
+UN, ...) or `LARGE_VALUE_THRESHOLD` bytes of any other VR (a 10 MB text, say); it skips over it and notes it.
+Such values are left out of the metadata JSON like bulk data, and listed there (see `metadata_json`).
 """
 
 from __future__ import annotations
 
 import json
 import struct
+import tempfile
 import warnings
-from dataclasses import dataclass
+import zlib
+from dataclasses import dataclass, field
 from typing import BinaryIO
 
-import pydicom
-from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
-from pydicom.filereader import read_dataset
+import pydicom.uid
+from pydicom.charset import convert_encodings
+from pydicom.datadict import dictionary_VR
+from pydicom.dataelem import DataElement, RawDataElement
+from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
+from pydicom.pixels.decoders.base import DecodeRunner, get_decoder
+from pydicom.pixels.utils import as_pixel_options
+from pydicom.sequence import Sequence
+from pydicom.tag import BaseTag
 from pydicom.uid import UID
+from pydicom.valuerep import VR as _VR
+from pydicom.values import convert_string
 
 from nccid.contracts.layout import MODALITY_FOLDER, is_pseudonym, is_uid
 from nccid.errors import ImageRejected, StoreError
 
-_BINARY_VRS = {"OB", "OD", "OF", "OL", "OV", "OW", "UN"}
-_PIXEL_TAGS = {0x7FE00008, 0x7FE00009, 0x7FE00010}
-_LONG_LENGTH_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"UC", b"UN", b"UR", b"UT"}
+#: binary values longer than this are bulk data: not read by `read_header`, not in the metadata JSON
 BULK_THRESHOLD = 1024
+#: values of any other VR longer than this (64 KiB) are treated as bulk data too
+LARGE_VALUE_THRESHOLD = 64 * 1024
+#: values kept in memory while reading one header (bulk data skipped); more is refused
+MAX_HEADER_BYTES = 8 * 1024 * 1024
+#: data elements in one header, all nesting levels together
+MAX_ELEMENTS = 50_000
+#: sequences nested deeper than this are refused (real images use fewer than 10 levels)
+MAX_SEQUENCE_DEPTH = 32
+#: a deflated data set may inflate to at most this many bytes (a "zip bomb" is refused, not inflated)
+MAX_INFLATED_BYTES = 2 * 1024**3
+#: the private block listing, in a metadata JSON, the elements left out of it (other than pixel data)
+OMITTED_CREATOR = "NCCID omitted elements"
+OMITTED_GROUP = 0x0009
+
 #: the study-level fields the statistics tables carry (NCCID dashboard columns)
 STUDY_FIELDS = (
     "PatientSex",
@@ -34,6 +81,22 @@ STUDY_FIELDS = (
     "Manufacturer",
     "ManufacturerModelName",
 )
+
+_PIXEL_TAGS = {0x7FE00008, 0x7FE00009, 0x7FE00010}
+_BINARY_VRS = {"OB", "OD", "OF", "OL", "OV", "OW", "UN"}
+_LONG_LENGTH_VRS = {"OB", "OD", "OF", "OL", "OV", "OW", "SQ", "SV", "UC", "UN", "UR", "UT", "UV"}
+_KNOWN_VRS = {vr.value for vr in _VR if len(vr.value) == 2}
+_VALUE_SIZE = {
+    "AT": 4, "FL": 4, "FD": 8, "OD": 8, "OF": 4, "OL": 4, "OV": 8, "OW": 2,
+    "SL": 4, "SS": 2, "SV": 8, "UL": 4, "US": 2, "UV": 8,
+}  # fmt: skip
+_ITEM, _ITEM_END, _SEQUENCE_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
+_UNDEFINED = 0xFFFFFFFF
+_CHARSET = 0x00080005
+_DEFLATED = pydicom.uid.DeflatedExplicitVRLittleEndian
+#: the first bytes of the first fragment, by transfer syntax family
+_JPEG_SOI = b"\xff\xd8"
+_J2K_STARTS = (b"\xff\x4f\xff\x51", b"\x00\x00\x00\x0cjP  ")
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,94 +112,568 @@ class ImageFacts:
     fields: dict[str, str]
 
 
-def read_header(reader: BinaryIO, size: int) -> Dataset:
-    """Parse the header of a Part 10 file up to the pixel data and check the file is whole."""
-    return _read_checked(reader, size)[0]
+@dataclass(frozen=True, slots=True)
+class Omitted:
+    """A value `read_header` skipped over (too large for the header's memory budget)."""
+
+    tag: int
+    vr: str
+    length: int
 
 
-def read_image(reader: BinaryIO, size: int) -> Dataset:
-    """The whole object, pixel data and any trailing elements included, after the same completeness checks as
-    `read_header`, in one pass over the file."""
-    ds, pos = _read_checked(reader, size)
-    implicit, little = ds.original_encoding
-    reader.seek(pos)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
-            rest = read_dataset(reader, bool(implicit), little is not False)
-        except Exception as exc:  # pydicom raises many types for corrupt data
-            raise ImageRejected(f"unreadable Pixel Data (7FE0,0010): {type(exc).__name__}") from exc
-    ds.update(rest)
+def omitted_elements(ds: Dataset) -> dict[int, Omitted]:
+    """The elements of this data set (not of its sequence items) whose values `read_header` left unread."""
+    return getattr(ds, "_nccid_omitted", {})
+
+
+# -- reading --------------------------------------------------------------------------------------------
+def tag_name(tag: int) -> str:
+    return f"({tag >> 16:04X},{tag & 0xFFFF:04X})"
+
+
+@dataclass
+class _Pixels:
+    """Where the top-level pixel data element is (read_header stops there)."""
+
+    tag: int
+    vr: str
+    length: int
+    value_pos: int
+
+
+@dataclass
+class _Walk:
+    """One pass over an element stream: the limits spent so far."""
+
+    fp: BinaryIO
+    size: int
+    little: bool
+    skip_large: bool  # read_header: do not read large values, stop before pixel data
+    elements: int = 0
+    kept: int = 0
+    pixels: _Pixels | None = None
+    label: str = "file"  # 'file' or 'inflated data set', for messages
+    endian: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.endian = "<" if self.little else ">"
+
+    def read(self, n: int, what: str) -> bytes:
+        data = self.fp.read(n)
+        if len(data) < n:
+            raise ImageRejected(f"truncated: the {self.label} ends inside {what} ({self.size} bytes)")
+        return data
+
+    def keep(self, n: int) -> None:
+        self.kept += n
+        if self.skip_large and self.kept > MAX_HEADER_BYTES:
+            raise ImageRejected(
+                f"header too large: more than {MAX_HEADER_BYTES // 1024**2} MiB of values before Pixel Data"
+            )
+
+
+def _read_dataset(walk: _Walk, end: int | None, implicit: bool, depth: int, encoding, top: bool) -> Dataset:
+    """Elements up to `end` (a defined length), an item delimiter (end None, inside a sequence) or the end of
+    the file (end None, top level). Returns the data set; raises ImageRejected naming the element."""
+    fp = walk.fp
+    elements: dict[BaseTag, RawDataElement | DataElement] = {}
+    omitted: dict[int, Omitted] = {}
+    last = -1
+    while True:
+        pos = fp.tell()
+        if end is not None and pos >= end:
+            if pos > end:
+                raise ImageRejected(f"element {tag_name(last)} runs past the end of its sequence item")
+            break
+        head = fp.read(8)
+        if not head and end is None and top:
+            break  # the end of the file
+        if len(head) < 8:
+            raise ImageRejected(f"truncated: the {walk.label} ends inside an element header ({walk.size} bytes)")
+        group, elem = struct.unpack(walk.endian + "HH", head[:4])
+        tag = group << 16 | elem
+        if tag == _ITEM_END:
+            if top or end is not None:
+                raise ImageRejected(
+                    f"item delimiter (FFFE,E00D) outside an item of undefined length after {tag_name(last)}"
+                )
+            break
+        if group == 0xFFFE:
+            raise ImageRejected(f"item tag {tag_name(tag)} outside a sequence after {tag_name(last)}")
+        if tag <= last:
+            reason = "appears twice" if tag == last else f"comes after {tag_name(last)}"
+            raise ImageRejected(f"data elements out of order: {tag_name(tag)} {reason}")
+        if top and walk.skip_large and tag in _PIXEL_TAGS:
+            vr, length, header_len = _element_header(walk, head, implicit, tag)
+            walk.pixels = _Pixels(tag, vr or "OW", length, pos + header_len)
+            break
+        last = tag
+        walk.elements += 1
+        if walk.elements > MAX_ELEMENTS:
+            raise ImageRejected(f"header too large: more than {MAX_ELEMENTS} data elements")
+        vr, length, _ = _element_header(walk, head, implicit, tag)
+        value_pos = fp.tell()
+        if length == _UNDEFINED:
+            element = _undefined_length(walk, tag, vr, implicit, depth, encoding, value_pos)
+            if isinstance(element, Omitted):
+                omitted[tag] = element
+            else:
+                elements[BaseTag(tag)] = element
+            continue
+        if value_pos + length > walk.size:
+            raise ImageRejected(
+                f"truncated: {tag_name(tag)} declares {length} bytes but the {walk.label} ends after "
+                f"{walk.size - value_pos}"
+            )
+        if end is not None and value_pos + length > end:
+            raise ImageRejected(f"element {tag_name(tag)} runs past the end of its sequence item")
+        effective_vr = vr or _dictionary_vr(tag)
+        if effective_vr == "SQ":
+            seq = _read_sequence(walk, tag, value_pos + length, implicit, depth, encoding)
+            elements[BaseTag(tag)] = DataElement(BaseTag(tag), "SQ", seq, value_pos, is_undefined_length=False)
+            continue
+        _check_value_size(tag, effective_vr, length)
+        if walk.skip_large and tag != _CHARSET and length > _value_limit(effective_vr):
+            omitted[tag] = Omitted(tag, effective_vr or "UN", length)
+            fp.seek(value_pos + length)
+            continue
+        walk.keep(length)
+        value = walk.read(length, f"the value of {tag_name(tag)}")
+        if tag == _CHARSET:
+            encoding = _encodings(value, walk.little)
+        elements[BaseTag(tag)] = RawDataElement(BaseTag(tag), vr, length, value, value_pos, implicit, walk.little)
+    ds = Dataset(elements, parent_encoding=encoding)
+    ds.set_original_encoding(implicit, walk.little, encoding)
+    if omitted:
+        ds._nccid_omitted = omitted
     return ds
 
 
-def _read_checked(reader: BinaryIO, size: int) -> tuple[Dataset, int]:
+def _element_header(walk: _Walk, head: bytes, implicit: bool, tag: int) -> tuple[str | None, int, int]:
+    """(VR or None for implicit VR, value length, header length) of the element whose first 8 bytes are `head`."""
+    if implicit:
+        (length,) = struct.unpack(walk.endian + "L", head[4:8])
+        return None, length, 8
+    raw_vr = head[4:6]
+    vr = raw_vr.decode("latin-1")
+    if vr not in _KNOWN_VRS:
+        raise ImageRejected(f"unknown VR {raw_vr!r} in {tag_name(tag)}")
+    if vr in _LONG_LENGTH_VRS:
+        (length,) = struct.unpack(walk.endian + "L", walk.read(4, f"the header of {tag_name(tag)}"))
+        return vr, length, 12
+    (length,) = struct.unpack(walk.endian + "H", head[6:8])
+    return vr, length, 8
+
+
+def _dictionary_vr(tag: int) -> str | None:
+    try:
+        return dictionary_VR(tag)
+    except KeyError:
+        return None
+
+
+def _value_limit(vr: str | None) -> int:
+    if vr is None or vr in _BINARY_VRS or vr.startswith("OB") or vr.endswith("OW"):
+        return BULK_THRESHOLD
+    return LARGE_VALUE_THRESHOLD
+
+
+def _check_value_size(tag: int, vr: str | None, length: int) -> None:
+    sizes = [_VALUE_SIZE.get(one) for one in (vr or "").split(" or ")]
+    size = min((s for s in sizes if s), default=0) if all(sizes) else 0
+    if size and length % size:
+        raise ImageRejected(f"{tag_name(tag)} VR {vr}: a length of {length} bytes is not a multiple of {size}")
+
+
+def _encodings(value: bytes, little: bool):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            ds = pydicom.dcmread(reader, stop_before_pixels=True)
-        except InvalidDicomError as exc:
-            raise ImageRejected("not a DICOM Part 10 file (no 'DICM' prefix after the 128-byte preamble)") from exc
-        except StoreError:
-            raise  # the store failed to deliver bytes: not the file's fault, never quarantined
-        except (EOFError, struct.error) as exc:
-            raise ImageRejected(f"truncated: the file ends inside the DICOM header ({size} bytes)") from exc
-        except Exception as exc:  # pydicom raises many types for corrupt headers
-            raise ImageRejected(f"unreadable DICOM header: {type(exc).__name__}: {exc}") from exc
-    pos = reader.tell()
-    _check_complete(reader, pos, size, ds)
-    return ds, pos
+            return convert_encodings(convert_string(value, little))
+        except Exception as exc:  # an unknown or garbled character set name
+            raise ImageRejected(f"unreadable SpecificCharacterSet (0008,0005): {type(exc).__name__}") from exc
 
 
-def _check_complete(reader: BinaryIO, pos: int, size: int, ds: Dataset) -> None:
-    implicit, little = ds.original_encoding
-    if implicit is None:
-        implicit, little = False, True
-    reader.seek(pos)
-    head = reader.read(12)
-    if len(head) < 8:  # the file ended before any pixel data
-        sop_class = ds.file_meta.get("MediaStorageSOPClassUID") or ds.get("SOPClassUID") or ""
-        is_image_class = "Image Storage" in UID(str(sop_class)).name
-        if is_image_class or "SOPInstanceUID" not in ds:
-            raise ImageRejected(f"truncated: the file ends after {size} bytes, before Pixel Data (7FE0,0010)")
-        return  # a complete object without pixels (an SR, say) is judged on its modality
-    endian = "<" if little else ">"
-    group, elem = struct.unpack(endian + "HH", head[:4])
-    if group != 0x7FE0:
-        raise ImageRejected(f"unreadable DICOM header: stopped at ({group:04X},{elem:04X}) before the end")
-    if implicit:
-        (length,) = struct.unpack(endian + "L", head[4:8])
-        header_len = 8
-    elif head[4:6] in _LONG_LENGTH_VRS:
-        (length,) = struct.unpack(endian + "L", head[8:12])
-        header_len = 12
+def _undefined_length(walk: _Walk, tag: int, vr: str | None, implicit: bool, depth: int, encoding, pos: int):
+    """An element of undefined length: a sequence (SQ, or UN/private whose value is items), or encapsulated
+    pixel data (read_image keeps its bytes)."""
+    effective_vr = vr or _dictionary_vr(tag)
+    if effective_vr in (None, "UN") and _peek_tag(walk) == _ITEM:
+        seq = _read_sequence(walk, tag, None, implicit or effective_vr == "UN", depth, encoding)
+        return DataElement(BaseTag(tag), "SQ", seq, pos, is_undefined_length=True)
+    if effective_vr == "SQ":
+        seq = _read_sequence(walk, tag, None, implicit, depth, encoding)
+        return DataElement(BaseTag(tag), "SQ", seq, pos, is_undefined_length=True)
+    if tag in _PIXEL_TAGS:  # encapsulated pixel data (of the image, or of an icon in a sequence)
+        start = walk.fp.tell()
+        stop = _skip_fragments(walk, tag)
+        if walk.skip_large:
+            return Omitted(tag, vr or "OB", stop - start)
+        walk.fp.seek(start)
+        value = walk.read(stop - 8 - start, f"the value of {tag_name(tag)}")
+        walk.fp.seek(stop)
+        return RawDataElement(BaseTag(tag), vr or "OB", _UNDEFINED, value, pos, implicit, walk.little)
+    raise ImageRejected(f"{tag_name(tag)} VR {effective_vr or 'UN'} has an undefined length (only sequences may)")
+
+
+def _peek_tag(walk: _Walk) -> int:
+    pos = walk.fp.tell()
+    data = walk.fp.read(4)
+    walk.fp.seek(pos)
+    if len(data) < 4:
+        return -1
+    group, elem = struct.unpack(walk.endian + "HH", data)
+    return group << 16 | elem
+
+
+def _read_sequence(walk: _Walk, tag: int, end: int | None, implicit: bool, depth: int, encoding) -> Sequence:
+    """The items of a sequence up to `end` (defined length) or its sequence delimiter."""
+    if depth + 1 > MAX_SEQUENCE_DEPTH:
+        raise ImageRejected(f"sequences nested deeper than {MAX_SEQUENCE_DEPTH} levels (at {tag_name(tag)})")
+    fp = walk.fp
+    items = []
+    while True:
+        pos = fp.tell()
+        if end is not None and pos >= end:
+            if pos > end:
+                raise ImageRejected(f"sequence {tag_name(tag)}: its items run past its length")
+            break
+        head = fp.read(8)
+        if len(head) < 8:
+            raise ImageRejected(f"truncated: sequence {tag_name(tag)} is not closed before the {walk.label} ends")
+        group, elem, length = struct.unpack(walk.endian + "HHL", head)
+        item_tag = group << 16 | elem
+        if item_tag == _SEQUENCE_END:
+            if end is not None:
+                raise ImageRejected(f"sequence {tag_name(tag)} of defined length has a sequence delimiter")
+            break
+        if item_tag != _ITEM:
+            raise ImageRejected(f"sequence {tag_name(tag)}: found {tag_name(item_tag)} where an item should start")
+        walk.elements += 1
+        if length == _UNDEFINED:
+            item = _read_dataset(walk, None, implicit, depth + 1, encoding, top=False)
+            item.is_undefined_length_sequence_item = True
+        else:
+            item_end = fp.tell() + length
+            if item_end > walk.size or (end is not None and item_end > end):
+                raise ImageRejected(f"truncated: an item of sequence {tag_name(tag)} runs past its end")
+            item = _read_dataset(walk, item_end, implicit, depth + 1, encoding, top=False)
+        items.append(item)
+    seq = Sequence(items)
+    seq.is_undefined_length = end is None
+    return seq
+
+
+def _skip_fragments(walk: _Walk, tag: int) -> int:
+    """Walk the items of encapsulated pixel data (reading only their 8-byte headers); return the position after
+    the sequence delimiter. The first item is the Basic Offset Table; at least one fragment must follow."""
+    fp = walk.fp
+    fragments = 0
+    while True:
+        head = fp.read(8)
+        if len(head) < 8:
+            raise ImageRejected(f"truncated: encapsulated Pixel Data {tag_name(tag)} has no sequence delimiter")
+        group, elem, length = struct.unpack(walk.endian + "HHL", head)
+        item_tag = group << 16 | elem
+        if item_tag == _SEQUENCE_END:
+            break
+        if item_tag != _ITEM or length == _UNDEFINED:
+            raise ImageRejected(f"encapsulated Pixel Data {tag_name(tag)}: {tag_name(item_tag)} is not a fragment")
+        if fp.tell() + length > walk.size:
+            raise ImageRejected(f"truncated: a fragment of Pixel Data {tag_name(tag)} runs past the end")
+        fragments += 1
+        fp.seek(fp.tell() + length)
+    if fragments < 2:
+        raise ImageRejected(f"encapsulated Pixel Data {tag_name(tag)} holds no fragment (only an offset table)")
+    return fp.tell()
+
+
+def _read_file(reader: BinaryIO, size: int, header_only: bool) -> tuple[FileDataset, _Walk]:
+    """Preamble, file meta and data set (inflated if deflated); raises ImageRejected with a named reason."""
+    if size == 0:
+        raise ImageRejected("empty file (0 bytes): not a DICOM Part 10 file")
+    start = reader.read(132)
+    if len(start) < 132 or start[128:132] != b"DICM":
+        raise ImageRejected("not a DICOM Part 10 file (no 'DICM' prefix after the 128-byte preamble)")
+    meta_walk = _Walk(reader, size, little=True, skip_large=True)
+    elements: dict[BaseTag, RawDataElement | DataElement] = {}
+    while True:
+        pos = reader.tell()
+        peek = reader.read(2)
+        reader.seek(pos)
+        if len(peek) < 2 or struct.unpack("<H", peek)[0] != 0x0002:
+            break
+        head = meta_walk.read(8, "the file meta information")
+        tag = struct.unpack("<HH", head[:4])
+        tag = tag[0] << 16 | tag[1]
+        vr, length, _ = _element_header(meta_walk, head, False, tag)
+        if length == _UNDEFINED or length > LARGE_VALUE_THRESHOLD:
+            raise ImageRejected(f"file meta element {tag_name(tag)} has an invalid length ({length})")
+        if BaseTag(tag) in elements:
+            raise ImageRejected(f"file meta element {tag_name(tag)} appears twice")
+        value = meta_walk.read(length, f"the value of {tag_name(tag)}")
+        elements[BaseTag(tag)] = RawDataElement(BaseTag(tag), vr, length, value, pos + 8, False, True)
+    file_meta = FileMetaDataset(Dataset(elements))
+    transfer_syntax = _transfer_syntax(file_meta)
+    if transfer_syntax == _DEFLATED:
+        fp = _inflate(reader)
+        data_size = fp.seek(0, 2)
+        fp.seek(0)
+        walk = _Walk(fp, data_size, little=True, skip_large=header_only, label="inflated data set")
     else:
-        (length,) = struct.unpack(endian + "H", head[6:8])
-        header_len = 8
-    if length == 0xFFFFFFFF:  # encapsulated: must end with a sequence delimiter
-        reader.seek(max(size - 8, 0))
-        tail = reader.read(8)
-        if len(tail) < 8 or struct.unpack(endian + "HH", tail[:4]) != (0xFFFE, 0xE0DD):
-            raise ImageRejected("truncated: encapsulated Pixel Data (7FE0,0010) has no sequence delimiter")
+        walk = _Walk(reader, size, little=transfer_syntax.is_little_endian, skip_large=header_only)
+    implicit = transfer_syntax.is_implicit_VR
+    _check_vr_encoding(walk, implicit, transfer_syntax)
+    dataset = _read_dataset(walk, None, implicit, 0, "iso8859", top=True)
+    ds = FileDataset(getattr(reader, "name", "<stream>"), dataset, start[:128], file_meta, implicit, walk.little)
+    ds.set_original_encoding(implicit, walk.little, dataset.original_character_set)
+    if omitted_elements(dataset):
+        ds._nccid_omitted = omitted_elements(dataset)
+    return ds, walk
+
+
+def _check_vr_encoding(walk: _Walk, implicit: bool, syntax: UID) -> None:
+    """The first element must be encoded as the transfer syntax says (pydicom's own test: two capital letters
+    after the tag mean explicit VR); otherwise pydicom would read the filed file another way than we did."""
+    pos = walk.fp.tell()
+    head = walk.fp.read(6)
+    walk.fp.seek(pos)
+    if len(head) < 6:
         return
-    end = pos + header_len + length
-    if end > size:
+    found_implicit = not (0x40 < head[4] < 0x5B and 0x40 < head[5] < 0x5B)
+    if found_implicit != implicit:
+        found = "implicit" if found_implicit else "explicit"
+        raise ImageRejected(f"the data set is encoded in {found} VR, not as transfer syntax {syntax.name!r} says")
+
+
+def _transfer_syntax(file_meta: FileMetaDataset) -> UID:
+    try:
+        value = file_meta.get("TransferSyntaxUID")
+    except Exception as exc:  # a garbled value
+        raise ImageRejected(f"unreadable TransferSyntaxUID (0002,0010): {type(exc).__name__}") from exc
+    text = str(value or "").strip("\x00 ")
+    if not text:
+        raise ImageRejected("no TransferSyntaxUID (0002,0010) in the file meta information")
+    if not is_uid(text):
+        raise ImageRejected(f"invalid TransferSyntaxUID (0002,0010) {text[:64]!r}: not a DICOM UID")
+    uid = UID(text)
+    if uid not in pydicom.uid.AllTransferSyntaxes:
+        raise ImageRejected(f"unknown transfer syntax {text!r} (0002,0010)")
+    return uid
+
+
+def _inflate(reader: BinaryIO) -> BinaryIO:
+    """The inflated data set of a Deflated Explicit VR Little Endian file, in a spooled temporary file."""
+    out = tempfile.SpooledTemporaryFile(max_size=16 * 1024**2)  # noqa: SIM115 - the caller closes it
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    total = 0
+    try:
+        while not inflater.eof:
+            chunk = inflater.unconsumed_tail or reader.read(1024**2)
+            if not chunk:
+                out.close()
+                raise ImageRejected("truncated: the deflated data set ends before its deflate stream does")
+            data = inflater.decompress(chunk, 16 * 1024**2)
+            total += len(data)
+            if total > MAX_INFLATED_BYTES:
+                out.close()
+                raise ImageRejected(f"deflated data set inflates to more than {MAX_INFLATED_BYTES // 1024**2} MiB")
+            out.write(data)
+    except zlib.error as exc:
+        out.close()
+        raise ImageRejected(f"deflated data set cannot be inflated (zlib: {exc})") from exc
+    return out
+
+
+# -- the pixel data of a header: will `pixel_array` work on the filed file? --------------------------------
+def _check_pixels(ds: FileDataset, walk: _Walk) -> None:
+    pixels = walk.pixels
+    if pixels is None:  # the file ended before any pixel data
+        sop_class = _text(ds.file_meta, "MediaStorageSOPClassUID") or _text(ds, "SOPClassUID")
+        is_image_class = "Image Storage" in UID(sop_class).name
+        if is_image_class or "SOPInstanceUID" not in ds:
+            raise ImageRejected(
+                f"truncated: the {walk.label} ends after {walk.size} bytes, before Pixel Data (7FE0,0010)"
+            )
+        return  # a complete object without pixels (an SR, say) is judged on its modality
+    syntax = UID(str(ds.file_meta.TransferSyntaxUID).strip("\x00 "))
+    name = tag_name(pixels.tag)
+    try:
+        decoder = get_decoder(syntax)
+    except NotImplementedError as exc:
+        raise ImageRejected(f"transfer syntax {syntax.name!r}: pydicom has no decoder for its pixel data") from exc
+    if not decoder.is_available:
+        raise ImageRejected(f"transfer syntax {syntax.name!r}: no pixel data decoder for it is installed")
+    if pixels.length == _UNDEFINED:
+        if not syntax.is_encapsulated:
+            raise ImageRejected(f"Pixel Data {name} is encapsulated but transfer syntax {syntax.name!r} is native")
+        walk.fp.seek(pixels.value_pos)
+        first = _first_fragment(walk, pixels.tag)
+        end = _skip_fragments(walk, pixels.tag)
+        _check_codestream(syntax, first, name)
+    else:
+        end = pixels.value_pos + pixels.length
+        if end > walk.size:
+            raise ImageRejected(
+                f"truncated: Pixel Data {name} declares {pixels.length} bytes but the {walk.label} ends after "
+                f"{walk.size - pixels.value_pos}"
+            )
+        if syntax.is_encapsulated:
+            raise ImageRejected(
+                f"Pixel Data {name} is not encapsulated but transfer syntax {syntax.name!r} is compressed"
+            )
+    expected = _check_pixel_module(ds, syntax, pixels)
+    if not syntax.is_encapsulated and pixels.length not in (expected, expected + expected % 2):
         raise ImageRejected(
-            f"truncated: Pixel Data (7FE0,0010) declares {length} bytes but the file ends after "
-            f"{size - pos - header_len}"
+            f"Pixel Data {name} holds {pixels.length} bytes; Rows x Columns x Samples x Bits x Frames needs {expected}"
         )
+    if end < walk.size:  # elements after the pixel data (padding, signatures): they must be whole too
+        walk.fp.seek(end)
+        _read_dataset(walk, None, bool(ds.original_encoding[0]), 0, ds.original_character_set, top=True)
 
 
+def _first_fragment(walk: _Walk, tag: int) -> bytes:
+    """The first 12 bytes of the first fragment after the offset table (b'' if there is none)."""
+    pos = walk.fp.tell()
+    head = walk.fp.read(8)
+    if len(head) == 8:
+        group, elem, length = struct.unpack("<HHL", head)
+        if (group << 16 | elem) == _ITEM and length != _UNDEFINED:
+            walk.fp.seek(walk.fp.tell() + length)
+            head = walk.fp.read(8)
+            if len(head) == 8 and struct.unpack("<HH", head[:4]) == (0xFFFE, 0xE000):
+                first = walk.fp.read(12)
+                walk.fp.seek(pos)
+                return first
+    walk.fp.seek(pos)
+    return b""
+
+
+def _check_codestream(syntax: UID, first: bytes, name: str) -> None:
+    if syntax in pydicom.uid.JPEGTransferSyntaxes or syntax in pydicom.uid.JPEGLSTransferSyntaxes:
+        ok, what = first.startswith(_JPEG_SOI), "a JPEG start-of-image marker"
+    elif syntax in pydicom.uid.JPEG2000TransferSyntaxes:  # HTJ2K included
+        ok, what = first.startswith(_J2K_STARTS), "a JPEG 2000 codestream or JP2 signature"
+    elif syntax == pydicom.uid.RLELossless:
+        segments = struct.unpack("<L", first[:4])[0] if len(first) >= 4 else 0
+        ok, what = 1 <= segments <= 15, "an RLE header (1 to 15 segments)"
+    else:
+        return
+    if not ok:
+        raise ImageRejected(f"Pixel Data {name} of transfer syntax {syntax.name!r} does not start with {what}")
+
+
+def _check_pixel_module(ds: Dataset, syntax: UID, pixels: _Pixels) -> int:
+    """pydicom's own checks of the Image Pixel attributes; returns the expected native length in bytes."""
+    keyword = {0x7FE00008: "FloatPixelData", 0x7FE00009: "DoubleFloatPixelData"}.get(pixels.tag, "PixelData")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            runner = DecodeRunner(syntax)
+            runner.set_options(**as_pixel_options(ds), pixel_keyword=keyword, pixel_vr=pixels.vr)
+            runner._validate_options()  # validate() also wants the pixel bytes, which a header reader skips
+            frame = runner.frame_length(unit="bytes")
+            return int(-(-frame * runner.number_of_frames // 1))
+        except (AttributeError, ValueError, TypeError, KeyError, OverflowError) as exc:
+            message = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
+            raise ImageRejected(
+                f"Image Pixel attributes (0028,xxxx) cannot describe the pixel data: {message}"
+            ) from exc
+
+
+# -- public readers -----------------------------------------------------------------------------------------
+def read_header(reader: BinaryIO, size: int) -> Dataset:
+    """The header of a Part 10 file up to the pixel data, checked to be whole and its pixels readable.
+
+    Memory is bounded: values over the bulk thresholds are skipped, not read (see `omitted_elements`).
+    Raises ImageRejected with a one-line reason naming the tag or defect; StoreError passes through (the
+    store failed to deliver bytes: not the file's fault, never quarantined).
+    """
+    ds, walk = _guarded(reader, size, header_only=True)
+    try:
+        _convert_all(ds)
+        _guard(lambda: _check_pixels(ds, walk))
+    finally:
+        if walk.fp is not reader:
+            walk.fp.close()
+    return ds
+
+
+def read_image(reader: BinaryIO, size: int) -> Dataset:
+    """The whole object, pixel data and any trailing elements included, after the same structural and
+    completeness checks as `read_header` (the pixel length against Rows and Columns is the caller's)."""
+    ds, walk = _guarded(reader, size, header_only=False)
+    try:
+        _convert_all(ds)
+        if not any(tag in ds for tag in _PIXEL_TAGS):
+            _guard(lambda: _check_pixels(ds, walk))  # only says whether an object without pixels is whole
+    finally:
+        if walk.fp is not reader:
+            walk.fp.close()
+    return ds
+
+
+def _guarded(reader: BinaryIO, size: int, header_only: bool) -> tuple[FileDataset, _Walk]:
+    return _guard(lambda: _read_file(reader, size, header_only))
+
+
+def _guard(step):
+    """Run a reading step: ImageRejected and StoreError pass; anything else a corrupt file provokes (pydicom
+    or struct raising on odd bytes) becomes ImageRejected naming the exception type, never a traceback."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            return step()
+        except (ImageRejected, StoreError):
+            raise
+        except RecursionError as exc:
+            raise ImageRejected(f"sequences nested deeper than {MAX_SEQUENCE_DEPTH} levels") from exc
+        except MemoryError as exc:
+            raise ImageRejected("header too large to read") from exc
+        except Exception as exc:  # pydicom raises many types for corrupt data
+            raise ImageRejected(f"unreadable DICOM header: {type(exc).__name__}") from exc
+
+
+def _convert_all(ds: Dataset, path: str = "") -> None:
+    """Convert every value now (pydicom converts lazily, on first use), so that a value that cannot be
+    decoded is a reason here, not an exception in whoever touches it later."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for tag in list(ds.keys()):
+            try:
+                element = ds[tag]
+            except Exception as exc:
+                vr = getattr(ds.get_item(tag), "VR", None) or "UN"
+                raise ImageRejected(
+                    f"{path}{tag_name(tag)} VR {vr}: the value cannot be decoded ({type(exc).__name__})"
+                ) from exc
+            if element.VR == "SQ":
+                for item in element.value:
+                    _convert_all(item, f"{path}{tag_name(tag)} > ")
+
+
+# -- facts and metadata -------------------------------------------------------------------------------------
 def _text(ds: Dataset, keyword: str) -> str:
-    value = ds.get(keyword)
+    try:
+        value = ds.get(keyword)
+    except Exception:  # an undecodable value reads as absent (read_header has converted every value already)
+        return ""
     if value is None:
         return ""
     return str(value).strip()
 
 
+def _identifying(ds: Dataset, keyword: str, tag: str) -> str:
+    """The value of an identifying tag; one too long to have been read is a reason of its own."""
+    skipped = omitted_elements(ds).get(int(tag.strip("()").replace(",", ""), 16))
+    if skipped is not None:
+        raise ImageRejected(f"{keyword} {tag} is {skipped.length} bytes long: not an identifier")
+    return _text(ds, keyword)
+
+
 def image_facts(ds: Dataset) -> ImageFacts:
     """Check the identifying tags and the modality; the reason names the tag."""
-    patient = _text(ds, "PatientID")
+    patient = _identifying(ds, "PatientID", "(0010,0020)")
     if not patient:
         raise ImageRejected("missing PatientID (0010,0020)")
     if not is_pseudonym(patient):
@@ -150,18 +687,18 @@ def image_facts(ds: Dataset) -> ImageFacts:
         ("SeriesInstanceUID", "(0020,000E)"),
         ("SOPInstanceUID", "(0008,0018)"),
     ):
-        value = _text(ds, keyword).rstrip("\x00")
+        value = _identifying(ds, keyword, tag).rstrip("\x00")
         if not value:
             raise ImageRejected(f"missing {keyword} {tag}")
         if not is_uid(value):
             raise ImageRejected(f"invalid {keyword} {tag}: {value[:80]!r} is not a DICOM UID")
         uids[keyword] = value
-    modality = _text(ds, "Modality").upper()
+    modality = _identifying(ds, "Modality", "(0008,0060)").upper()
     if not modality:
         raise ImageRejected("missing Modality (0008,0060)")
     folder = MODALITY_FOLDER.get(modality)
     if folder is None:
-        raise ImageRejected(f"unsupported Modality (0008,0060) {modality!r}: only CR, DX, CT and MR are filed")
+        raise ImageRejected(f"unsupported Modality (0008,0060) {modality[:16]!r}: only CR, DX, CT and MR are filed")
     return ImageFacts(
         patient=patient,
         study=uids["StudyInstanceUID"],
@@ -169,11 +706,13 @@ def image_facts(ds: Dataset) -> ImageFacts:
         sop=uids["SOPInstanceUID"],
         modality=modality,
         folder=folder,
-        fields={name: _text(ds, name) for name in STUDY_FIELDS},
+        fields={name: _text(ds, name)[:64] for name in STUDY_FIELDS},
     )
 
 
 def _strip_bulk(ds: Dataset) -> None:
+    """Remove pixel data and bulk values; list every other value left out in a private block of its data set."""
+    left_out = [o.tag for o in omitted_elements(ds).values()]
     for elem in list(ds):
         if elem.tag in _PIXEL_TAGS:
             del ds[elem.tag]
@@ -182,19 +721,26 @@ def _strip_bulk(ds: Dataset) -> None:
                 _strip_bulk(item)
         elif elem.VR in _BINARY_VRS and elem.value is not None and len(elem.value) > BULK_THRESHOLD:
             del ds[elem.tag]
+            left_out.append(int(elem.tag))
+    if left_out:
+        block = ds.private_block(OMITTED_GROUP, OMITTED_CREATOR, create=True)
+        block.add_new(0x01, "AT", sorted(set(left_out)))
 
 
 def metadata_json(ds: Dataset) -> bytes:
-    """The DICOM JSON model (PS3.18 Annex F) of the header, pixels and bulk binary values left out.
+    """The DICOM JSON model (PS3.18 Annex F) of the header, pixels and bulk values left out.
 
-    Prunes `ds` in place (the loader is done with it). Deterministic bytes for the same header, so a re-run
-    after a crash finds the same object already there.
+    Pixel data is always left out. Other values left out (binary ones over `BULK_THRESHOLD` bytes, any over
+    `LARGE_VALUE_THRESHOLD`) are listed, per data set, as AT values of element (0009,xx01) of the private
+    block `OMITTED_CREATOR` ("NCCID omitted elements"), so a reader knows they exist and where to look: the
+    image file beside the JSON holds them. Prunes `ds` in place (the loader is done with it). Deterministic
+    bytes for the same header, so a re-run after a crash finds the same object already there.
     """
-    _strip_bulk(ds)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            doc = ds.to_json_dict(bulk_data_threshold=BULK_THRESHOLD)
+            _strip_bulk(ds)
+            doc = ds.to_json_dict(bulk_data_threshold=LARGE_VALUE_THRESHOLD)
+            return (json.dumps(doc, sort_keys=True, separators=(",", ":")) + "\n").encode()
         except Exception as exc:
-            raise ImageRejected(f"header cannot be written as DICOM JSON: {type(exc).__name__}: {exc}") from exc
-    return (json.dumps(doc, sort_keys=True, separators=(",", ":")) + "\n").encode()
+            raise ImageRejected(f"header cannot be written as DICOM JSON: {type(exc).__name__}") from exc

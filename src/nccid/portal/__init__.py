@@ -14,7 +14,7 @@ from nccid.portal.settings import PortalSettings
 __all__ = ["PortalSettings", "create_app"]
 
 
-def create_app(settings: PortalSettings):  # noqa: ANN201 - FastAPI is imported lazily
+def create_app(settings: PortalSettings):
     """The ASGI application for these settings (see :mod:`nccid.portal.app`)."""
     from nccid.portal.app import create_app as _create
 

@@ -13,6 +13,10 @@ JSON read. Each is checked three ways:
 
 Other files (reports, statistics) are searched for the known NHS/CHI and hospital numbers. One finding fails
 the check; each names the file, the tag or field, and the kind of identifier, never the value.
+
+Every DICOM file is also read as the warehouse reads it (`nccid.contracts.dicom`: a complete Part 10 file, the
+tags it files by, a modality it files): a file the warehouse would quarantine is a finding here, before upload,
+rather than a line in a central report later.
 """
 
 from __future__ import annotations
@@ -26,11 +30,11 @@ from functools import partial
 from pathlib import Path
 from typing import BinaryIO
 
-import pydicom
 from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
 
+from nccid.contracts.dicom import image_facts, read_header
 from nccid.contracts.layout import is_pseudonym
+from nccid.errors import ImageRejected
 from nccid.site.gate import Finding, KnownIdentifiers, _elements, scan
 from nccid.site.identifiers import IdentifierError, check_digit, validate_patient_number
 from nccid.site.templates import read_rows
@@ -233,14 +237,7 @@ def check_files(
             handle.seek(0)
             if len(head) == 132 and head[128:132] == b"DICM":
                 report.dicom += 1
-                try:
-                    with warnings.catch_warnings():
-                        warnings.simplefilter("ignore")
-                        ds = pydicom.dcmread(handle, stop_before_pixels=True)
-                    hint = next((part for part in Path(name).parts if is_pseudonym(part)), "")
-                    report.findings += gate.check_dicom(ds, name, hint)
-                except (InvalidDicomError, EOFError, ValueError, OSError) as exc:
-                    report.findings.append(Finding(name, "(file)", f"unreadable DICOM ({type(exc).__name__})"))
+                report.findings += _check_dicom_file(handle, name, gate)
             elif name.endswith(".json") and "/data/" in f"/{name}":
                 report.clinical += 1
                 try:
@@ -254,6 +251,37 @@ def check_files(
                 report.findings += gate.check_other(handle.read(), name)
         tick(1, 0)
     return report
+
+
+def warehouse_verdict(ds: Dataset) -> str:
+    """Why the warehouse would not file this (already completely read) header, or '' if it would. A PatientID
+    that is not a pseudonym is left to the gate's own finding."""
+    try:
+        image_facts(ds)
+    except ImageRejected as exc:
+        return "" if "PatientID (0010,0020)" in exc.reason else exc.reason
+    return ""
+
+
+def _check_dicom_file(handle: BinaryIO, name: str, gate: Gate) -> list[Finding]:
+    """The gate over one DICOM file, read as the warehouse reads it (header up to the pixels, checked whole)."""
+    handle.seek(0, 2)
+    size = handle.tell()
+    handle.seek(0)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ds = read_header(handle, size)
+    except ImageRejected as exc:
+        return [Finding(name, "(file)", f"the warehouse cannot file it: {exc.reason}")]
+    except (EOFError, ValueError, OSError) as exc:
+        return [Finding(name, "(file)", f"unreadable DICOM ({type(exc).__name__})")]
+    hint = next((part for part in Path(name).parts if is_pseudonym(part)), "")
+    findings = gate.check_dicom(ds, name, hint)
+    reason = warehouse_verdict(ds)
+    if reason:
+        findings.append(Finding(name, "(file)", f"the warehouse cannot file it: {reason}"))
+    return findings
 
 
 def outbox_files(

@@ -299,9 +299,7 @@ def cap_age(ds: Dataset) -> bool:
     return changed
 
 
-def deidentify(
-    ds: Dataset, *, pseudonym: str, person: str, keys: DeidKeys, age_policy: str = "keep"
-) -> Dataset:
+def deidentify(ds: Dataset, *, pseudonym: str, person: str, keys: DeidKeys, age_policy: str = "keep") -> Dataset:
     """De-identify `ds` in place and return it. `person` (the NHS/CHI ciphertext) fixes the date offset;
     `age_policy` is the site's setting for ages over 89 (`keep` or `cap`). Raises DeidHeld for objects that
     may carry burned-in identifiers. The file meta becomes the project's own (see `project_file_meta`)."""

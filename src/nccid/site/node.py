@@ -14,23 +14,36 @@ only copy, with the reason in Error Comment:
     0xC220  no valid NHS/CHI number in PatientID or OtherPatientIDs
     0xC230  held by the de-identification policy (burned-in annotation, unsupported SOP class)
     0xC240  the gate found an identifier in the de-identified output (a bug: nothing is written)
-    0xA700  out of resources (the outbox could not be written)
+    0xC250  the node failed on this data set (an error in the node, recorded in node-events.jsonl by type and
+            place, never by value)
+    0xA700  out of resources (the outbox's disk is full or cannot be written; the PACS may retry later)
+
+Everything the node decides is a line in `node-events.jsonl` in the outbox (no identifiers): each C-STORE, each
+handler error, each presentation context refused at association. `node_events` and `refused_contexts` read it.
+
+This module is the Storage SCP (one process); `nccid.site.supervisor` runs it as a service (worker processes on
+one port, signals, the sweeper); `nccid.site.transport` is how pynetdicom's server is hardened and made fast.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import errno
 import json
 import os
+import re
 import shutil
-import signal
 import tempfile
 import threading
 import time
+import traceback
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pydicom.config
 from pydicom import uid
@@ -51,7 +64,10 @@ STATUS_DOES_NOT_MATCH = 0xA900
 STATUS_NO_PATIENT_NUMBER = 0xC220
 STATUS_HELD_BY_POLICY = 0xC230
 STATUS_GATE = 0xC240
+STATUS_NODE_ERROR = 0xC250
 STATUS_OUT_OF_RESOURCES = 0xA700
+#: errors of the disk, not of the data: the PACS keeps its copy and may retry when there is room again
+_RESOURCE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.EIO})
 
 #: what a PACS commonly sends; compressed pixel data passes through unchanged (pylibjpeg decodes it downstream).
 #: Deflated data sets are not offered: the header checks read the file's bytes where they lie.
@@ -70,6 +86,11 @@ TRANSFER_SYNTAXES = [
 ]
 VERIFICATION = "1.2.840.10008.1.1"
 EVENTS_FILE = "node-events.jsonl"
+STORE_EVENT = "store"
+CONTEXT_REFUSED_EVENT = "context-refused"
+#: seconds before the same refused presentation contexts from the same AE are recorded again
+REFUSED_REPEAT_AFTER = 3600.0
+_UID = re.compile(r"[0-9]+(\.[0-9]+)*")
 
 Pseudonymise = Callable[[list[str]], list[str]]
 
@@ -110,6 +131,38 @@ def _short_pixel_data(ds: Dataset) -> str:
     if have < needed:
         return f"Pixel Data (7FE0,0010) holds {have} bytes; Rows x Columns x frames needs {needed}"
     return ""
+
+
+def _where(exc: BaseException) -> str:
+    """The exception's type and the innermost place it was raised (file:line in function): enough to find a
+    bug, and never a value (messages may quote an element's value, which may be a name or a number)."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    if not frames:
+        return type(exc).__name__
+    last = frames[-1]
+    return f"{type(exc).__name__} at {Path(last.filename).name}:{last.lineno} in {last.name}"
+
+
+def _discard_partial_write(target: Path) -> None:
+    """Delete the temporary file an interrupted `write_image(…, target)` of this thread left beside `target`."""
+    partial = target.with_name(f".{target.name}.{os.getpid()}.{threading.get_ident()}.part")
+    with contextlib.suppress(OSError):
+        partial.unlink()
+
+
+def discard_partial_writes(outbox: Path, *, pid: int | None = None) -> int:
+    """Delete temporary `.part` files under images/ and held/ (of process `pid` only, if given): what a failed
+    or interrupted write left. Call it when no writer of that process (or none at all) is running. Returns how
+    many were deleted."""
+    deleted = 0
+    marker = f".{pid}." if pid is not None else ""
+    for folder in ("images", "held"):
+        for path in (Path(outbox) / folder).glob("*/.*.part"):
+            if marker in path.name:
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+                    deleted += 1
+    return deleted
 
 
 class Receiver:
@@ -170,27 +223,44 @@ class Receiver:
             tags = ", ".join(sorted({f.tag_path for f in done.findings}))
             return _refused(STATUS_GATE, f"the gate found identifiers in {tags}")
         clean, pseudonym, modality = done.clean, done.pseudonym, str(done.clean.get("Modality", ""))
+        name = f"{clean.SOPInstanceUID}.dcm"
+        ready = self.has_clinical(pseudonym)
+        target = self.outbox / ("images" if ready else "held") / pseudonym / name
         try:
-            if self.has_clinical(pseudonym):
-                write_image(clean, self.outbox / "images" / pseudonym / f"{clean.SOPInstanceUID}.dcm")
+            if ready:
+                write_image(clean, target)
                 return Received(STATUS_SUCCESS, "filed", "", pseudonym, modality)
             hold_image(clean, self.outbox, pseudonym, done.person)
-            if self.has_clinical(pseudonym):  # the sheet arrived while we wrote: release now, not at the next sweep
-                release_held(self.outbox)
-            return Received(STATUS_SUCCESS, "held", "no clinical sheet for this patient yet", pseudonym, modality)
         except OSError as exc:
-            return _refused(STATUS_OUT_OF_RESOURCES, f"cannot write the outbox ({exc.strerror})")
+            _discard_partial_write(target)
+            if exc.errno in _RESOURCE_ERRNOS:
+                return _refused(STATUS_OUT_OF_RESOURCES, f"cannot write the outbox ({exc.strerror})")
+            return _refused(STATUS_MALFORMED, f"the de-identified data set cannot be written ({_where(exc)})")
+        except Exception as exc:  # pydicom cannot encode a value as received: the data set is bad, not the disk
+            _discard_partial_write(target)
+            return _refused(STATUS_MALFORMED, f"the de-identified data set cannot be written ({_where(exc)})")
+        if self.has_clinical(pseudonym):  # the sheet arrived while we wrote: release now, not at the next sweep
+            release_held(self.outbox)
+        return Received(STATUS_SUCCESS, "held", "no clinical sheet for this patient yet", pseudonym, modality)
 
 
 @dataclass
 class NodeConfig:
+    """How a node listens and how long it waits for a peer (seconds). The timeouts are what keep a stalled or
+    hostile peer from holding the node: `read_timeout` bounds one PDU once it started (a half-sent PDU or
+    association request), `acse_timeout` the association negotiation and release, `network_timeout` an idle
+    association."""
+
     outbox: Path
     ae_title: str = "NCCID"
     host: str = "127.0.0.1"
     port: int = 11112
-    max_associations: int = 16
+    max_associations: int = 16  # associations served at once (stalled peers do not count, see transport)
+    max_connections: int = 64  # connections at once, stalled or not
     max_pdu: int = 262_144  # larger PDUs: fewer Python round trips per megabyte
     network_timeout: float = 60.0
+    acse_timeout: float = 30.0
+    read_timeout: float = 30.0
     workers: int = 1  # processes sharing the port (SO_REUSEPORT): associations spread over the cores
 
     @property
@@ -198,11 +268,32 @@ class NodeConfig:
         return Path(self.outbox) / ".spool"
 
 
-class SiteNode:
-    """A running Storage SCP. `start()` returns once it listens; `stop()` shuts it and empties the spool.
+def prepare_spool(spool: Path) -> None:
+    """Make an empty owner-only spool, deleting what a crash left (those senders never got a success, so they
+    will resend)."""
+    if spool.exists():
+        shutil.rmtree(spool)
+    spool.mkdir(parents=True, mode=0o700)
+    os.chmod(spool, 0o700)
 
-    pynetdicom spools to the process's temporary folder, so the node points that at its own spool: run one node
-    per process (as `nccid site node` does).
+
+@contextlib.contextmanager
+def _temporarily(owner: Any, name: str, value: Any) -> Iterator[None]:
+    """Set `owner.name` to `value` for the duration, then put back what was there."""
+    previous = getattr(owner, name)
+    setattr(owner, name, value)
+    try:
+        yield
+    finally:
+        setattr(owner, name, previous)
+
+
+class SiteNode:
+    """The Storage SCP of one process. `start()` returns once it listens; `stop()` shuts it, leaves every
+    global setting as it found it and (unless told otherwise) empties the spool.
+
+    pynetdicom spools to the process's temporary folder, so while it runs the node points that at its own spool:
+    run one node per process (`nccid.site.supervisor.run_node` runs several processes on one port).
     """
 
     def __init__(
@@ -219,156 +310,111 @@ class SiteNode:
         self._per_association: dict[int, Counter] = {}
         self._on_association = on_association
         self._events_lock = threading.Lock()
-        self._server = None
-        self._stop = threading.Event()
-        self._sweeper: threading.Thread | None = None
-        self._previous: tuple = ()
-
-    # -- lifecycle ------------------------------------------------------------------------------------------
-    def _prepare_spool(self) -> None:
-        spool = self.config.spool
-        if spool.exists():
-            shutil.rmtree(spool)  # left by a crash: those senders never got a success, so they will resend
-        spool.mkdir(parents=True, mode=0o700)
-        os.chmod(spool, 0o700)
+        self._stack: ExitStack | None = None
+        self._refused_recorded: dict[tuple, float] = {}
 
     def start(self, *, prepare: bool = True) -> None:
-        from pynetdicom import AE, _config, evt
+        """Listen on the configured address (port 0: one the system picks, written back to `config.port`).
 
-        from nccid.site.transport import start_server
+        Raises OSError if the address cannot be bound; nothing is left changed then."""
+        from pynetdicom import _config, evt
 
-        Path(self.config.outbox).mkdir(parents=True, exist_ok=True)
+        from nccid.site.transport import NodeAE, start_server
+
+        config = self.config
+        Path(config.outbox).mkdir(parents=True, exist_ok=True)
         if prepare:
-            self._prepare_spool()
-        settings = pydicom.config.settings
-        self._previous = (
-            _config.STORE_RECV_CHUNKED_DATASET,
-            tempfile.tempdir,
-            settings.reading_validation_mode,
-            settings.writing_validation_mode,
-        )
-        _config.STORE_RECV_CHUNKED_DATASET = True  # stream each data set to a spool file, not memory
-        tempfile.tempdir = str(self.config.spool)
-        # pydicom checks every value it reads or writes against its VR and only warns; the node keeps values as
-        # sent either way (the gate is what judges them), so those regex checks are skipped: some 13 % of the
-        # time to de-identify a CT slice here, and part of pynetdicom's work on every command set
-        settings.reading_validation_mode = settings.writing_validation_mode = pydicom.config.IGNORE
-        ae = AE(ae_title=self.config.ae_title)
-        ae.require_called_aet = True
-        ae.maximum_associations = self.config.max_associations
-        ae.maximum_pdu_size = self.config.max_pdu
-        ae.network_timeout = ae.dimse_timeout = self.config.network_timeout
-        ae.acse_timeout = 30
-        ae.add_supported_context(VERIFICATION)
-        for sop_class in sorted(ALLOWED_SOP_CLASSES):
-            ae.add_supported_context(sop_class, TRANSFER_SYNTAXES)
-        handlers = [
-            (evt.EVT_C_STORE, self._on_store),
-            (evt.EVT_C_ECHO, lambda event: STATUS_SUCCESS),
-            (evt.EVT_RELEASED, self._on_end),
-            (evt.EVT_ABORTED, self._on_end),
-        ]
-        address = (self.config.host, self.config.port)
-        self._server = start_server(ae, address, handlers, share_port=self.config.workers > 1)
-        self.config.port = self._server.server_address[1]  # port 0: the one the system chose
-        self._sweeper = threading.Thread(target=self._sweep, name="nccid-node-sweeper", daemon=True)
-        self._sweeper.start()
-        event("site.node.start", ae_title=self.config.ae_title, host=self.config.host, port=self.config.port)
+            prepare_spool(config.spool)
+        with ExitStack() as stack:
+            stack.enter_context(_temporarily(_config, "STORE_RECV_CHUNKED_DATASET", True))  # stream to the spool
+            stack.enter_context(_temporarily(tempfile, "tempdir", str(config.spool)))
+            # pydicom checks every value it reads or writes against its VR and only warns; the node keeps values
+            # as sent either way (the gate is what judges them), so those regex checks are skipped: some 13 % of
+            # the time to de-identify a CT slice here, and part of pynetdicom's work on every command set
+            stack.enter_context(pydicom.config.disable_value_validation())
+            ae = NodeAE(ae_title=config.ae_title)
+            ae.require_called_aet = True
+            ae.maximum_associations = config.max_associations
+            ae.maximum_pdu_size = config.max_pdu
+            ae.network_timeout = ae.dimse_timeout = config.network_timeout
+            ae.acse_timeout = config.acse_timeout
+            ae.add_supported_context(VERIFICATION)
+            for sop_class in sorted(ALLOWED_SOP_CLASSES):
+                ae.add_supported_context(sop_class, TRANSFER_SYNTAXES)
+            handlers = [
+                (evt.EVT_C_STORE, self._on_store),
+                (evt.EVT_C_ECHO, lambda event: STATUS_SUCCESS),
+                (evt.EVT_ACCEPTED, self._on_accepted),
+                (evt.EVT_RELEASED, self._on_end),
+                (evt.EVT_ABORTED, self._on_end),
+            ]
+            server = start_server(
+                ae,
+                (config.host, config.port),
+                handlers,
+                share_port=config.workers > 1,
+                read_timeout=config.read_timeout,
+                max_connections=config.max_connections,
+            )
+            stack.callback(server.shutdown)
+            config.port = server.server_address[1]  # port 0: the one the system chose
+            self._stack = stack.pop_all()
+        event("site.node.start", ae_title=config.ae_title, host=config.host, port=config.port, pid=os.getpid())
 
-    def stop(self) -> None:
-        from pynetdicom import _config
+    def stop(self, *, clean_spool: bool = True) -> None:
+        """Stop listening, restore the settings `start` changed, delete what this process's failed writes left;
+        with `clean_spool` (the last process of a node to stop) release held images and empty the spool."""
+        if self._stack is not None:
+            self._stack.close()
+            self._stack = None
+        discard_partial_writes(self.config.outbox, pid=os.getpid())
+        if clean_spool:
+            release_held(self.config.outbox)
+            shutil.rmtree(self.config.spool, ignore_errors=True)
+        event("site.node.stop", pid=os.getpid(), **{k: v for k, v in self.totals.items()})
 
-        self._stop.set()
-        if self._server is not None:
-            self._server.shutdown()
-            self._server = None
-            settings = pydicom.config.settings
-            (
-                _config.STORE_RECV_CHUNKED_DATASET,
-                tempfile.tempdir,
-                settings.reading_validation_mode,
-                settings.writing_validation_mode,
-            ) = self._previous
-        if self._sweeper is not None:
-            self._sweeper.join(timeout=10)
-        release_held(self.config.outbox)
-        shutil.rmtree(self.config.spool, ignore_errors=True)
-        event("site.node.stop", **{k: v for k, v in self.totals.items()})
+    @property
+    def running(self) -> bool:
+        return self._stack is not None
 
     def serve_forever(self) -> None:
-        """Run until SIGINT or SIGTERM, then stop cleanly; with workers > 1, as that many processes on one port.
+        """Run as a service until SIGINT or SIGTERM (see `nccid.site.supervisor.run_node`); sets `totals`."""
+        from nccid.site.supervisor import run_node
 
-        Workers are forked before any thread starts; SIGTERM to this process stops them all.
-        """
-        import multiprocessing
-
-        Path(self.config.outbox).mkdir(parents=True, exist_ok=True)
-        self._prepare_spool()
-        events = Path(self.config.outbox) / EVENTS_FILE
-        offset = events.stat().st_size if events.exists() else 0
-        if self.config.workers > 1 and not self.config.port:
-            raise ValueError("several workers need a fixed --port")
-        children = [
-            multiprocessing.get_context("fork").Process(target=self._serve_child, daemon=True)
-            for _ in range(self.config.workers - 1)
-        ]
-        for child in children:
-            child.start()
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(signum, lambda *_: self._stop.set())
-        try:
-            self.start(prepare=False)
-            while not self._stop.wait(0.5):
-                if any(not c.is_alive() for c in children):
-                    raise RuntimeError("a node worker process died")
-        finally:
-            for child in children:
-                if child.is_alive():
-                    os.kill(child.pid, signal.SIGTERM)
-            for child in children:
-                child.join(timeout=30)
-            self.stop()
-            self.totals = Counter(e["outcome"] for e in node_events(self.config.outbox, offset))
-
-    def _serve_child(self) -> None:
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(signum, lambda *_: self._stop.set())
-        self.start(prepare=False)
-        try:
-            while not self._stop.wait(0.5):
-                pass
-        finally:
-            self._stop.set()
-            if self._server is not None:
-                self._server.shutdown()
-
-    def _sweep(self) -> None:
-        """Release held images whose sheet arrived, and delete spool files of aborted transfers."""
-        while not self._stop.wait(2.0):
-            try:
-                release_held(self.config.outbox)
-                cutoff = time.time() - 2 * self.config.network_timeout
-                for entry in os.scandir(self.config.spool):
-                    if entry.stat().st_mtime < cutoff:
-                        os.unlink(entry.path)
-            except OSError:
-                continue
+        self.totals = run_node(self)
 
     # -- events ---------------------------------------------------------------------------------------------
     def _on_store(self, evt_) -> Dataset:
-        request = evt_.request
-        result = self.receiver.receive(evt_.dataset_path, sop_instance=str(request.AffectedSOPInstanceUID or ""))
-        self._record(evt_.assoc, result, str(request.AffectedSOPClassUID or ""))
+        """Handle one C-STORE. Never raises: an error in the node is answered 0xC250 and recorded, and the spooled
+        (identifiable) file is deleted before the answer goes out, whatever happened."""
+        path = None
+        sop_class = ""
+        try:
+            request = evt_.request
+            sop_class = str(request.AffectedSOPClassUID or "")
+            path = evt_.dataset_path
+            result = self.receiver.receive(path, sop_instance=str(request.AffectedSOPInstanceUID or ""))
+        except Exception as exc:
+            result = _refused(STATUS_NODE_ERROR, f"error in the node: {_where(exc)}")
+        finally:
+            if path is not None:
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
         response = Dataset()
         response.Status = result.status
         if result.status != STATUS_SUCCESS:
             response.ErrorComment = result.reason[:64]
+        try:
+            self._record(evt_.assoc, result, sop_class)
+        except Exception as exc:  # the event log cannot be written: say so on the service log, answer anyway
+            event("site.node.record-failed", error=type(exc).__name__)
         return response
 
     def _record(self, assoc, result: Received, sop_class: str) -> None:
         line = {
-            "time": dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds"),
-            "calling_ae": str(assoc.requestor.ae_title).strip(),
+            "event": STORE_EVENT,
+            "time": _now(),
+            "calling_ae": _calling_ae(assoc),
             "outcome": result.outcome,
             "status": f"0x{result.status:04X}",
             "reason": result.reason,
@@ -379,26 +425,136 @@ class SiteNode:
         with self._events_lock:
             self.totals[result.outcome] += 1
             self._per_association.setdefault(id(assoc), Counter())[result.outcome] += 1
-            fd = os.open(Path(self.config.outbox) / EVENTS_FILE, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-            try:  # one write per line with O_APPEND: worker processes never interleave
-                os.write(fd, (json.dumps(line) + "\n").encode())
-            finally:
-                os.close(fd)
+        append_event(self.config.outbox, line)
         event("site.node.store", outcome=result.outcome, status=line["status"], modality=result.modality)
+
+    def _on_accepted(self, evt_) -> None:
+        """Record the presentation contexts refused at negotiation: what the PACS offered that the node does not
+        take (a structured report, say), so the site can see it rather than wonder where it went.
+
+        One line per association, listing each refused SOP class once. Many senders (DCMTK's storescu among
+        them) offer every storage class they know on every association, so the same list from the same AE is
+        written again only after `REFUSED_REPEAT_AFTER` seconds."""
+        try:
+            refused = _refused_sop_classes(evt_.assoc.rejected_contexts)
+            if not refused:
+                return
+            calling_ae = _calling_ae(evt_.assoc)
+            signature = (calling_ae, tuple(entry["sop_class_uid"] for entry in refused))
+            now = time.monotonic()
+            with self._events_lock:
+                last = self._refused_recorded.get(signature)
+                if last is not None and now - last < REFUSED_REPEAT_AFTER:
+                    return
+                self._refused_recorded[signature] = now
+            append_event(
+                self.config.outbox,
+                {"event": CONTEXT_REFUSED_EVENT, "time": _now(), "calling_ae": calling_ae, "refused": refused},
+            )
+        except Exception as exc:
+            event("site.node.record-failed", error=type(exc).__name__)
 
     def _on_end(self, evt_) -> None:
         with self._events_lock:
             counts = self._per_association.pop(id(evt_.assoc), Counter())
         if self._on_association is not None:
-            self._on_association(str(evt_.assoc.requestor.ae_title).strip(), counts)
+            self._on_association(_calling_ae(evt_.assoc), counts)
 
 
-def node_events(outbox: Path, offset: int = 0) -> list[dict]:
-    """What the node has recorded for this outbox (no identifiers: pseudonyms, statuses, reasons), from a byte
-    offset (where a run started) to the end."""
+_CONTEXT_RESULTS = {
+    0x01: "refused by the node",
+    0x02: "refused (no reason given)",
+    0x03: "SOP class not supported",
+    0x04: "none of the offered transfer syntaxes is supported",
+}
+
+
+def _refused_sop_classes(contexts: list[Any]) -> list[dict]:
+    """Each refused SOP class once (sorted by UID), with its name and why. The UID comes from the peer and is
+    kept only if it looks like one: nothing but a UID belongs there."""
+    found: dict[str, dict] = {}
+    for context in contexts:
+        offered = str(context.abstract_syntax or "")
+        sop_class_uid = offered if _UID.fullmatch(offered) and len(offered) <= 64 else "(not a UID)"
+        reason = _CONTEXT_RESULTS.get(context.result, f"refused (result {context.result})")
+        if sop_class_uid not in found or context.result == 0x03:
+            name = UID(sop_class_uid).name if sop_class_uid != "(not a UID)" else sop_class_uid
+            found[sop_class_uid] = {"sop_class_uid": sop_class_uid, "sop_class": name, "reason": reason}
+    return [found[key] for key in sorted(found)]
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds")
+
+
+def _calling_ae(assoc: Any) -> str:
+    """The peer's AE title, printable characters only (a title is up to 16 characters of the default
+    repertoire; anything else is replaced)."""
+    title = str(getattr(assoc.requestor, "ae_title", "") or "").strip()
+    return "".join(c if c.isprintable() else "?" for c in title)[:16]
+
+
+def append_event(outbox: Path, line: dict) -> None:
+    """Append one line to the node's event log, owner-only. One write with O_APPEND: worker processes never
+    interleave."""
+    fd = os.open(Path(outbox) / EVENTS_FILE, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    try:
+        os.write(fd, (json.dumps(line) + "\n").encode())
+    finally:
+        os.close(fd)
+
+
+def events_size(outbox: Path) -> int:
+    """The event log's current size in bytes: pass it to `node_events` later to read only what came after."""
+    path = Path(outbox) / EVENTS_FILE
+    return path.stat().st_size if path.exists() else 0
+
+
+def node_events(outbox: Path, offset: int = 0, *, kind: str = STORE_EVENT) -> list[dict]:
+    """What the node recorded for this outbox, of one `kind` (`STORE_EVENT`: one line per C-STORE, with its
+    outcome filed / held / refused, status and reason; `CONTEXT_REFUSED_EVENT`: presentation contexts refused at
+    association), from a byte offset (where a run started) to the end. No identifiers: pseudonyms, statuses,
+    reasons, AE titles, SOP classes. A line that is not JSON (a disk filled mid-write) is skipped."""
     path = Path(outbox) / EVENTS_FILE
     if not path.exists():
         return []
+    found = []
     with open(path, "rb") as handle:
         handle.seek(offset)
-        return [json.loads(line) for line in handle.read().decode().splitlines() if line.strip()]
+        for raw in handle.read().decode(errors="replace").splitlines():
+            try:
+                line = json.loads(raw)
+            except ValueError:
+                continue
+            if isinstance(line, dict) and line.get("event", STORE_EVENT) == kind:
+                found.append(line)
+    return found
+
+
+@dataclass(frozen=True)
+class RefusedContext:
+    """A SOP class a calling AE offered and the node refused at association: why, in how many recorded
+    associations (the same offer is recorded at most once an hour per AE), and when last."""
+
+    calling_ae: str
+    sop_class_uid: str
+    sop_class: str
+    reason: str
+    associations: int
+    last: str
+
+
+def refused_contexts(outbox: Path) -> list[RefusedContext]:
+    """What PACS offered the node that it refused at negotiation (from the event log), one row per calling AE,
+    SOP class and reason, most recent first. `nccid site status` shows these; no identifiers are involved."""
+    rows: dict[tuple[str, str, str], RefusedContext] = {}
+    for line in node_events(outbox, kind=CONTEXT_REFUSED_EVENT):
+        calling_ae, when = str(line.get("calling_ae", "")), str(line.get("time", ""))
+        for entry in line.get("refused") or []:
+            if not isinstance(entry, dict):
+                continue
+            uid_, reason = str(entry.get("sop_class_uid", "")), str(entry.get("reason", ""))
+            key = (calling_ae, uid_, reason)
+            times = rows[key].associations + 1 if key in rows else 1
+            rows[key] = RefusedContext(calling_ae, uid_, str(entry.get("sop_class", uid_)), reason, times, when)
+    return sorted(rows.values(), key=lambda r: (r.last, r.calling_ae, r.sop_class), reverse=True)

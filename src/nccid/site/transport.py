@@ -16,33 +16,68 @@ DIMSE messages, the events and handlers the node binds) and changes only how tho
 
 Both threads still wake every `IDLE_CHECK` seconds to look at their timers, as pynetdicom's do every millisecond.
 pynetdicom's server takes `server_class` and `request_handler` in `AE.make_server`, which is the seam used here.
-The reactors below are pynetdicom 3.0's with those changes, which is why pyproject.toml holds pynetdicom below
-3.1; `tests/test_node.py` drives them end to end with DCMTK's tools.
+The reactors below are pynetdicom 3.0's with those changes; they rely on pynetdicom's internals, so this module
+checks the version at import and, on any other pynetdicom, serves with pynetdicom's own reactors and says so with a
+warning (slower, equally safe). `tests/test_node.py` drives them end to end with DCMTK's tools.
+
+Whichever reactors serve, the server here is hardened against peers that stall (issue 13.5):
+
+- every read of a PDU, once its first byte arrived, must finish within `read_timeout` seconds (a socket
+  timeout on each accepted connection, and a deadline across the chunks of one PDU on the fast path), so a
+  half-sent PDU or A-ASSOCIATE-RQ ends the connection instead of holding its thread forever;
+- `NodeAE` counts against `maximum_associations` only associations that hold a slot: not a connection still
+  waiting for its A-ASSOCIATE-RQ, nor one whose peer has stopped in the middle of a PDU. Stalled peers cannot
+  lock out the PACS; `max_connections` bounds what all connections together may cost.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import queue
 import select
 import socket
 import struct
 import threading
+import time
+import warnings
 from collections.abc import Callable
 from copy import deepcopy
 from datetime import datetime
 from typing import Any
 
-from pynetdicom import evt
-from pynetdicom._globals import MODE_ACCEPTOR
+import pynetdicom
+from pynetdicom import AE, evt
 from pynetdicom.association import Association
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu import A_ABORT_RQ
 from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
+#: the pynetdicom release whose reactors the fast path below copies; any other gets pynetdicom's own
+TESTED_PYNETDICOM = "3.0"
+MODE_ACCEPTOR = "acceptor"  # pynetdicom._globals.MODE_ACCEPTOR
+
+
+def fast_path_supported(version: str) -> bool:
+    """True if `version` of pynetdicom is the release (major.minor) the fast reactors were written against."""
+    return version.split(".")[:2] == TESTED_PYNETDICOM.split(".")
+
+
+FAST_PATH = fast_path_supported(pynetdicom.__version__)
+if not FAST_PATH:
+    warnings.warn(
+        f"pynetdicom {pynetdicom.__version__} is not {TESTED_PYNETDICOM}.x: the site node serves with pynetdicom's "
+        "own reactors (slower; timeouts and association limits still apply)",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+
 #: how often an idle thread wakes to check the ARTIM and network-idle timers (seconds)
 IDLE_CHECK = 0.05
+#: a read in progress longer than this (seconds) means the peer is being waited on: the association gives up its slot
+#: (0: any read in progress; a peer sending at full speed is rarely caught mid-read)
+STALL_GRACE = 0.0
 _PDU_TYPES = frozenset(range(0x01, 0x08))
 _PREALLOCATE = 1 << 20  # bytes reserved ahead of a read; larger reads grow as the data arrives
 _P_DATA_TF = 0x04
@@ -61,16 +96,47 @@ class _SignallingQueue(queue.Queue):
 
 
 class _Socket(AssociationSocket):
+    """pynetdicom's socket, reading a PDU in as few system calls as the kernel allows, within a deadline."""
+
+    read_timeout: float | None = None
+    reading_since: float | None = None  # monotonic time a read started, while one is in progress
+
     def recv(self, nr_bytes: int) -> bytearray:
-        """Read exactly `nr_bytes` (fewer only if the peer closed), as few system calls as the kernel allows.
+        """Read exactly `nr_bytes` (fewer only if the peer closed); raises TimeoutError if they take longer than
+        `read_timeout` seconds in all.
 
         The length comes from the peer, so only up to `_PREALLOCATE` bytes are reserved before they arrive: a PDU
-        header claiming 4 GiB must not cost 4 GiB of memory.
+        header claiming 4 GiB must not cost 4 GiB of memory. A read that stalls marks the association as
+        waiting on its peer (see `NodeAE`), and the deadline covers the whole read, so a peer that drips a byte
+        at a time is cut off as surely as one that stops.
         """
+        deadline = None if self.read_timeout is None else time.monotonic() + self.read_timeout
+        self.reading_since = time.monotonic()
+        try:
+            return self._recv_until(nr_bytes, deadline)
+        finally:
+            self.reading_since = None
+            if self.socket is not None and self.read_timeout is not None:
+                with contextlib.suppress(OSError):  # sends get the full timeout again, not what the read left
+                    self.socket.settimeout(self.read_timeout)
+
+    def _recv_until(self, nr_bytes: int, deadline: float | None) -> bytearray:
+        sock = self.socket
+        if sock is None:
+            raise OSError("the connection is closed")
+
+        def wait() -> None:
+            if deadline is not None:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError("the peer stopped in the middle of a PDU")
+                sock.settimeout(remaining)
+
         if nr_bytes > _PREALLOCATE:
             buffer = bytearray()
             while len(buffer) < nr_bytes:
-                chunk = self.socket.recv(min(nr_bytes - len(buffer), _PREALLOCATE))
+                wait()
+                chunk = sock.recv(min(nr_bytes - len(buffer), _PREALLOCATE))
                 if not chunk:
                     break
                 buffer += chunk
@@ -79,7 +145,8 @@ class _Socket(AssociationSocket):
         nr_read = 0
         with memoryview(buffer) as view:
             while nr_read < nr_bytes:
-                got = self.socket.recv_into(view[nr_read:], nr_bytes - nr_read)
+                wait()
+                got = sock.recv_into(view[nr_read:], nr_bytes - nr_read)
                 if not got:
                     break
                 nr_read += got
@@ -252,6 +319,13 @@ class _Association(Association):
         self.dimse.msg_queue = _SignallingQueue(self._arrived.set)
 
     def _run_reactor(self) -> None:
+        """pynetdicom's acceptor loop, then the spool files of data sets that will never be handled are deleted."""
+        try:
+            self._serve_until_ended()
+        finally:
+            discard_spooled(self)
+
+    def _serve_until_ended(self) -> None:
         """pynetdicom's acceptor loop (3.0), waiting on `_arrived` instead of `time.sleep(0.001)`."""
         self._is_paused = False
         while not self._kill:
@@ -294,7 +368,9 @@ class _RequestHandler(RequestHandler):
         assoc = _Association(self.ae, MODE_ACCEPTOR)
         assoc._server = self.server
         assoc.name = f"AcceptorThread@{datetime.now():%Y%m%d%H%M%S}"
-        assoc.set_socket(_Socket(assoc, client_socket=self.request))
+        transport = _Socket(assoc, client_socket=self.request)
+        transport.read_timeout = self.server.read_timeout
+        assoc.set_socket(transport)
         assoc.acceptor.maximum_length = self.ae.maximum_pdu_size
         assoc.acceptor.ae_title = self.server.ae_title
         assoc.acceptor.address_info = self.local
@@ -311,22 +387,110 @@ class _RequestHandler(RequestHandler):
         return assoc
 
 
+def discard_spooled(assoc: Any) -> int:
+    """Delete the spool files of an ended association: the data set it was receiving when it was cut off, and
+    any received but not yet handled. They hold identifiable data and no handler will ever read them. Returns
+    how many were deleted. (pynetdicom 3.0 keeps them on `dimse.message` and in `dimse.msg_queue`.)"""
+    paths = []
+    dimse = getattr(assoc, "dimse", None)
+    message = getattr(dimse, "message", None)
+    partial = getattr(message, "_data_set_file", None)
+    if partial is not None:
+        with contextlib.suppress(OSError):
+            partial.close()
+        paths.append(partial.name)
+    waiting = getattr(dimse, "msg_queue", None)
+    while waiting is not None:
+        try:
+            _, primitive = waiting.get(block=False)
+        except queue.Empty:
+            break
+        spooled = getattr(primitive, "_dataset_file", None)
+        if spooled is not None:
+            with contextlib.suppress(OSError):
+                spooled.close()
+            paths.append(spooled.name)
+    deleted = 0
+    for path in paths:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+            deleted += 1
+    return deleted
+
+
+class NodeAE(AE):
+    """An AE whose association limit counts only associations that hold a slot.
+
+    pynetdicom counts every acceptor thread, so connections that never finish their A-ASSOCIATE-RQ, or
+    associations whose peer stopped in the middle of a PDU, would fill `maximum_associations` and lock out the
+    PACS until they time out. Here they are left out of the count (they still end at their timeout, and
+    `max_connections` on the server bounds them all).
+    """
+
+    @property
+    def active_associations(self) -> list[Association]:
+        return [assoc for assoc in super().active_associations if not waiting_on_peer(assoc)]
+
+    @property
+    def all_associations(self) -> list[Association]:
+        """Every association thread of this AE, waiting or not (pynetdicom's own count)."""
+        return super().active_associations
+
+
+def waiting_on_peer(assoc: Any) -> bool:
+    """True if the acceptor `assoc` has no complete A-ASSOCIATE-RQ yet, or its peer stopped mid-PDU."""
+    if not getattr(assoc, "is_acceptor", False):
+        return False
+    dul = getattr(assoc, "dul", None)
+    if getattr(getattr(dul, "state_machine", None), "current_state", "") == "Sta2":  # awaiting the request
+        return True
+    since = getattr(getattr(dul, "socket", None), "reading_since", None)
+    return since is not None and time.monotonic() - since > STALL_GRACE
+
+
 class _Server(ThreadedAssociationServer):
+    """pynetdicom's threaded server with a read timeout on every connection and a cap on connections."""
+
     share_port = False
+    read_timeout: float | None = None
+    max_connections = 64
 
     def server_bind(self) -> None:
         if self.share_port:  # SO_REUSEPORT: the kernel spreads associations over the node's processes
             self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         super().server_bind()
 
+    def get_request(self) -> tuple[socket.socket, Any]:
+        """Accept a connection; every read and write on it times out (an accepted socket is otherwise blocking)."""
+        client, address = super().get_request()
+        client.settimeout(self.read_timeout)
+        return client, address
 
-def start_server(ae: Any, address: tuple[str, int], handlers: list, *, share_port: bool = False) -> _Server:
+    def verify_request(self, request: Any, client_address: Any) -> bool:
+        """Refuse (close at once) a connection beyond `max_connections`: each costs a thread until it ends."""
+        return len(self.active_associations) < self.max_connections
+
+
+def start_server(
+    ae: AE,
+    address: tuple[str, int],
+    handlers: list,
+    *,
+    share_port: bool = False,
+    read_timeout: float | None = 30.0,
+    max_connections: int = 64,
+) -> _Server:
     """Serve `ae` on `address` in a background thread, as `AE.start_server(block=False)` does, on this transport.
 
     With `share_port`, other processes of the same user may listen on the same port (a worker per core).
+    `read_timeout` bounds how long one PDU may take to arrive once it started (seconds; None: forever), and
+    `max_connections` how many connections are served at once, stalled or not. On a pynetdicom other than
+    `TESTED_PYNETDICOM`, pynetdicom's own reactors serve (see the module docstring).
     """
-    server_class = type("NodeServer", (_Server,), {"share_port": share_port})
-    server = ae.make_server(address, evt_handlers=handlers, server_class=server_class, request_handler=_RequestHandler)
+    attributes = {"share_port": share_port, "read_timeout": read_timeout, "max_connections": max_connections}
+    server_class = type("NodeServer", (_Server,), attributes)
+    request_handler = _RequestHandler if FAST_PATH else RequestHandler
+    server = ae.make_server(address, evt_handlers=handlers, server_class=server_class, request_handler=request_handler)
     thread = threading.Thread(target=server.serve_forever, name="nccid-node-acceptor", daemon=True)
     thread.start()
     ae._servers.append(server)  # as pynetdicom does: `server.shutdown()` removes it, `ae.shutdown()` stops it

@@ -21,10 +21,11 @@ from nccid.errors import UploadError
 from nccid.files import md5_file
 from nccid.log import event
 from nccid.site.check import Gate, check_files, outbox_files
+from nccid.site.outbox import UPLOADED_AREAS, HeldPatient, Outbox
 from nccid.store import ObjectStore
 
 JOURNAL = ".upload-journal.jsonl"
-AREAS = ("data", "images")
+AREAS = UPLOADED_AREAS
 
 
 @dataclass
@@ -34,6 +35,8 @@ class UploadResult:
     skipped: int = 0  # verified by an earlier, interrupted run
     bytes: int = 0
     checked: int = 0  # files the gate passed before anything was sent
+    released: int = 0  # held images whose record had arrived, released to images/ before the upload
+    held: list[HeldPatient] | None = None  # patients whose images stay held (not uploaded): no record yet
 
 
 def _journal(outbox: Path) -> tuple[dict, dict[str, dict]]:
@@ -59,9 +62,13 @@ def upload(
     progress: Callable[[int, int], None] | None = None,
     gate: Gate | None = None,
 ) -> UploadResult:
-    """Upload after the gate passes over every file (with `gate`'s knowledge of the site's patients, or with
-    the structural and NHS-number-pattern checks alone)."""
-    outbox = Path(outbox)
+    """Upload the outbox's data/ and images/ to raw-<uploader>/<date>/ after the gate passes over every file
+    (with `gate`'s knowledge of the site's patients, or with the structural, warehouse and NHS-number-pattern
+    checks alone). Held images whose record has arrived are released first; the others stay held. Returns what
+    was sent; raises UploadError (nothing sent on a gate finding; resumable after a failed write)."""
+    box = Outbox(outbox)
+    outbox = box.root
+    released = box.release()
     verdict = check_files(outbox_files(outbox, AREAS), gate or Gate({}))
     if not verdict.clean:
         raise UploadError(
@@ -76,9 +83,9 @@ def upload(
     if not head:
         with open(outbox / JOURNAL, "w") as log:
             log.write(json.dumps({"uploader": uploader, "store": store.url, "date": batch_date}) + "\n")
-    result = UploadResult(date=batch_date, checked=verdict.files)
+    result = UploadResult(date=batch_date, checked=verdict.files, released=released, held=box.held_patients())
     tick = progress or (lambda n, b: None)
-    files = sorted(p for area in AREAS for p in (outbox / area).rglob("*") if p.is_file())
+    files = box.upload_files()
     with open(outbox / JOURNAL, "a") as log:
         for path in files:
             rel = path.relative_to(outbox).as_posix()

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 from nccid.contracts.layout import GROUPS, MODALITY_FOLDERS
 from nccid.store import ObjectStore
-from nccid.warehouse.catalog import Catalog
+from nccid.warehouse.catalog import Catalog, bind
 
 STATS_PREFIX = "stats/"
 LATEST_KEY = "stats/latest.json"
@@ -75,7 +75,7 @@ def covid_status(kind: str, record: dict) -> str:
 
 def _latest_records(catalog: Catalog) -> list[tuple]:
     """Per patient: (pseudonym, group, latest key, its kind, first upload, last upload)."""
-    return catalog.query(
+    return catalog.sql_query(
         """
         SELECT c.patient, c.grp,
                COALESCE(
@@ -93,7 +93,7 @@ def patient_table(store: ObjectStore, catalog: Catalog) -> list[dict]:
     latest = _latest_records(catalog)
     counts: dict[tuple[str, str], int] = {
         (p, f): n
-        for p, f, n in catalog.query("SELECT patient, folder, COUNT(DISTINCT study) FROM instances GROUP BY 1, 2")
+        for p, f, n in catalog.sql_query("SELECT patient, folder, COUNT(DISTINCT study) FROM instances GROUP BY 1, 2")
     }
     with cf.ThreadPoolExecutor(max_workers=8) as pool:
         records = list(pool.map(lambda row: json.loads(store.read(row[2])), latest))
@@ -122,7 +122,7 @@ def patient_table(store: ObjectStore, catalog: Catalog) -> list[dict]:
 def study_tables(catalog: Catalog) -> dict[str, list[dict]]:
     tables: dict[str, list[dict]] = {}
     for folder in MODALITY_FOLDERS:
-        rows = catalog.query(
+        rows = catalog.sql_query(
             """
             SELECT patient, grp, MIN(sex), MIN(age), MIN(study_date), study, MIN(body_part), MIN(manufacturer),
                    MIN(model), MIN(modality), COUNT(*)
@@ -173,6 +173,13 @@ def headline(patients: list[dict], studies: dict[str, list[dict]]) -> dict[str, 
 
 
 def compute(store: ObjectStore, catalog: Catalog, date: str | None = None) -> Statistics:
+    """The statistics of the processed layout as the catalog indexes it, for `publish` to write.
+
+    Reads the catalog through its read-only contract and the latest clinical record of each patient from the
+    store. Refuses (raises :class:`~nccid.errors.CatalogError`, saying how to rebuild) a catalog that belongs
+    to another store, or an empty catalog for a store that holds processed data: zeros are never published.
+    """
+    bind(store, catalog, writing=False)
     patients = patient_table(store, catalog)
     studies = study_tables(catalog)
     stats = Statistics(

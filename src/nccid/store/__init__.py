@@ -12,6 +12,7 @@ from nccid.store.base import (
     ObjectNotFound,
     ObjectStore,
     StoreError,
+    StoreMissing,
     check_key,
 )
 from nccid.store.local import LocalStore
@@ -24,22 +25,36 @@ __all__ = [
     "ObjectNotFound",
     "ObjectStore",
     "StoreError",
+    "StoreMissing",
     "check_key",
     "open_store",
 ]
 
 
-def open_store(url: str | os.PathLike[str]) -> ObjectStore:
-    """`file:///path`, a plain path, or (with the S3 backend) `s3://bucket[/prefix]`."""
+def open_store(url: str | os.PathLike[str], *, must_exist: bool = False) -> ObjectStore:
+    """The store at `file:///path`, a plain path, or (with the S3 backend) `s3://bucket[/prefix]`.
+
+    With `must_exist`, a store that is not there (a mistyped folder, a path that is a file, a bucket that does
+    not exist) raises StoreMissing instead of being created: only commands that make a store create one.
+    Raises StoreError for a URL of another scheme.
+    """
     text = os.fspath(url)
     parsed = urlparse(text)
     if parsed.scheme in ("", "file"):
-        path = unquote(parsed.path) if parsed.scheme == "file" else text
-        return LocalStore(os.path.expanduser(path))
+        path = os.path.expanduser(unquote(parsed.path) if parsed.scheme == "file" else text)
+        if must_exist and not os.path.isdir(path):
+            what = "is a file, not a store folder" if os.path.exists(path) else "does not exist"
+            raise StoreMissing(f"store {path} {what}: check the path (nothing was created)")
+        if os.path.isfile(path):
+            raise StoreMissing(f"store {path} is a file, not a store folder")
+        return LocalStore(path)
     if parsed.scheme == "s3":
         try:
             from nccid.store.s3 import S3Store
         except ImportError as exc:  # pragma: no cover - depends on the installation
             raise StoreError(f"S3 support is not installed, needed for {text}: {exc}") from exc
-        return S3Store.from_url(text)
+        store = S3Store.from_url(text)
+        if must_exist:
+            store.check_bucket()
+        return store
     raise StoreError(f"unsupported store URL {text!r}: use a path, file:///path or s3://bucket")

@@ -30,6 +30,7 @@ from nccid.store.base import (
     ObjectNotFound,
     ObjectStore,
     StoreError,
+    StoreMissing,
     check_key,
     check_prefix,
 )
@@ -331,6 +332,17 @@ class S3Store(ObjectStore):
             self.client.delete_object(Bucket=self.bucket, Key=self._key(key))
         except ClientError as exc:
             raise self._fail(exc, key) from exc
+
+    def check_bucket(self) -> None:
+        """Raise StoreMissing if the bucket does not exist. A key that may not look (an uploader's write-only
+        key is refused HEAD) counts as there: the write itself will say if it is not."""
+        try:
+            self.client.head_bucket(Bucket=self.bucket)
+        except ClientError as exc:
+            if _code(exc) in ("404", "NoSuchBucket", "NotFound"):
+                raise StoreMissing(f"bucket {self.bucket} does not exist at {self.endpoint_url or 'AWS S3'}") from exc
+            if _code(exc) not in ("403", "AccessDenied", "Forbidden"):
+                raise self._fail(exc, "") from exc
 
     def create_bucket(self) -> None:
         """For tests and a fresh local server; production buckets are made by their owners."""

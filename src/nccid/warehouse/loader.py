@@ -19,12 +19,14 @@ the next run finds them already present with the same checksum and records them.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import ctypes
 import datetime as dt
 import json
 import multiprocessing
 import os
 import re
 import secrets
+import signal
 import tempfile
 import time
 from collections import Counter
@@ -43,15 +45,19 @@ from nccid.contracts.layout import (
     metadata_key,
     parse_raw_key,
 )
+from nccid.errors import StoreError
 from nccid.log import event
 from nccid.store import LocalStore, ObjectExists, ObjectInfo, ObjectStore
-from nccid.warehouse.catalog import FINAL_OUTCOMES, Catalog, ClinicalRow, Instance, RawRow
+from nccid.warehouse import rules
+from nccid.warehouse.catalog import Catalog, ClinicalRow, Instance, RawRow, StagedRecord, bind
 from nccid.warehouse.clinical import ClinicalRecord, ClinicalRejected, check_clinical
 from nccid.warehouse.config import WarehouseConfig, group_for, load_config
+from nccid.warehouse.rules import Outcome
 
 REPORT_PREFIX = "reports/load/"
 _PSEUDONYM_IN_TEXT = re.compile(r"\bCovid[0-9]+\b")
 BATCH = 256
+_PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 Progress = Callable[[str, int, int], None]  # (phase, objects, bytes)
 
 
@@ -132,14 +138,24 @@ class Examined:
 
 
 def examine_image(store: ObjectStore, key: str, size: int) -> Examined:
-    """Read only the header of a raw image, decide whether it can be filed, and prepare its metadata JSON."""
-    with store.open(key, size) as reader:
-        try:
+    """Read only the header of a raw image, decide whether it can be filed, and prepare its metadata JSON.
+
+    Returns the facts and metadata, or the reason the image is quarantined. A store failure propagates (the
+    load stops, to be re-run); any other failure while examining this ONE object becomes its quarantine reason
+    (defence in depth: one bad file must never stop every load).
+    """
+    reader = None
+    try:
+        with store.open(key, size) as reader:
             ds = read_header(reader, size)
             facts = image_facts(ds)
             metadata = metadata_json(ds)
-        except ImageRejected as exc:
-            return Examined(key, reason=exc.reason, bytes_read=_fetched(reader))
+    except ImageRejected as exc:
+        return Examined(key, reason=exc.reason, bytes_read=_fetched(reader))
+    except StoreError:
+        raise
+    except Exception as exc:  # see the docstring
+        return Examined(key, reason=rules.unexpected(exc), bytes_read=_fetched(reader))
     return Examined(key, facts=facts, metadata=metadata, bytes_read=_fetched(reader))
 
 
@@ -234,10 +250,29 @@ class _InlineExecutor:
         return None
 
 
+def _die_with_parent(parent: int) -> None:
+    """In a worker: ask the kernel for SIGKILL when the loader dies (even by kill -9), and exit if it already has.
+
+    Without this a killed loader leaves its workers blocked on their pipe forever (issue 13.6).
+    """
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):  # not Linux: the pool's own pipe watch remains
+        pass
+    if os.getppid() != parent:
+        os._exit(1)
+
+
 def _executor(workers: int) -> cf.Executor | _InlineExecutor:
     if workers <= 1:
         return _InlineExecutor()
-    return cf.ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("fork"))
+    return cf.ProcessPoolExecutor(
+        max_workers=workers,
+        mp_context=multiprocessing.get_context("fork"),
+        initializer=_die_with_parent,
+        initargs=(os.getpid(),),
+    )
 
 
 def _batches(items: Iterable, size: int = BATCH) -> Iterator[list]:
@@ -256,6 +291,15 @@ def new_run_id() -> str:
 
 # -- the loader -----------------------------------------------------------------------------------------
 class Loader:
+    """One load of everything new under the configured raw prefixes: list -> examine -> decide -> file -> record.
+
+    Clinical records go first (they decide patients' groups), then images. The decisions are the pure rules of
+    `nccid.warehouse.rules`; this class does the I/O around them. `run` returns the :class:`LoadReport`; it raises
+    :class:`~nccid.errors.ConfigError` for a missing or malformed config.json, :class:`~nccid.errors.StoreError`
+    when the store fails (nothing half-done survives: re-run the same load), and
+    :class:`~nccid.errors.CatalogError` when the catalog belongs to another store or another load holds it.
+    """
+
     def __init__(
         self,
         store: ObjectStore,
@@ -277,57 +321,42 @@ class Loader:
         self.config: WarehouseConfig = load_config(store)
         self.report = LoadReport(run_id=new_run_id(), store=store.url, mode=mode.value, started=_now())
 
-    # .. listing ..........................................................................................
-    def _clinical_listing(self) -> Iterator[ObjectInfo]:
-        for prefix in self.config.raw_prefixes:
-            for date_dir in self.store.list_dirs(prefix):
-                if is_upload_date(date_dir[len(prefix) : -1]):
-                    yield from self.store.list(date_dir + "data/")
-
-    @staticmethod
-    def _is_clinical_area(key: str) -> bool:
-        parts = key.split("/", 3)
-        return len(parts) == 4 and parts[2] == "data" and is_upload_date(parts[1])
-
-    def _record(self, rows: list[RawRow]) -> None:
-        """Record outcomes; one looked at again with the same result (a held record) counts as unchanged."""
-        if self.mode is Mode.REBUILD:
-            rows = [r for r in rows if r.outcome != "unfiled"]
-        before = self.catalog.raw_rows([r.key for r in rows])
-        changed = [r for r in rows if before.get(r.key) != r]
-        self.catalog.record_raw(changed, self.report.run_id)
-        self.report.unchanged += len(rows) - len(changed)
-        for row in changed:
-            self.report.add(row)
+    # .. the run ..........................................................................................
+    def run(self) -> LoadReport:
+        """Load clinical records, then images; write the run report; return it."""
+        start = time.perf_counter()
+        if self.mode is not Mode.REBUILD:
+            bind(self.store, self.catalog, writing=self.write)
+        if self.write:
+            self.catalog.hold_for_run(self.report.run_id)
+            if isinstance(self.store, LocalStore):
+                self.store.clean_temp()
+        try:
+            with _executor(self.workers) as pool, self.io:
+                self.load_clinical()
+                self.load_images(pool)
+            self._finish(time.perf_counter() - start)
+        finally:
+            self.catalog.release()
+        return self.report
 
     # .. clinical records .................................................................................
     def load_clinical(self) -> None:
-        db = self.catalog.db
-        db.execute("DROP TABLE IF EXISTS temp.stage")
-        db.execute(
-            "CREATE TEMP TABLE stage (key TEXT PRIMARY KEY, size INTEGER, checksum TEXT, pseudonym TEXT, "
-            "kind TEXT, date TEXT, centre TEXT, proposed TEXT, note TEXT DEFAULT '')"
-        )
+        """List -> read and check -> decide each new patient's group -> file -> record."""
+        self.catalog.stage_begin()
         for batch in _batches(self._clinical_listing()):
             known = self.catalog.raw_rows([i.key for i in batch])
+            todo = [i for i in batch if rules.clinical_needs_checking(known.get(i.key), i.size, i.checksum)]
+            self.report.unchanged += len(batch) - len(todo)
             held: list[RawRow] = []
-            todo = []
-            for info in batch:
-                row = known.get(info.key)
-                unchanged = row and row.size == info.size and row.checksum == info.checksum
-                if unchanged and row.outcome != "held":
-                    self.report.unchanged += 1
-                    continue
-                todo.append(info)
+            staged: list[StagedRecord] = []
             for info, record in zip(todo, self.io.map(self._check_clinical, todo), strict=True):
                 if isinstance(record, ClinicalRejected):
-                    held.append(RawRow(info.key, info.size, info.checksum, "clinical", "held", record.reason))
+                    held.append(RawRow(info.key, info.size, info.checksum, "clinical", Outcome.HELD, record.reason))
                     continue
                 proposed = group_for(record.centre, record.pseudonym, self.config) or ""
-                db.execute(
-                    "INSERT INTO stage (key, size, checksum, pseudonym, kind, date, centre, proposed) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                    (
+                staged.append(
+                    StagedRecord(
                         info.key,
                         info.size,
                         info.checksum,
@@ -336,66 +365,68 @@ class Loader:
                         record.date,
                         record.centre,
                         proposed,
-                    ),
+                    )
                 )
+            self.catalog.stage(staged)
             self._record(held)
             self.progress("clinical", len(batch), 0)
         self._decide_groups()
         self._file_clinical()
-        db.execute("DROP TABLE temp.stage")
+        self.catalog.stage_end()
         self.catalog.commit()
 
+    def _clinical_listing(self) -> Iterator[ObjectInfo]:
+        for prefix in self.config.raw_prefixes:
+            for date_dir in self.store.list_dirs(prefix):
+                if is_upload_date(date_dir[len(prefix) : -1]):
+                    yield from self.store.list(date_dir + "data/")
+
     def _check_clinical(self, info: ObjectInfo) -> ClinicalRecord | ClinicalRejected:
-        """The record, or the reason it is held (returned, not raised, so that reads can run in threads)."""
+        """The record, or the reason it is held (returned, not raised, so that reads can run in threads).
+
+        A store failure propagates (the load stops, to be re-run); any other failure while checking ONE record
+        holds that record with the reason, never stops the load.
+        """
         try:
             return check_clinical(parse_raw_key(info.key), self.store.read(info.key))
         except LayoutError as exc:
             return ClinicalRejected(str(exc))
         except ClinicalRejected as exc:
             return exc
+        except StoreError:
+            raise
+        except Exception as exc:  # defence in depth: one bad record must not stop every load
+            return ClinicalRejected(rules.unexpected(exc))
 
     def _decide_groups(self) -> None:
         """A new patient's group comes from their first record; records that disagree are held, not guessed."""
-        db = self.catalog.db
-        new_patients = db.execute(
-            "SELECT pseudonym, COUNT(DISTINCT proposed) FROM stage WHERE proposed != '' AND pseudonym NOT IN "
-            "(SELECT pseudonym FROM patients) GROUP BY pseudonym ORDER BY pseudonym"
-        ).fetchall()
-        for pseudonym, n_groups in new_patients:
-            rows = db.execute(
-                "SELECT key, centre, proposed FROM stage WHERE pseudonym = ? AND proposed != '' ORDER BY date, key",
-                (pseudonym,),
-            ).fetchall()
-            if n_groups == 1:
-                if self.mode is not Mode.REBUILD:  # a rebuild only records what the store already decided
-                    key, centre, group = rows[0]
-                    self.catalog.add_patient(pseudonym, group, centre, key)
-                continue
-            detail = "; ".join(f"{k} (SubmittingCentre {c!r}) -> {g}" for k, c, g in rows[:6])
-            note = f"records disagree on {pseudonym}'s group; fix config.json or a record to decide: {detail}"
-            db.execute(
-                "UPDATE stage SET proposed = 'disagree', note = ? WHERE pseudonym = ? AND proposed != ''",
-                (note, pseudonym),
-            )
+        for records in self.catalog.staged_new_patients():
+            pseudonym = records[0].pseudonym
+            decision = rules.decide_group(pseudonym, records)
+            if decision.disagreement:
+                self.catalog.stage_disagreement(pseudonym, decision.disagreement)
+            elif self.mode is not Mode.REBUILD:  # a rebuild only records what the store already decided
+                self.catalog.add_patient(pseudonym, decision.group, decision.centre, decision.decided_by)
 
     def _file_clinical(self) -> None:
-        db = self.catalog.db
-        cursor = db.execute(
-            "SELECT key, size, checksum, pseudonym, kind, date, centre, proposed, note FROM stage ORDER BY date, key"
-        )
-        while batch := cursor.fetchmany(BATCH):
-            groups = self.catalog.patient_groups(r[3] for r in batch)
+        for batch in self.catalog.staged(BATCH):
+            groups = self.catalog.patient_groups(r.pseudonym for r in batch)
             planned: dict[str, ClinicalRow] = {}
-            decided = [self._decide_clinical(r, groups.get(r[3]), planned) for r in batch]
+            decided: list[RawRow | ClinicalRow] = []
+            for staged in batch:
+                group = groups.get(staged.pseudonym)
+                dest = clinical_key(group, staged.pseudonym, staged.kind, staged.date) if group else ""
+                existing = (planned.get(dest) or self.catalog.clinical_at(dest)) if group else None
+                decision, warning = rules.clinical_decision(staged, group, existing, dest)
+                if warning:
+                    self.report.warnings.append(warning)
+                if isinstance(decision, ClinicalRow):
+                    planned[dest] = decision
+                decided.append(decision)
             to_place = [d for d in decided if isinstance(d, ClinicalRow)]
-            statuses = dict(
-                zip(
-                    (c.source for c in to_place),
-                    self.io.map(lambda c: place(self.store, c.source, c.dest, c.checksum, self.write), to_place),
-                    strict=True,
-                )
-            )
-            rows = []
+            statuses = self.io.map(lambda c: place(self.store, c.source, c.dest, c.checksum, self.write), to_place)
+            status_of = dict(zip((c.source for c in to_place), statuses, strict=True))
+            rows: list[RawRow] = []
             for decision in decided:
                 if isinstance(decision, RawRow):
                     rows.append(decision)
@@ -405,205 +436,139 @@ class Loader:
                     decision.size,
                     decision.checksum,
                     "clinical",
-                    "held",
+                    Outcome.HELD,
                     patient=decision.patient,
                     centre=decision.centre,
                     dest=decision.dest,
                 )
-                status = statuses[decision.source]
-                if status == "different":
-                    rows.append(
-                        replace(base, outcome="conflict", reason=f"{decision.dest} exists with different content")
-                    )
-                elif status == "absent" and self.mode is Mode.REBUILD:
-                    rows.append(replace(base, outcome="unfiled"))
-                else:
+                row = rules.placed(base, status_of[decision.source], decision.dest, self.mode is Mode.REBUILD)
+                if row.outcome == Outcome.FILED:
                     self.catalog.record_clinical(decision)
-                    rows.append(replace(base, outcome="filed"))
+                rows.append(row)
             self._record(rows)
         self.catalog.commit()
 
-    def _decide_clinical(
-        self, staged: tuple, group: str | None, planned: dict[str, ClinicalRow]
-    ) -> RawRow | ClinicalRow:
-        """The outcome of a staged record, or (a ClinicalRow) where it is to be placed."""
-        key, size, checksum, pseudonym, kind, date, centre, proposed, note = staged
-        base = RawRow(key, size, checksum, "clinical", "held", patient=pseudonym, centre=centre)
-        if proposed == "disagree":
-            return replace(base, reason=note)
-        if proposed == "":
-            return replace(base, reason=f"SubmittingCentre {centre!r} is not configured in config.json 'sites'")
-        if group is None:  # rebuild mode: the store has no record of this patient yet
-            return replace(base, outcome="unfiled")
-        if proposed != group:
-            self.report.warnings.append(
-                f"{key}: SubmittingCentre {centre!r} would put {pseudonym} in {proposed}, "
-                f"but the patient is in {group} already and stays there"
-            )
-        dest = clinical_key(group, pseudonym, kind, date)
-        existing = planned.get(dest) or self.catalog.clinical_at(dest)
-        if existing and existing.source not in ("", key):
-            if existing.checksum == checksum:
-                return replace(
-                    base, outcome="duplicate", dest=dest, reason=f"same record already filed from {existing.source}"
-                )
-            return replace(
-                base,
-                outcome="conflict",
-                dest=dest,
-                reason=f"{dest} is already filed from {existing.source} with different content; "
-                "send a correction under a new upload date",
-            )
-        planned[dest] = ClinicalRow(dest, pseudonym, group, kind, date, centre, checksum, size, key)
-        return planned[dest]
-
     # .. images ...........................................................................................
     def load_images(self, pool: cf.Executor | _InlineExecutor) -> None:
+        """Per batch of the raw listing: select -> examine (workers) -> decide -> file (workers) -> record."""
         for prefix in self.config.raw_prefixes:
             listing = (i for i in self.store.list(prefix) if not self._is_clinical_area(i.key))
             for batch in _batches(listing):
-                self._image_batch(batch, pool)
+                todo = self._select_images(batch)
+                if todo:
+                    examined = self._examine(todo, pool)
+                    rows, plans = self._decide_images(todo, examined)
+                    rows += self._file_images(plans, pool)
+                    self._record(rows)
+                self.progress("images", len(batch), sum(i.size for i in todo))
                 self.catalog.commit()
 
-    def _image_batch(self, batch: list[ObjectInfo], pool: cf.Executor | _InlineExecutor) -> None:
+    @staticmethod
+    def _is_clinical_area(key: str) -> bool:
+        parts = key.split("/", 3)
+        return len(parts) == 4 and parts[2] == "data" and is_upload_date(parts[1])
+
+    def _select_images(self, batch: list[ObjectInfo]) -> list[ObjectInfo]:
+        """The images of the batch to examine; unchanged ones are counted, stray files held (and recorded)."""
         known = self.catalog.raw_rows([i.key for i in batch])
-        pending_patients = {r.patient for r in known.values() if r.outcome == "pending"}
-        now_known = self.catalog.patient_groups(pending_patients) if pending_patients else {}
+        pending_patients = {r.patient for r in known.values() if r.outcome == Outcome.PENDING}
+        grouped = self.catalog.patient_groups(pending_patients) if pending_patients else {}
         todo: list[ObjectInfo] = []
         stray: list[RawRow] = []
         for info in batch:
-            row = known.get(info.key)
-            if row and row.size == info.size and row.checksum == info.checksum:
-                if row.outcome in FINAL_OUTCOMES or row.outcome == "held":
-                    self.report.unchanged += 1
-                    continue
-                if row.outcome == "pending" and row.patient not in now_known:
-                    self.report.unchanged += 1
-                    continue
-            try:
-                raw = parse_raw_key(info.key)
-            except LayoutError as exc:
-                stray.append(RawRow(info.key, info.size, info.checksum, "other", "held", str(exc)))
+            if not rules.image_needs_examining(known.get(info.key), info.size, info.checksum, grouped):
+                self.report.unchanged += 1
                 continue
-            assert raw.area == "images"
+            try:
+                parse_raw_key(info.key)
+            except LayoutError as exc:
+                stray.append(RawRow(info.key, info.size, info.checksum, "other", Outcome.HELD, str(exc)))
+                continue
             todo.append(info)
         self._record(stray)
-        if not todo:
-            self.progress("images", len(batch), 0)
-            return
+        return todo
+
+    def _examine(self, todo: list[ObjectInfo], pool: cf.Executor | _InlineExecutor) -> list[Examined]:
         chunks = _split([(i.key, i.size) for i in todo], self.workers)
         n = len(chunks)
         examined = [e for part in pool.map(examine_many, [self.store] * n, chunks, [self.threads] * n) for e in part]
         self.report.images_examined += len(examined)
         self.report.header_bytes_read += sum(e.bytes_read for e in examined)
+        return examined
+
+    def _decide_images(
+        self, todo: list[ObjectInfo], examined: list[Examined]
+    ) -> tuple[list[RawRow], list[tuple[ImagePlan, Instance, RawRow]]]:
+        """Each examined image's outcome, or its plan to be filed (with its catalog row)."""
         groups = self.catalog.patient_groups(e.facts.patient for e in examined if e.facts)
         instances = self.catalog.instances_by_sop([e.facts.sop for e in examined if e.facts])
         planned: dict[str, Instance] = {}
         rows: list[RawRow] = []
         plans: list[tuple[ImagePlan, Instance, RawRow]] = []
         for info, exam in zip(todo, examined, strict=True):
-            base = RawRow(info.key, info.size, info.checksum, "image", "quarantined")
+            base = RawRow(info.key, info.size, info.checksum, "image", Outcome.QUARANTINED)
             if exam.facts is None:
-                rows.append(replace(base, reason=exam.reason))
+                rows.append(rules.quarantined(base, exam.reason))
                 continue
             facts = exam.facts
             base = replace(base, patient=facts.patient)
             group = groups.get(facts.patient)
-            if group is None:
-                rows.append(replace(base, outcome="pending", reason=self._pending_reason(facts.patient)))
+            held = self.catalog.held_clinical_reason(facts.patient) if group is None else None
+            decision = rules.image_decision(base, group, planned.get(facts.sop) or instances.get(facts.sop), held)
+            if decision is not None:
+                rows.append(decision)
                 continue
-            earlier = planned.get(facts.sop) or instances.get(facts.sop)
-            if earlier is not None and earlier.source not in ("", info.key):
-                if earlier.checksum == info.checksum:
-                    rows.append(
-                        replace(
-                            base,
-                            outcome="duplicate",
-                            dest=earlier.dest,
-                            reason=f"same image already filed from {earlier.source}",
-                        )
-                    )
-                else:
-                    rows.append(
-                        replace(
-                            base,
-                            outcome="conflict",
-                            dest=earlier.dest,
-                            reason=f"SOP Instance UID {facts.sop} is already filed from {earlier.source} "
-                            "with different content",
-                        )
-                    )
-                continue
-            dest = image_key(group, facts.folder, facts.patient, facts.study, facts.series, facts.sop)
-            inst = Instance(
-                sop=facts.sop,
-                dest=dest,
-                checksum=info.checksum,
-                size=info.size,
-                meta_size=len(exam.metadata),
-                patient=facts.patient,
-                grp=group,
-                folder=facts.folder,
-                modality=facts.modality,
-                study=facts.study,
-                series=facts.series,
-                sex=facts.fields["PatientSex"],
-                age=facts.fields["PatientAge"],
-                study_date=facts.fields["StudyDate"],
-                body_part=facts.fields["BodyPartExamined"],
-                manufacturer=facts.fields["Manufacturer"],
-                model=facts.fields["ManufacturerModelName"],
-                source=info.key,
-            )
+            assert group is not None
+            inst = _instance(info, exam, group)
             planned[facts.sop] = inst
-            plans.append((ImagePlan(info.key, info.checksum, dest, metadata_key(dest), exam.metadata), inst, base))
-        plan_chunks = _split([p[0] for p in plans], self.workers) if plans else []
-        n = len(plan_chunks)
+            plans.append(
+                (ImagePlan(info.key, info.checksum, inst.dest, metadata_key(inst.dest), exam.metadata), inst, base)
+            )
+        return rows, plans
+
+    def _file_images(
+        self, plans: list[tuple[ImagePlan, Instance, RawRow]], pool: cf.Executor | _InlineExecutor
+    ) -> list[RawRow]:
+        """Place the planned images (workers), then record each filed instance; returns their outcomes."""
+        if not plans:
+            return []
+        chunks = _split([p[0] for p in plans], self.workers)
+        n = len(chunks)
         statuses = [
             status
-            for part in pool.map(file_many, [self.store] * n, plan_chunks, [self.write] * n, [self.threads] * n)
+            for part in pool.map(file_many, [self.store] * n, chunks, [self.write] * n, [self.threads] * n)
             for status in part
         ]
+        rows = []
         for (plan, inst, base), status in zip(plans, statuses, strict=True):
-            if status == "different":
-                rows.append(
-                    replace(
-                        base, outcome="conflict", dest=plan.dest, reason=f"{plan.dest} exists with different content"
-                    )
-                )
-                continue
-            if status == "absent" and self.mode is Mode.REBUILD:
-                rows.append(replace(base, outcome="unfiled"))
-                continue
-            self.catalog.record_instance(inst)
-            rows.append(replace(base, outcome="filed", dest=plan.dest, reason=""))
-            self.report.images_filed += 1
-            self.report.bytes_filed += inst.size + inst.meta_size
-        self._record(rows)
-        self.progress("images", len(batch), sum(i.size for i in todo))
+            row = rules.placed(base, status, plan.dest, self.mode is Mode.REBUILD)
+            if row.outcome == Outcome.FILED:
+                self.catalog.record_instance(inst)
+                self.report.images_filed += 1
+                self.report.bytes_filed += inst.size + inst.meta_size
+            rows.append(row)
+        return rows
 
-    def _pending_reason(self, patient: str) -> str:
-        held = self.catalog.query(
-            "SELECT key, reason FROM raw_objects WHERE patient = ? AND kind = 'clinical' AND outcome = 'held' "
-            "ORDER BY key LIMIT 1",
-            (patient,),
-        )
-        if held:
-            return f"clinical record of {patient} is held: {held[0][1]}"
-        return f"no clinical record for {patient} yet"
+    # .. recording ........................................................................................
+    def _record(self, rows: list[RawRow]) -> None:
+        """Record outcomes; one looked at again with the same result (a held record) counts as unchanged."""
+        if not rows:
+            return
+        if self.mode is Mode.REBUILD:
+            rows = [r for r in rows if r.outcome != Outcome.UNFILED]
+        before = self.catalog.raw_rows([r.key for r in rows])
+        changed = [r for r in rows if before.get(r.key) != r]
+        self.catalog.record_raw(changed, self.report.run_id)
+        self.report.unchanged += len(rows) - len(changed)
+        for row in changed:
+            self.report.add(row)
 
-    # .. the run ..........................................................................................
-    def run(self) -> LoadReport:
-        start = time.perf_counter()
-        if self.write and isinstance(self.store, LocalStore):
-            self.store.clean_temp()
-        with _executor(self.workers) as pool, self.io:
-            self.load_clinical()
-            self.load_images(pool)
+    def _finish(self, duration_s: float) -> None:
+        """Totals, the log event, the run report in the store (load mode) and its row in the catalog."""
         report = self.report
-        report.counts.pop("unfiled", None)
+        report.counts.pop(Outcome.UNFILED.value, None)
         report.finished = _now()
-        report.duration_s = time.perf_counter() - start
+        report.duration_s = duration_s
         report.outstanding = {
             k: v for k, v in sorted(self.catalog.outcome_counts().items()) if k not in ("filed", "duplicate")
         }
@@ -629,7 +594,32 @@ class Loader:
                 json.dumps(dict(report.counts)),
             )
         self.catalog.commit()
-        return report
+
+
+def _instance(info: ObjectInfo, exam: Examined, group: str) -> Instance:
+    """The catalog row of an image about to be filed in `group`."""
+    facts = exam.facts
+    assert facts is not None
+    return Instance(
+        sop=facts.sop,
+        dest=image_key(group, facts.folder, facts.patient, facts.study, facts.series, facts.sop),
+        checksum=info.checksum,
+        size=info.size,
+        meta_size=len(exam.metadata),
+        patient=facts.patient,
+        grp=group,
+        folder=facts.folder,
+        modality=facts.modality,
+        study=facts.study,
+        series=facts.series,
+        sex=facts.fields["PatientSex"],
+        age=facts.fields["PatientAge"],
+        study_date=facts.fields["StudyDate"],
+        body_part=facts.fields["BodyPartExamined"],
+        manufacturer=facts.fields["Manufacturer"],
+        model=facts.fields["ManufacturerModelName"],
+        source=info.key,
+    )
 
 
 def load(

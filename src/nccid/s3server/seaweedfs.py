@@ -32,11 +32,11 @@ from pathlib import Path
 
 import msgpack
 
+from nccid.access.groups import ADMIN_NAME
 from nccid.errors import ServerError
 from nccid.files import write_private
 from nccid.log import event
 
-ADMIN_NAME = "nccid-admin"
 STATE_FILE = "server.json"
 
 

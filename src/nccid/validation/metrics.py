@@ -1,0 +1,277 @@
+"""Performance of a binary score against ground truth: pure functions of arrays, no I/O.
+
+Methods (stated in every report):
+- ROC AUC: scikit-learn's `roc_auc_score`; its 95 % CI by DeLong's method (DeLong, DeLong & Clarke-Pearson
+  1988, in the fast midrank form of Sun & Xu 2014): AUC +/- 1.96 SE, clipped to [0, 1]. Neither scikit-learn
+  nor SciPy provides DeLong, so the structural components are computed here from SciPy's midranks; tests
+  check them against the O(m n) definition and a worked example.
+- ROC curve: scikit-learn's `roc_curve`; its 95 % band by a stratified bootstrap (positives and negatives
+  resampled separately, a fixed seed) of the true positive rate on a fixed grid of false positive rates.
+- Sensitivity, specificity (and any proportion): the Wilson score interval from SciPy's `binomtest`.
+- PPV / NPV at a stated prevalence: Bayes' rule from sensitivity and specificity (their CIs carried through
+  the monotone formula from the Wilson bounds).
+- Calibration: scikit-learn's `brier_score_loss` and `calibration_curve` (ten equal-width bins).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.stats import binomtest, norm, rankdata
+from sklearn.calibration import calibration_curve
+from sklearn.metrics import brier_score_loss, roc_auc_score, roc_curve
+
+Z95 = float(norm.ppf(0.975))
+DEFAULT_PREVALENCES = (0.01, 0.05, 0.1, 0.2, 0.5)
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """A value with its 95 % confidence interval (None where it cannot be computed)."""
+
+    value: float | None
+    low: float | None
+    high: float | None
+
+    def to_json(self) -> dict:
+        return {"value": _round(self.value), "low": _round(self.low), "high": _round(self.high)}
+
+
+NONE = Estimate(None, None, None)
+
+
+def _round(value: float | None, places: int = 4) -> float | None:
+    return None if value is None or not math.isfinite(value) else round(float(value), places)
+
+
+def wilson(successes: int, trials: int) -> Estimate:
+    """The proportion successes/trials with its 95 % Wilson score interval (SciPy); NONE for no trials."""
+    if trials <= 0:
+        return NONE
+    interval = binomtest(int(successes), int(trials)).proportion_ci(confidence_level=0.95, method="wilson")
+    return Estimate(successes / trials, float(interval.low), float(interval.high))
+
+
+def delong_components(y_true: np.ndarray, scores: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
+    """AUC and the structural components (placement values) V10 of each positive and V01 of each negative.
+
+    V10[i] = P(score of a negative < score of positive i) + 1/2 P(equal); V01[j] likewise for negative j.
+    """
+    y = np.asarray(y_true).astype(bool)
+    s = np.asarray(scores, dtype=float)
+    pos, neg = s[y], s[~y]
+    m, n = len(pos), len(neg)
+    all_ranks = rankdata(np.concatenate([pos, neg]))
+    pos_ranks, neg_ranks = rankdata(pos), rankdata(neg)
+    v10 = (all_ranks[:m] - pos_ranks) / n
+    v01 = 1.0 - (all_ranks[m:] - neg_ranks) / m
+    return float(v10.mean()), v10, v01
+
+
+def auc_with_ci(y_true: Sequence[int], scores: Sequence[float]) -> tuple[Estimate, float | None]:
+    """ROC AUC (scikit-learn) and its 95 % DeLong interval; also returns the standard error.
+
+    Needs at least one positive and one negative; else (NONE, None).
+    """
+    y = np.asarray(y_true).astype(int)
+    s = np.asarray(scores, dtype=float)
+    if y.sum() == 0 or y.sum() == len(y):
+        return NONE, None
+    auc = float(roc_auc_score(y, s))
+    _, v10, v01 = delong_components(y, s)
+    m, n = len(v10), len(v01)
+    variance = (v10.var(ddof=1) if m > 1 else 0.0) / m + (v01.var(ddof=1) if n > 1 else 0.0) / n
+    se = math.sqrt(max(variance, 0.0))
+    return Estimate(auc, max(0.0, auc - Z95 * se), min(1.0, auc + Z95 * se)), se
+
+
+def roc_with_band(
+    y_true: Sequence[int], scores: Sequence[float], *, seed: int = 20200406, replicates: int = 500, grid: int = 101
+) -> dict:
+    """The ROC curve (scikit-learn's points) and a 95 % stratified-bootstrap band of TPR on an FPR grid.
+
+    Returns {"points": [{"fpr", "tpr", "threshold"}...], "band": {"fpr": [...], "low": [...], "high": [...]},
+    "method": ...}.
+    """
+    y = np.asarray(y_true).astype(int)
+    s = np.asarray(scores, dtype=float)
+    fpr, tpr, thresholds = roc_curve(y, s)
+    fgrid = np.linspace(0, 1, grid)
+    rng = np.random.default_rng(seed)
+    pos, neg = s[y == 1], s[y == 0]
+    curves = np.empty((replicates, grid))
+    both = np.r_[np.ones(len(pos), int), np.zeros(len(neg), int)]
+    for r in range(replicates):
+        sample = np.r_[rng.choice(pos, len(pos)), rng.choice(neg, len(neg))]
+        f, t, _ = roc_curve(both, sample)
+        curves[r] = np.interp(fgrid, f, t)
+    low, high = np.percentile(curves, [2.5, 97.5], axis=0)
+    return {
+        "points": [
+            {"fpr": _round(f), "tpr": _round(t), "threshold": _round(min(th, 1.0))}
+            for f, t, th in zip(fpr, tpr, thresholds, strict=True)
+        ],
+        "band": {"fpr": [_round(v) for v in fgrid], "low": [_round(v) for v in low], "high": [_round(v) for v in high]},
+        "method": f"stratified bootstrap of TPR on a fixed FPR grid, {replicates} replicates, seed {seed}",
+    }
+
+
+@dataclass(frozen=True)
+class OperatingPoint:
+    threshold: float
+    tp: int
+    fp: int
+    tn: int
+    fn: int
+    sensitivity: Estimate
+    specificity: Estimate
+
+
+def operating_point(y_true: Sequence[int], scores: Sequence[float], threshold: float) -> OperatingPoint:
+    """Counts and sensitivity / specificity (Wilson CIs) when a score >= threshold is called positive."""
+    y = np.asarray(y_true).astype(int)
+    called = np.asarray(scores, dtype=float) >= threshold
+    tp = int(np.sum(called & (y == 1)))
+    fn = int(np.sum(~called & (y == 1)))
+    tn = int(np.sum(~called & (y == 0)))
+    fp = int(np.sum(called & (y == 0)))
+    return OperatingPoint(threshold, tp, fp, tn, fn, wilson(tp, tp + fn), wilson(tn, tn + fp))
+
+
+def ppv_npv(sensitivity: float, specificity: float, prevalence: float) -> tuple[float | None, float | None]:
+    """Positive and negative predictive values at `prevalence` (Bayes' rule); None where undefined."""
+    tp = sensitivity * prevalence
+    fp = (1 - specificity) * (1 - prevalence)
+    tn = specificity * (1 - prevalence)
+    fn = (1 - sensitivity) * prevalence
+    return (tp / (tp + fp) if tp + fp > 0 else None, tn / (tn + fn) if tn + fn > 0 else None)
+
+
+def predictive_values(point: OperatingPoint, prevalences: Iterable[float] = DEFAULT_PREVALENCES) -> list[dict]:
+    """PPV and NPV at each prevalence, with intervals from the Wilson bounds of sensitivity and specificity
+    (PPV rises with both; NPV too), so the interval is conservative rather than exact."""
+    se, sp = point.sensitivity, point.specificity
+    out = []
+    for prevalence in prevalences:
+        if se.value is None or sp.value is None:
+            out.append({"prevalence": prevalence, "ppv": NONE.to_json(), "npv": NONE.to_json()})
+            continue
+        ppv, npv = ppv_npv(se.value, sp.value, prevalence)
+        ppv_low, npv_low = ppv_npv(se.low, sp.low, prevalence)
+        ppv_high, npv_high = ppv_npv(se.high, sp.high, prevalence)
+        out.append(
+            {
+                "prevalence": prevalence,
+                "ppv": Estimate(ppv, ppv_low, ppv_high).to_json(),
+                "npv": Estimate(npv, npv_low, npv_high).to_json(),
+            }
+        )
+    return out
+
+
+def calibration(y_true: Sequence[int], scores: Sequence[float], *, bins: int = 10, min_cell: int = 10) -> dict:
+    """Brier score and the calibration curve (scikit-learn), bins with fewer than `min_cell` cases suppressed.
+
+    Returns {"brier", "bins": [{"low", "high", "n", "mean_score", "observed"}...], "suppressed_bins"}.
+    """
+    y = np.asarray(y_true).astype(int)
+    s = np.asarray(scores, dtype=float)
+    edges = np.linspace(0, 1, bins + 1)
+    which = np.clip(np.searchsorted(edges[1:-1], s, side="right"), 0, bins - 1)
+    observed, predicted = calibration_curve(y, s, n_bins=bins, strategy="uniform")
+    counts = np.bincount(which, minlength=bins)
+    filled = [b for b in range(bins) if counts[b] > 0]  # calibration_curve returns non-empty bins only
+    rows, suppressed = [], 0
+    for b, obs, pred in zip(filled, observed, predicted, strict=True):
+        if counts[b] < min_cell:
+            suppressed += 1
+            continue
+        rows.append(
+            {
+                "low": _round(edges[b]),
+                "high": _round(edges[b + 1]),
+                "n": int(counts[b]),
+                "mean_score": _round(pred),
+                "observed": _round(obs),
+                "observed_ci": wilson(round(obs * counts[b]), int(counts[b])).to_json(),
+            }
+        )
+    return {"brier": _round(float(brier_score_loss(y, s))), "bins": rows, "suppressed_bins": suppressed}
+
+
+def score_histogram(y_true: Sequence[int], scores: Sequence[float], steps: int = 100) -> dict:
+    """Counts of positives and negatives per score step of 1/steps (the operating-point view's data: the
+    counts at any threshold on that grid follow from it, with no case's score given)."""
+    y = np.asarray(y_true).astype(int)
+    index = np.clip(np.floor(np.asarray(scores, dtype=float) * steps + 1e-9).astype(int), 0, steps)
+    return {
+        "steps": steps,
+        "positives": np.bincount(index[y == 1], minlength=steps + 1).tolist(),
+        "negatives": np.bincount(index[y == 0], minlength=steps + 1).tolist(),
+    }
+
+
+def summarise(y_true: Sequence[int], scores: Sequence[float], threshold: float) -> dict:
+    """AUC (DeLong CI), and sensitivity / specificity at `threshold` (Wilson CIs), with counts."""
+    auc, se = auc_with_ci(y_true, scores)
+    point = operating_point(y_true, scores, threshold)
+    return {
+        "n": len(y_true),
+        "positives": point.tp + point.fn,
+        "negatives": point.tn + point.fp,
+        "auc": auc.to_json(),
+        "auc_se": _round(se),
+        "sensitivity": point.sensitivity.to_json(),
+        "specificity": point.specificity.to_json(),
+    }
+
+
+def subgroups(
+    y_true: Sequence[int], scores: Sequence[float], levels: Sequence[str], threshold: float, *, min_cell: int = 10
+) -> dict:
+    """Performance per level of one attribute, with small cells suppressed, and the largest gap.
+
+    A level with fewer than `min_cell` cases shows only that it was suppressed. Within a shown level, the
+    positive and negative counts, sensitivity and specificity are shown only when their class has at least
+    `min_cell` cases, and the AUC only when both classes do. The largest gap is the difference between the
+    highest and lowest shown AUC (and sensitivity, and specificity).
+    """
+    y = np.asarray(y_true).astype(int)
+    s = np.asarray(scores, dtype=float)
+    lv = np.asarray(levels, dtype=object)
+    rows = []
+    for level in sorted(set(lv.tolist())):
+        mask = lv == level
+        n = int(mask.sum())
+        if n < min_cell:
+            rows.append({"level": level, "suppressed": True, "n": f"<{min_cell}"})
+            continue
+        yl, sl = y[mask], s[mask]
+        positives, negatives = int(yl.sum()), int(n - yl.sum())
+        point = operating_point(yl, sl, threshold)
+        show_pos, show_neg = positives >= min_cell, negatives >= min_cell
+        auc = auc_with_ci(yl, sl)[0] if show_pos and show_neg else NONE
+        rows.append(
+            {
+                "level": level,
+                "suppressed": False,
+                "n": n,
+                "positives": positives if show_pos and show_neg else ("0" if positives == 0 else "suppressed"),
+                "negatives": negatives if show_pos and show_neg else ("0" if negatives == 0 else "suppressed"),
+                "auc": auc.to_json(),
+                "sensitivity": (point.sensitivity if show_pos else NONE).to_json(),
+                "specificity": (point.specificity if show_neg else NONE).to_json(),
+            }
+        )
+    gaps = {}
+    for metric in ("auc", "sensitivity", "specificity"):
+        shown = [
+            (r[metric]["value"], r["level"]) for r in rows if not r["suppressed"] and r[metric]["value"] is not None
+        ]
+        if len(shown) >= 2:
+            (low, low_level), (high, high_level) = min(shown), max(shown)
+            gaps[metric] = {"gap": _round(high - low), "lowest": low_level, "highest": high_level}
+    return {"levels": rows, "largest_gap": gaps}

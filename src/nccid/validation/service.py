@@ -1,0 +1,353 @@
+"""The validation service: submissions, dry runs, sealed runs, report release and the audit log, in a
+validator's workspace folder. The CLI (and later the portal) call these functions and hold no rules.
+
+Workspace layout (owner-only, 0700):
+    audit.jsonl                             the append-only audit log
+    submissions/<id>/model/                 the submitted folder, copied (read-only inside the sandbox)
+    submissions/<id>/submission.json        manifest, model hash, who and when
+    runs/<run>/private/                     cohort manifest, ground truth, raw outputs, logs (never released)
+    runs/<run>/report/                      the vendor-facing report (released by `release`)
+    releases/<run>/                         released copies
+
+A dry run uses synthetic radiographs: its report includes the model's logs and raw outputs, which the vendor
+may see. A sealed run uses the warehouse's validation cohort: the materialised inputs are deleted when the
+run ends (the cohort manifest keeps their keys and checksums), and only the report is ever released.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import os
+import random
+import secrets
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+import nccid
+from nccid.errors import SubmissionError, ValidationRunError
+from nccid.files import write_private
+from nccid.store import ObjectStore
+from nccid.synth import dicom as synth_dicom
+from nccid.validation import audit
+from nccid.validation.analysis import DEFAULT_MIN_CELL, analyse
+from nccid.validation.cohort import (
+    Case,
+    Cohort,
+    age_band,
+    canonical_hash,
+    materialise,
+    opaque_dicom,
+    select_cohort,
+    write_case,
+)
+from nccid.validation.manifest import MANIFEST_NAME, TASKS, Manifest, load_manifest
+from nccid.validation.predictions import PREDICTIONS_NAME, read_predictions
+from nccid.validation.report import write_report
+from nccid.validation.sandbox import Limits, SandboxResult, prepare_output, remove_tree, run_sandboxed
+
+_IGNORED = {"__pycache__", ".git", ".mypy_cache", ".pytest_cache"}
+
+
+@dataclass(frozen=True)
+class Submission:
+    id: str
+    manifest: Manifest
+    model_hash: str
+    model_dir: Path
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    """What a run produced, for the shell to print."""
+
+    run: str
+    kind: str  # dry_run | sealed_run
+    submission: str
+    sandbox: SandboxResult
+    report_dir: Path
+    results: dict[str, Any]
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+
+
+def code_version() -> str:
+    """nccid's version and the SHA-256 (first 16 hex) of the validation package's source: what computed it."""
+    digest = hashlib.sha256()
+    for path in sorted(Path(__file__).parent.glob("*.py")):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return f"nccid {nccid.__version__}, validation code {digest.hexdigest()[:16]}"
+
+
+def model_hash(folder: Path) -> str:
+    """SHA-256 over every file of the model folder (relative path and content), in path order."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        relative = path.relative_to(folder).as_posix()
+        digest.update(f"{relative}\0{hashlib.sha256(path.read_bytes()).hexdigest()}\n".encode())
+    return digest.hexdigest()
+
+
+class Workspace:
+    """A validator's workspace folder (see the module docstring)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.audit_path = self.root / "audit.jsonl"
+
+    # -- submissions -----------------------------------------------------------------------------------
+    def submit(self, folder: Path, who: str) -> Submission:
+        """Check the submission folder's manifest, copy the folder into the workspace and log it.
+
+        Returns the Submission (its id is `<name>-<version>-<hash prefix>`; the same folder twice gives the
+        same submission, logged once). Raises SubmissionError for a bad manifest, or a symbolic link or
+        special file in the folder (it could point at the host's files).
+        """
+        folder = Path(folder)
+        manifest = load_manifest(folder)
+        for path in folder.rglob("*"):
+            if path.is_symlink() or not (path.is_file() or path.is_dir()):
+                raise SubmissionError(f"{path}: symbolic links and special files are not accepted in a submission")
+        staging = self.root / "submissions" / f".incoming-{secrets.token_hex(4)}"
+        shutil.copytree(folder, staging / "model", ignore=shutil.ignore_patterns(*_IGNORED))
+        for path in [staging / "model", *(staging / "model").rglob("*")]:
+            path.chmod(0o755 if path.is_dir() or os.access(path, os.X_OK) else 0o644)
+        digest = model_hash(staging / "model")
+        sub_id = f"{manifest.name}-{manifest.version}-{digest[:12]}"
+        final = self.root / "submissions" / sub_id
+        if final.exists():
+            remove_tree(staging)
+            return self.submission(sub_id)
+        record = {"id": sub_id, "manifest": manifest.to_json(), "model_hash": digest, "who": who, "time": _now()}
+        write_private(staging / "submission.json", json.dumps(record, indent=1) + "\n")
+        staging.rename(final)
+        audit.append(self.audit_path, "submission", who, submission=sub_id, model_hash=digest, vendor=manifest.vendor)
+        return Submission(sub_id, manifest, digest, final / "model")
+
+    def submission(self, sub_id: str) -> Submission:
+        """A stored submission. Raises ValidationRunError when there is none of that id."""
+        folder = self.root / "submissions" / sub_id
+        if not sub_id or "/" in sub_id or sub_id.startswith(".") or not (folder / "submission.json").exists():
+            known = ", ".join(self.submissions()) or "none yet"
+            raise ValidationRunError(
+                f"no submission {sub_id!r} (known: {known}); submit one with `nccid validate submit`"
+            )
+        record = json.loads((folder / "submission.json").read_text())
+        return Submission(sub_id, load_manifest(folder / "model"), record["model_hash"], folder / "model")
+
+    def submissions(self) -> list[str]:
+        base = self.root / "submissions"
+        return sorted(p.name for p in base.iterdir() if not p.name.startswith(".")) if base.exists() else []
+
+    # -- runs ------------------------------------------------------------------------------------------
+    def _new_run(self, kind: str) -> tuple[str, Path]:
+        run = f"{dt.datetime.now(dt.UTC).strftime('%Y%m%dT%H%M%S')}-{kind.split('_')[0]}-{secrets.token_hex(3)}"
+        folder = self.root / "runs" / run
+        (folder / "private").mkdir(mode=0o700, parents=True)
+        return run, folder
+
+    def _execute(
+        self,
+        kind: str,
+        sub: Submission,
+        run: str,
+        folder: Path,
+        cases: list[Case],
+        cohort_manifest: dict[str, Any],
+        limits: Limits,
+        min_cell: int,
+        times: dict[str, float],
+        started: str,
+    ) -> RunSummary:
+        private = folder / "private"
+        truth = Cohort(cases).ground_truth_json()
+        write_private(private / "cohort.json", json.dumps(cohort_manifest, indent=1) + "\n")
+        write_private(private / "ground_truth.json", json.dumps(truth, indent=1) + "\n")
+        output = private / "output"
+        prepare_output(output)
+        result = run_sandboxed(sub.manifest.entry, sub.model_dir, private / "input", output, private / "logs", limits)
+        times["model run"] = result.seconds
+        clock = time.monotonic()
+        predictions = read_predictions(output, {c.case for c in cases})
+        results = analyse(truth, predictions, sub.manifest.intended_use.threshold, min_cell=min_cell)
+        dry = kind == "dry_run"
+        extra = {}
+        if dry and (output / PREDICTIONS_NAME).is_file() and not (output / PREDICTIONS_NAME).is_symlink():
+            extra["outputs/predictions.csv"] = (output / PREDICTIONS_NAME).read_bytes()[:1_000_000]
+        times["analysis and report"] = round(time.monotonic() - clock, 3)
+        context = {
+            "run": run,
+            "kind": kind,
+            "kind_title": "Dry run on synthetic data" if dry else "Sealed validation run",
+            "kind_note": (
+                "Synthetic radiographs with planted signs of disease; the logs and outputs are the vendor's to see."
+                if dry
+                else "The warehouse's held-out validation cohort; the vendor sees this report only."
+            ),
+            "submission": sub.id,
+            "model": {"name": sub.manifest.name, "version": sub.manifest.version, "vendor": sub.manifest.vendor},
+            "use": sub.manifest.to_json()["intended_use"],
+            "task_text": TASKS[sub.manifest.intended_use.task],
+            "sandbox": result.to_json(),
+            "sandbox_text": result.describe(),
+            "excluded": cohort_manifest.get("excluded", {}),
+            "model_hash": sub.model_hash,
+            "cohort_hash": canonical_hash(cohort_manifest),
+            "truth_hash": canonical_hash(truth),
+            "code_version": code_version(),
+            "started": started,
+            "finished": _now(),
+            "times": {k: round(v, 3) for k, v in times.items()},
+            "limits": limits.to_json(),
+            "logs": {"stdout": result.stdout, "stderr": result.stderr} if dry else None,
+        }
+        write_report(folder / "report", results, context, extra)
+        report_hash = hashlib.sha256((folder / "report" / "SHA256SUMS").read_bytes()).hexdigest()
+        audit.append(
+            self.audit_path,
+            kind,
+            context_who(folder),
+            run=run,
+            submission=sub.id,
+            outcome=result.status,
+            metrics=results.get("status"),
+            cohort_hash=context["cohort_hash"],
+            truth_hash=context["truth_hash"],
+            report_sha256sums=report_hash,
+        )
+        return RunSummary(run, kind, sub.id, result, folder / "report", results)
+
+    def dry_run(
+        self, sub_id: str, who: str, *, limits: Limits | None = None, cases: int = 40, seed: int = 0
+    ) -> RunSummary:
+        """Run the submission on `cases` synthetic radiographs (half positive, with the planted sign).
+
+        Returns the RunSummary; its report includes the logs and raw outputs, for the vendor.
+        """
+        sub = self.submission(sub_id)
+        run, folder = self._new_run("dry_run")
+        write_private(folder / "private" / "who", who)
+        started, clock = _now(), time.monotonic()
+        try:
+            chosen, manifest_entries = _synthetic_inputs(folder / "private" / "input", cases, seed, sub.manifest)
+            times = {"cohort": round(time.monotonic() - clock, 3)}
+            return self._execute(
+                "dry_run", sub, run, folder, chosen, {"cases": manifest_entries, "synthetic_seed": seed},
+                limits or Limits(), DEFAULT_MIN_CELL, times, started,
+            )  # fmt: skip
+        finally:
+            remove_tree(folder / "private" / "input")
+
+    def sealed_run(
+        self,
+        sub_id: str,
+        store: ObjectStore,
+        who: str,
+        *,
+        limits: Limits | None = None,
+        min_cell: int = DEFAULT_MIN_CELL,
+        require_dry_run: bool = True,
+    ) -> RunSummary:
+        """Run the submission on the warehouse's validation cohort for its intended use.
+
+        Returns the RunSummary. Raises ValidationRunError when the submission has no completed dry run
+        (unless `require_dry_run` is False), CohortError when no usable cohort exists.
+        """
+        sub = self.submission(sub_id)
+        if require_dry_run and not any(
+            e["event"] == "dry_run" and e.get("submission") == sub_id and e.get("outcome") == "completed"
+            for e in audit.read(self.audit_path)
+        ):
+            raise ValidationRunError(
+                f"submission {sub_id} has no completed dry run: run `nccid validate dry-run {sub_id}` first"
+            )
+        started, clock = _now(), time.monotonic()
+        cohort = select_cohort(store, sub.manifest.intended_use)
+        times = {"cohort selection": round(time.monotonic() - clock, 3)}
+        run, folder = self._new_run("sealed_run")
+        write_private(folder / "private" / "who", who)
+        clock = time.monotonic()
+        try:
+            manifest = materialise(store, cohort, folder / "private" / "input")
+            times["materialisation"] = round(time.monotonic() - clock, 3)
+            manifest["patients_considered"] = cohort.patients_considered
+            return self._execute(
+                "sealed_run", sub, run, folder, cohort.cases, manifest, limits or Limits(), min_cell, times, started
+            )
+        finally:
+            remove_tree(folder / "private" / "input")  # the sealed inputs do not outlive the run
+
+    # -- release and listing ---------------------------------------------------------------------------
+    def release(self, run: str, who: str) -> Path:
+        """Copy a run's report to `releases/<run>/` for the vendor and log it. Returns that folder.
+
+        Raises ValidationRunError for an unknown run or a report already released."""
+        source = self.root / "runs" / run / "report"
+        if not run or "/" in run or not source.is_dir():
+            raise ValidationRunError(f"no run {run!r} with a report; `nccid validate runs` lists them")
+        target = self.root / "releases" / run
+        if target.exists():
+            raise ValidationRunError(f"the report of run {run} was already released to {target}")
+        shutil.copytree(source, target)
+        sums = hashlib.sha256((target / "SHA256SUMS").read_bytes()).hexdigest()
+        audit.append(self.audit_path, "release", who, run=run, report_sha256sums=sums, to=str(target))
+        return target
+
+    def events(self) -> list[dict[str, Any]]:
+        """The audit log, checked (raises ValidationRunError if it was edited), oldest first."""
+        audit.verify(self.audit_path)
+        return audit.read(self.audit_path)
+
+
+def context_who(folder: Path) -> str:
+    return (folder / "private" / "who").read_text()
+
+
+def _synthetic_inputs(
+    folder: Path, count: int, seed: int, manifest: Manifest
+) -> tuple[list[Case], list[dict[str, str]]]:
+    """Synthetic radiographs for a dry run: alternating labels, positives with the planted sign of disease,
+    made opaque and written like a sealed cohort. Returns the cases and their manifest entries."""
+    folder.mkdir(mode=0o755)
+    rng = random.Random(seed)
+    nprng = np.random.default_rng(seed)
+    modality = manifest.intended_use.modalities[0]
+    cases, entries = [], []
+    for n in range(count):
+        label = n % 2
+        age = rng.randint(manifest.intended_use.min_age or 18, manifest.intended_use.max_age or 95)
+        subject = synth_dicom.Subject(
+            f"Covid{90000 + n}", f"Covid{90000 + n}", rng.choice("MF"), age,
+            synth_dicom.synthetic_uid("dry", seed, n), "20200401",
+        )  # fmt: skip
+        ds = synth_dicom.xray(
+            subject, nprng, modality=modality, scale=0.1, series_uid=synth_dicom.synthetic_uid("dry-series", seed, n),
+            sop_uid=synth_dicom.synthetic_uid("dry-sop", seed, n), signal=synth_dicom.DEFAULT_SIGNAL * label,
+        )  # fmt: skip
+        ds.ViewPosition = manifest.intended_use.views[0]
+        case = f"case-{secrets.token_hex(6)}"
+        digest = write_case(folder, case, opaque_dicom(synth_dicom.encode(ds), case))
+        attributes = {
+            "sex": "male" if subject.sex == "M" else "female",
+            "age band": age_band(age),
+            "site": "synthetic",
+            "scanner manufacturer": str(ds.Manufacturer),
+            "scanner model": str(ds.ManufacturerModelName),
+            "modality": modality,
+        }
+        cases.append(Case(case, f"synthetic/{n}", label, attributes))
+        entries.append({"case": case, "key": f"synthetic/{n}", "sha256": digest})
+    folder.chmod(0o555)
+    return cases, entries
+
+
+__all__ = ["MANIFEST_NAME", "Limits", "RunSummary", "Submission", "Workspace", "code_version", "model_hash"]
