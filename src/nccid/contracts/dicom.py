@@ -577,7 +577,7 @@ def _check_pixel_module(ds: Dataset, syntax: UID, pixels: _Pixels) -> int:
         except (AttributeError, ValueError, TypeError, KeyError, OverflowError) as exc:
             message = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
             raise ImageRejected(
-                f"Image Pixel attributes (0028,xxxx) cannot describe the pixel data: {message}"
+                f"Image Pixel attributes (0028,xxxx) do not describe the pixel data: {message}"
             ) from exc
 
 
