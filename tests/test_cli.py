@@ -3,17 +3,12 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
-from conftest import configure, put_clinical, put_image
+from helpers import configure, put_clinical, put_image, run_cli
 
 
 def nccid(*args, check=True, env=None):
-    proc = subprocess.run([sys.executable, "-m", "nccid.cli", *map(str, args)], capture_output=True, text=True, env=env)
-    if check:
-        assert proc.returncode == 0, proc.stderr + proc.stdout
-    return proc
+    return run_cli(*args, check=check, env=env)
 
 
 def test_demo_goes_from_identifiable_hospital_data_to_a_clean_warehouse(tmp_path):

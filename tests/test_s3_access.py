@@ -19,7 +19,7 @@ import boto3
 import pytest
 from botocore.config import Config
 from botocore.exceptions import ClientError
-from conftest import BOGUS_ENV_KEY, key_env
+from helpers import BOGUS_ENV_KEY, key_env, run_cli
 
 from nccid.access.audit import summarise
 from nccid.access.grants import GrantError, Registry
@@ -138,17 +138,13 @@ def test_boto3_examples_run_unchanged(seaweed, warehouse, registry, tmp_path):
 def test_nccid_sync_and_api_work_with_researcher_credentials(seaweed, warehouse, registry, tmp_path):
     creds = registry.grant("Cambridge AI", "training-ct", bucket=BUCKET)
     env = key_env(seaweed, creds)
-    nccid_sync = [sys.executable, "-m", "nccid.cli", "sync", "--store", f"s3://{BUCKET}"]
-    proc = subprocess.run(
-        [*nccid_sync, "training/ct/", str(tmp_path / "ct")], env=env, capture_output=True, text=True, timeout=300
-    )
+    nccid_sync = ["sync", "--store", f"s3://{BUCKET}"]
+    proc = run_cli(*nccid_sync, "training/ct/", tmp_path / "ct", env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert {k: v for k, v in local_files(tmp_path / "ct").items() if not k.startswith(".")} == keys_below(
         warehouse, "training/ct/"
     )
-    refused = subprocess.run(
-        [*nccid_sync, "training/xray/", str(tmp_path / "x")], env=env, capture_output=True, text=True, timeout=300
-    )
+    refused = run_cli(*nccid_sync, "training/xray/", tmp_path / "x", env=env, timeout=300)
     assert refused.returncode != 0 and "AccessDenied" in refused.stderr
     fetched = local_files(tmp_path / "x") if (tmp_path / "x").exists() else {}
     assert not [name for name in fetched if not name.startswith(".")]  # nothing came through
@@ -312,13 +308,7 @@ def test_audit_says_who_read_what_and_what_was_refused(seaweed, warehouse, regis
     assert by[("validation/data/", "read", "denied")] == 1
     assert {r.org for r in rows} == {"Audit Test Lab"} and {r.group for r in rows} == {"training-ct"}
     env = {**os.environ, "NCCID_S3_HOME": str(seaweed.home)}
-    out = subprocess.run(
-        [sys.executable, "-m", "nccid.cli", "access", "audit", "--org", "Audit Test Lab"],
-        env=env,
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
+    out = run_cli("access", "audit", "--org", "Audit Test Lab", env=env, check=True).stdout
     assert "training/ct/" in out and "denied" in out
 
 
@@ -333,7 +323,7 @@ def test_group_table_renders_to_seaweed_actions_and_iam_policies():
         f"List:{BUCKET}/training/data/*",
     ]
     assert seaweed_actions("uploader", BUCKET, "kings") == [f"Write:{BUCKET}/raw-kings/*"]
-    with pytest.raises(GroupError, match="--uploader"):
+    with pytest.raises(GroupError, match="needs an uploader name"):
         seaweed_actions("uploader", BUCKET)
     with pytest.raises(GroupError, match="unknown group"):
         seaweed_actions("everything", BUCKET)

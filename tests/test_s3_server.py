@@ -15,6 +15,7 @@ import psutil
 import pytest
 from botocore.config import Config
 from botocore.exceptions import ClientError
+from helpers import run_cli
 
 
 def _serve(home, env):
@@ -77,9 +78,7 @@ def _client(endpoint: str, access_key: str, secret: str):
 
 
 def _cli(*args, env):
-    return subprocess.run(
-        [sys.executable, "-m", "nccid.cli", *args], env=env, capture_output=True, text=True, check=True
-    ).stdout
+    return run_cli(*args, env=env, check=True).stdout
 
 
 def test_serve_grant_expire_stop_and_restart(tmp_path):
@@ -162,9 +161,9 @@ def test_policy_export_and_clear_errors_from_the_access_commands(tmp_path):
     for args, message in (
         (["access", "policy", "everything"], "unknown group"),
         (["access", "revoke", "NCCIDNOSUCHKEY"], "no grant with access key NCCIDNOSUCHKEY"),
-        (["access", "grant", "Lab", "--group", "uploader"], "--uploader"),
+        (["access", "grant", "Lab", "--group", "uploader"], "needs an uploader name"),
     ):
-        proc = subprocess.run([sys.executable, "-m", "nccid.cli", *args], env=env, capture_output=True, text=True)
+        proc = run_cli(*args, env=env)
         assert proc.returncode == 1 and message in proc.stderr, (args, proc.stderr)
 
 

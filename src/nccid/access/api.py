@@ -63,7 +63,7 @@ class Warehouse:
             try:
                 return pydicom.dcmread(reader, stop_before_pixels=True)
             except InvalidDicomError as exc:
-                raise NotDicom(f"{key} is not a DICOM file (no 'DICM' prefix): use `cat` without --header") from exc
+                raise NotDicom(f"{key} is not a DICOM file (no 'DICM' prefix): read it as bytes") from exc
 
     def dicom(self, key: str) -> Dataset:
         """The whole DICOM object, pixels included. Raises NotDicom for an object that is not DICOM."""

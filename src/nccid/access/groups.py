@@ -59,7 +59,7 @@ def prefixes(group: str, uploader: str | None = None) -> Rule:
     rule = GROUPS[group]
     if group == "uploader":
         if not uploader or not _UPLOADER.fullmatch(uploader):
-            raise GroupError("the uploader group needs --uploader NAME (lower-case letters, digits, '.', '_', '-')")
+            raise GroupError("the uploader group needs an uploader name (lower-case letters, digits, '.', '_', '-')")
         return Rule(write=tuple(p.format(uploader=uploader) for p in rule.write), description=rule.description)
     return rule
 
