@@ -48,3 +48,11 @@ def nccid_cmd(*args: str) -> list[str]:
 
 def mb(n: float) -> str:
     return f"{n / 1e6:,.0f} MB"
+
+
+def spread(values: list[float], unit: str) -> str:
+    """'min / median / max' of repeated measurements, so that one lucky or unlucky run is seen for what it is."""
+    import statistics
+
+    ordered = sorted(values)
+    return f"min {ordered[0]:,.2f} / median {statistics.median(ordered):,.2f} / max {ordered[-1]:,.2f}{unit}"

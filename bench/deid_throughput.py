@@ -51,7 +51,7 @@ def main() -> None:
         result = deidentify_folder(src, scratch / "out", key=key, pseudonymise=lambda c: vault.issue(c, actor="b"))
         ours = time.perf_counter() - start
         vault.close()
-        assert len(result.written) == args.files and result.clean
+        assert len(result.written) + len(result.waiting) == args.files and result.clean  # no sheet: held
         print(f"{args.files} CT files, {size / 1e6:,.0f} MB, one core")
         print(f"pydicom read + write:            {args.files / baseline:,.0f} files/s")
         print(f"nccid de-identify + gate + write: {args.files / ours:,.0f} files/s")

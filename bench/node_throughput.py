@@ -9,18 +9,25 @@ is shared and noisy). The receivers:
 - `pynetdicom, empty handler`: the node's own transport and worker processes with a C-STORE handler that does
   nothing; pynetdicom still streams each data set to the spool. This is the ceiling for any node on pynetdicom:
   what is left when matching, pseudonymising, de-identifying, the gate and filing cost nothing;
-- `nccid node`: the site node, which also does all of those.
+- `nccid node`: the site node, which also does all of those;
+- `orthanc + anonymise` (Orthanc from Debian, `apt-get install orthanc`): a system doing the same job, receive
+  and de-identify. Its Lua `OnStoredInstance` callback anonymises each instance on arrival with the REST call
+  `/instances/{id}/anonymize` (Orthanc's DICOM basic profile), stores the anonymised copy and deletes the
+  identifiable original, as the node does. Orthanc runs the callbacks after it has answered the C-STORE, so its
+  time runs until the last anonymised copy is stored, not until the sender is done.
 
 All get the same maximum PDU. Printed: files/s, CPU seconds per file of the receiver (its processes and their
-children), the ratios, and the node's peak memory.
+children), the ratios, and the node's peak memory. Receivers are interleaved within each repeat.
 
-Goal: the node at least 0.5x storescp's throughput with 4 concurrent associations, and not collapsing when the
-associations overlap (4 concurrent at least as fast as 1).
+Goals: the node at least as fast as Orthanc (receive + anonymise) with 4 associations; at least 0.5x storescp's
+throughput with 4 concurrent associations; not collapsing when the associations overlap (4 concurrent at least
+as fast as 1).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import random
 import shutil
@@ -31,6 +38,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import psutil
@@ -40,6 +48,21 @@ from nccid.site.vault import PseudonymKey, Vault
 from nccid.synth.hospital import filled_template, hospital_patient, pacs_image
 
 STORESCU, STORESCP, ECHOSCU = "/usr/bin/storescu", "/usr/bin/storescp", "/usr/bin/echoscu"
+ORTHANC = "/usr/sbin/Orthanc"
+#: Orthanc's Lua: anonymise each instance as it is stored, keep the anonymised copy, delete the original, and
+#: count it in a progress file (one byte per instance) that the bench watches
+ORTHANC_LUA = """
+function OnStoredInstance(instanceId, tags, metadata, origin)
+   if origin['RequestOrigin'] ~= 'Lua' then
+      local anonymised = RestApiPost('/instances/' .. instanceId .. '/anonymize', '{}')
+      RestApiPost('/instances', anonymised)
+      RestApiDelete('/instances/' .. instanceId)
+      local progress = io.open(PROGRESS, 'a')
+      progress:write('1')
+      progress:close()
+   end
+end
+"""
 MAX_PDU = "131072"  # DCMTK's upper limit; the node announces at least this
 #: DCMTK's switch for TCP_NODELAY: without it each C-STORE waits out a delayed ACK (~45 ms), which would make
 #: storescp look ten times slower than it is
@@ -131,6 +154,50 @@ def serve_empty(port: int, workers: int, spool: Path) -> None:
             child.terminate()
 
 
+def orthanc_command(folder: Path, port: int, http_port: int) -> list[str]:
+    """Orthanc listening as AE NCCID on `port`, anonymising on arrival (see ORTHANC_LUA), its storage in `folder`."""
+    folder.mkdir()
+    (folder / "prelude.lua").write_text(f"PROGRESS = {json.dumps(str(folder / 'progress'))}\n")
+    (folder / "anonymise.lua").write_text(ORTHANC_LUA)
+    config = {
+        "Name": "bench",
+        "StorageDirectory": str(folder / "db"),
+        "IndexDirectory": str(folder / "db"),
+        "StorageCompression": False,
+        "HttpPort": http_port,
+        "RemoteAccessAllowed": False,
+        "AuthenticationEnabled": False,
+        "DicomAet": "NCCID",
+        "DicomPort": port,
+        "DicomCheckCalledAet": True,
+        "MaximumPduLength": int(MAX_PDU),
+        "DicomThreadsCount": 4,
+        "LuaScripts": [str(folder / "prelude.lua"), str(folder / "anonymise.lua")],
+        "Plugins": [],
+        "SaveJobs": False,
+    }
+    (folder / "orthanc.json").write_text(json.dumps(config))
+    return [ORTHANC, str(folder / "orthanc.json")]
+
+
+def orthanc_wait(folder: Path, files: int, proc: subprocess.Popen, limit: float = 900.0) -> None:
+    """Wait until Orthanc's Lua has anonymised `files` instances (bounded)."""
+    progress = folder / "progress"
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        if progress.exists() and progress.stat().st_size >= files:
+            return
+        if proc.poll() is not None:
+            raise SystemExit(f"Orthanc exited with code {proc.returncode}")
+        time.sleep(0.01)
+    raise SystemExit(f"Orthanc anonymised {progress.stat().st_size if progress.exists() else 0} of {files} in time")
+
+
+def orthanc_instances(http_port: int) -> int:
+    with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/statistics", timeout=30) as answer:
+        return int(json.load(answer)["CountInstances"])
+
+
 def send(port: int, folders: list[Path]) -> float:
     """Seconds to send every folder, one storescu association per folder, all at once."""
     start = time.perf_counter()
@@ -201,15 +268,22 @@ def main() -> None:
                     (outbox / "data" / f"{record['Pseudonym']}_data.json").write_text("{}")
             return outbox
 
-        receivers = ("storescp", "pynetdicom, empty handler", "nccid node")
+        receivers = ["storescp", "pynetdicom, empty handler", "nccid node"]
+        if os.path.exists(ORTHANC):
+            receivers.append("orthanc + anonymise")
+        else:
+            print(f"{ORTHANC} not found (apt-get install orthanc): Orthanc left out of the comparison")
         results: dict[tuple[str, int], tuple[float, float]] = {}  # (receiver, streams) -> (seconds, CPU s)
-        peak_node = 0
+        peak_node = peak_orthanc = 0
         for attempt in range(args.repeat):  # receivers interleaved, so a slow spell of the machine hits them all
             for streams in (1, args.associations):
                 for receiver in receivers:
                     port = free_port()
                     out = scratch / f"out-{receivers.index(receiver)}-{streams}-{attempt}"
-                    if receiver == "storescp":
+                    http_port = free_port()
+                    if receiver == "orthanc + anonymise":
+                        cmd = orthanc_command(out, port, http_port)
+                    elif receiver == "storescp":
                         out.mkdir()
                         cmd = [STORESCP, "--fork", "-aet", "NCCID", "-pdu", MAX_PDU, "-od", str(out), str(port)]
                     elif receiver == "nccid node":
@@ -225,22 +299,31 @@ def main() -> None:
                     try:
                         wait_ready(port, proc)
                         sampler = Sampler(proc.pid)
-                        took = send(port, [one] if streams == 1 else folders)
+                        started = time.perf_counter()
+                        send(port, [one] if streams == 1 else folders)
+                        if receiver == "orthanc + anonymise":
+                            orthanc_wait(out, files, proc)
+                        took = time.perf_counter() - started
                         time.sleep(0.1)  # let storescp's last forks exit, so their CPU is counted
                         peak, cpu = sampler.stop()
+                        if receiver == "orthanc + anonymise" and orthanc_instances(http_port) != files:
+                            raise SystemExit(f"Orthanc kept {orthanc_instances(http_port)} of {files} instances")
                     finally:
                         proc.send_signal(signal.SIGTERM)
                         try:
                             proc.wait(20)
                         except subprocess.TimeoutExpired:
                             proc.kill()
-                    if receiver != "pynetdicom, empty handler":
+                    if receiver in ("storescp", "nccid node"):
                         kept = out if receiver == "storescp" else out / "images"
                         received = sum(1 for p in kept.rglob("*") if p.is_file())
                         if received != files:
                             raise SystemExit(f"{receiver} kept {received} of {files} files")
                     if receiver == "nccid node":
                         peak_node = max(peak_node, peak)
+                    if receiver == "orthanc + anonymise":
+                        peak_orthanc = max(peak_orthanc, peak)
+                    shutil.rmtree(out, ignore_errors=True)  # the next run starts on an emptier disk
                     best = results.get((receiver, streams))
                     if best is None or took < best[0]:
                         results[(receiver, streams)] = (took, cpu)
@@ -252,11 +335,21 @@ def main() -> None:
                     f"{total / took / 1e6:6.1f} MB/s, {cpu / files * 1000:5.1f} ms CPU per file"
                 )
         n = args.associations
+        goals = {
+            "pynetdicom, empty handler": " (the ceiling on pynetdicom)",
+            "nccid node": " (goal >= 0.5x)",
+            "orthanc + anonymise": " (a peer doing the same job)",
+        }
         for receiver in receivers[1:]:
             for streams in (1, n):
                 ratio = results[("storescp", streams)][0] / results[(receiver, streams)][0]
-                goal = " (goal >= 0.5x)" if receiver == "nccid node" else " (the ceiling on pynetdicom)"
-                print(f"{receiver} / storescp, {streams} association(s): {ratio:.2f}x{goal}")
+                print(f"{receiver} / storescp, {streams} association(s): {ratio:.2f}x{goals[receiver]}")
+        if "orthanc + anonymise" in receivers:
+            for streams in (1, n):
+                ratio = results[("orthanc + anonymise", streams)][0] / results[("nccid node", streams)][0]
+                goal = " (goal >= 1.0x)" if streams == n else ""
+                print(f"nccid node / orthanc + anonymise, {streams} association(s): {ratio:.2f}x{goal}")
+            print(f"peak RSS of Orthanc: {peak_orthanc / 1e6:.0f} MB")
         overlap = results[("nccid node", 1)][0] / results[("nccid node", n)][0]
         print(f"node, {n} concurrent against 1 association: {overlap:.2f}x (goal >= 1.0x: no collapse)")
         print(f"peak RSS of the node's main process: {peak_node / 1e6:.0f} MB")

@@ -19,9 +19,9 @@ from pathlib import Path
 
 from _common import mb
 
+from nccid.s3server.seaweedfs import SeaweedFS
 from nccid.store import LocalStore
 from nccid.store.s3 import S3Store
-from nccid.s3server.seaweedfs import SeaweedFS
 from nccid.synth.national import SynthSpec, generate
 from nccid.warehouse.catalog import Catalog
 from nccid.warehouse.loader import load

@@ -8,7 +8,7 @@ import random
 
 import pydicom
 import pytest
-from conftest import run_cli
+from helpers import run_cli
 
 from nccid.site.batch import deidentify_folder
 from nccid.site.check import Gate, check_files, outbox_files, people_by_pseudonym, read_identifiers, store_files

@@ -11,7 +11,7 @@ import re
 
 import pydicom
 import pytest
-from conftest import run_cli
+from helpers import run_cli
 
 from nccid.site.deid import EXACT_ACTIONS, PROFILE_EDITION, DeidHeld, DeidKeys, deidentify, profile_action
 from nccid.site.gate import scan

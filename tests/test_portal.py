@@ -32,14 +32,26 @@ from nccid.synth.hospital import filled_template, hospital_patient
 playwright_api = pytest.importorskip("playwright.sync_api")
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
 ]
 SHOTS = Path(os.environ.get("NCCID_TEST_OUTPUT", Path(__file__).parent / "output")) / "portal"
 PASSWORD = "Quiet-Harbour-Lantern-7"
 SITE_MENU = [
-    "Guidance And Documentation", "FAQ", "Summary", "Upload Covid (Positive) Data",
-    "Upload Covid Status (Negative) Data", "Upload Covid ISARIC Data", "Change Password", "Logout",
+    "Guidance And Documentation",
+    "FAQ",
+    "Summary",
+    "Upload Covid (Positive) Data",
+    "Upload Covid Status (Negative) Data",
+    "Upload Covid ISARIC Data",
+    "Change Password",
+    "Logout",
 ]
 
 
@@ -80,23 +92,47 @@ def portal(tmp_path_factory) -> Portal:
     store = LocalStore(p.store_dir)
     key_file = PseudonymKey.generate().save(root / "programme.key")
     with PortalDB(p.state / "portal.sqlite") as db:
-        save_site(store, db, uploader="northfield", name="Northfield General Hospital", aliases=[], rule="split",
-                  actor="test")
-        save_site(store, db, uploader="southgate", name="Southgate Infirmary", aliases=[], rule="training",
-                  actor="test")
-        for name, site in [("north-a", "northfield"), ("north-b", "northfield"), ("north-c", "northfield"),
-                           ("north-lock", "northfield"), ("south-a", "southgate")]:
+        save_site(
+            store, db, uploader="northfield", name="Northfield General Hospital", aliases=[], rule="split", actor="test"
+        )
+        save_site(
+            store, db, uploader="southgate", name="Southgate Infirmary", aliases=[], rule="training", actor="test"
+        )
+        for name, site in [
+            ("north-a", "northfield"),
+            ("north-b", "northfield"),
+            ("north-c", "northfield"),
+            ("north-lock", "northfield"),
+            ("north-totp", "northfield"),
+            ("south-a", "southgate"),
+        ]:
             db.create_account(name, "site", site=site, actor="test", password=PASSWORD)
         for name in ("admin-totp", "admin-load", "admin-accounts"):
             p.totp[name] = db.create_account(name, "admin", actor="test", password=PASSWORD).totp_secret
-        p.totp["dm-config"] = db.create_account("dm-config", "data_manager", actor="test", password=PASSWORD).totp_secret
+        p.totp["dm-config"] = db.create_account(
+            "dm-config", "data_manager", actor="test", password=PASSWORD
+        ).totp_secret
     port = _free_port()
     p.url = f"http://127.0.0.1:{port}"
     with open(p.log, "wb") as log:
         p.process = subprocess.Popen(
-            [sys.executable, "-m", "nccid.portal", "--store", str(p.store_dir), "--state", str(p.state),
-             "--key-file", str(key_file), "--port", str(port), "--failure-delay", "0.01"],
-            stdout=log, stderr=subprocess.STDOUT,
+            [
+                sys.executable,
+                "-m",
+                "nccid.portal",
+                "--store",
+                str(p.store_dir),
+                "--state",
+                str(p.state),
+                "--key-file",
+                str(key_file),
+                "--port",
+                str(port),
+                "--failure-delay",
+                "0.01",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
         )
     deadline = time.monotonic() + 30
     while True:
@@ -199,6 +235,25 @@ def test_administrators_need_their_totp_code(page, portal):
     shot(page, "06-admin-overview")
 
 
+def test_a_site_may_switch_on_totp_and_then_needs_it(page, portal):
+    login(page, portal, "north-totp")
+    page.wait_for_url("**/site/guidance")
+    page.click("text=Change Password")
+    page.click("text=Set up an authenticator app")
+    secret = page.inner_text("#totp-secret")
+    page.fill("input[name=code]", pyotp.TOTP(secret).now())
+    page.click("main form button[type=submit]")
+    assert "second factor is on" in page.inner_text(".done")
+    page.click("nav.menu button:has-text('Logout')")
+    login(page, portal, "north-totp")
+    page.wait_for_url("**/login/totp")
+    page.goto(portal.url + "/site/summary")
+    assert page.url.endswith("/login/totp")
+    page.fill("input[name=code]", pyotp.TOTP(secret).at(time.time() + 30))  # the next code: each works once
+    page.click("form button[type=submit]")
+    page.wait_for_url("**/site/guidance")
+
+
 def test_a_form_without_its_csrf_token_is_refused(page, portal):
     login(page, portal, "north-c")
     page.wait_for_url("**/site/guidance")
@@ -244,9 +299,7 @@ def test_an_upload_with_errors_lists_them_by_row_and_column(page, portal):
     sheet = portal.sheet("north-defects.xlsx", 6, defects=True, seed=3)
     login(page, portal, "north-a")
     upload(page, portal, "positive", sheet)
-    rows = [
-        [c.strip() for c in r.split("\t")] for r in page.locator("#errors tr").all_inner_texts()[1:]
-    ]
+    rows = [[c.strip() for c in r.split("\t")] for r in page.locator("#errors tr").all_inner_texts()[1:]]
     found = {(int(r[0]), r[1]) for r in rows}
     assert (3, "NHS/CHI Number") in found  # the invalid NHS number
     assert (8, "NHS/CHI Number") in found  # the duplicated person
@@ -290,10 +343,16 @@ def test_a_good_sheet_is_pseudonymised_filed_and_loaded_from_the_admin_page(page
         shot(admin, "11-queues")
         admin.goto(portal.url + "/admin/sites")
         shot(admin, "12-sites")
+        admin.goto(portal.url + "/admin/audit")
+        audit = admin.inner_text("#audit")
+        assert "load.start" in audit and "positive sheet for northfield: 5 row(s) accepted" in audit
+        shot(admin, "12b-audit")
     finally:
         admin_context.close()
     pseudonyms = {json.loads(p.read_text())["Pseudonym"] for p in raw}
-    filed = {p.parent.name for g in ("training", "validation") for p in (portal.store_dir / g / "data").glob("*/data_*.json")}
+    filed = {
+        p.parent.name for g in ("training", "validation") for p in (portal.store_dir / g / "data").glob("*/data_*.json")
+    }
     assert pseudonyms <= filed
     page.goto(portal.url + "/site/summary")
     assert int(page.inner_text("#patients")) >= len(pseudonyms)
@@ -353,15 +412,15 @@ def test_an_administrator_creates_an_account_with_a_one_time_link(page, portal, 
     page.fill("input[name=username]", "north-new")
     page.select_option("select[name=role]", "site")
     page.select_option("select[name=site]", "northfield")
-    page.click("main form button[type=submit]")
+    page.click("form[action='/admin/accounts'] button[type=submit]")
     link = page.inner_text("#setup-link")
     shot(page, "16-accounts")
     newcomer = browser.new_context()
     try:
         fresh = newcomer.new_page()
         fresh.goto(link)
-        fresh.fill("input[name=password]", "password123")
-        fresh.fill("input[name=confirm]", "password123")
+        fresh.fill("input[name=password]", "password1234")
+        fresh.fill("input[name=confirm]", "password1234")
         fresh.click("form button[type=submit]")
         assert "at least 12" in fresh.inner_text(".error") or "common" in fresh.inner_text(".error")
         fresh.fill("input[name=password]", "Orchard-Falcon-Meadow-3")
@@ -380,8 +439,8 @@ def test_change_password_then_log_out(page, portal):
     login(page, portal, "north-c")
     page.click("text=Change Password")
     page.fill("input[name=current]", PASSWORD)
-    page.fill("input[name=new]", "qwertyuiop")
-    page.fill("input[name=confirm]", "qwertyuiop")
+    page.fill("input[name=new]", "qwertyuiop12")
+    page.fill("input[name=confirm]", "qwertyuiop12")
     page.click("main form button[type=submit]")
     assert page.locator(".error").count() == 1
     page.fill("input[name=current]", PASSWORD)
@@ -416,7 +475,7 @@ def test_security_headers_and_refused_files(page, portal, tmp_path):
     assert headers["x-frame-options"] == "DENY" and headers["x-content-type-options"] == "nosniff"
     login(page, portal, "south-a")
     page.wait_for_url("**/site/guidance")
-    session = [c for c in page.context.cookies() if c["name"] == "nccid_session"][0]
+    session = next(c for c in page.context.cookies() if c["name"] == "nccid_session")
     assert session["httpOnly"] and session["sameSite"] == "Strict"
     bomb = tmp_path / "bomb.xlsx"
     import zipfile

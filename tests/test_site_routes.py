@@ -13,7 +13,7 @@ import random
 import numpy as np
 import pydicom
 import pytest
-from conftest import run_cli
+from helpers import run_cli
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, RLELossless
 
 from nccid.contracts.dicom import image_facts, read_header

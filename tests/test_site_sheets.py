@@ -5,11 +5,10 @@ cannot be read give one line, not a traceback; a template is only written as .xl
 from __future__ import annotations
 
 import json
-import os
 import random
 
 import pytest
-from conftest import run_cli
+from helpers import run_cli
 
 from nccid.errors import SheetError
 from nccid.site.templates import read_rows, validate_sheet
@@ -113,15 +112,15 @@ def test_conversions_are_only_made_where_one_reading_exists():
 @pytest.mark.parametrize(
     ("name", "content", "message"),
     [
-        ("random.csv", os.urandom(4096) + b"\x00", "binary data, not a CSV text file"),
-        ("random.xlsx", os.urandom(4096), "not a readable XLSX workbook"),
-        ("missing.csv", None, "missing.csv: no such file"),
+        ("random.csv", True, "binary data, not a CSV text file"),
+        ("random.xlsx", True, "not a readable XLSX workbook"),
+        ("missing.csv", False, "missing.csv: no such file"),
     ],
 )
 def test_a_sheet_that_cannot_be_read_is_one_line(tmp_path, site, name, content, message):
     path = tmp_path / name
-    if content is not None:
-        path.write_bytes(content)
+    if content:
+        path.write_bytes(random.Random(name).randbytes(4096) + b"\x00")
     with pytest.raises(SheetError, match=message):
         read_rows(path)
     proc = _clinical(site, path)
@@ -137,3 +136,13 @@ def test_a_template_is_not_written_into_a_txt_file(tmp_path):
     assert not (tmp_path / "x.txt").exists()
     assert run_cli("site", "template", "positive", tmp_path / "x.csv").returncode == 0
     assert read_rows(tmp_path / "x.csv")[0][0] == "NHS/CHI Number"
+
+
+def test_a_trusts_hospitals_configured_once_in_the_site_settings(tmp_path, site, people):
+    sheet = awkward_sheet(tmp_path / "s.csv", people, hospital=HOSPITAL, other_hospital=OTHER)
+    proc = run_cli("site", "settings", site["outbox"], "--hospital", HOSPITAL)
+    assert proc.returncode == 0 and f"this site's hospitals besides its centre: {HOSPITAL}" in proc.stdout
+    proc = _clinical(site, sheet.path)  # no --alias: the setting says which hospitals are this site's
+    assert proc.returncode == 0, proc.stderr
+    assert "5 record(s) written" in proc.stdout and proc.stderr.count("is not this site's hospital") == 1
+    assert f"'{OTHER}' is not this site's hospital" in proc.stderr

@@ -7,7 +7,7 @@ import os
 import re
 
 import pytest
-from conftest import key_env, run_cli
+from helpers import key_env, run_cli
 
 from nccid.site.upload import JOURNAL, UploadError, upload
 from nccid.store import StoreError

@@ -14,7 +14,9 @@ app = typer.Typer(help="The web portal: site uploads and summaries, the central 
 StateOption = typer.Option(
     None, "--state", help="The portal's state folder: portal.sqlite, the vault (default: beside a local store)."
 )
-PortalVaultOption = typer.Option(None, "--vault", envvar="NCCID_VAULT", help="The vault (default: <state>/vault.sqlite).")
+PortalVaultOption = typer.Option(
+    None, "--vault", envvar="NCCID_VAULT", help="The vault (default: <state>/vault.sqlite)."
+)
 
 
 def _settings(store: str | None, state: Path | None, **extra: object):
@@ -44,8 +46,9 @@ def serve(
     from nccid.portal.app import serve as run
 
     https = bool(ssl_keyfile and ssl_certfile)
-    settings = _settings(store, state, vault_path=vault, key_file=key_file, catalog_path=catalog,
-                         secure_cookies=secure_cookies or https)
+    settings = _settings(
+        store, state, vault_path=vault, key_file=key_file, catalog_path=catalog, secure_cookies=secure_cookies or https
+    )
     scheme = "https" if https else "http"
     console.print(f"portal on {scheme}://{host}:{port}/ for {store} (state in {settings.state_dir}); Ctrl-C stops")
     run(settings, host=host, port=port, ssl_keyfile=ssl_keyfile, ssl_certfile=ssl_certfile)
@@ -66,7 +69,9 @@ def add_user(
     settings = _settings(store, state)
     with PortalDB(settings.db_path) as db:
         made = db.create_account(username, role, site=site, actor="cli", password=None if link else generate_password())
-    console.print(f"account {made.username} ({made.role}{', site ' + made.site if made.site else ''}) in {settings.db_path}")
+    console.print(
+        f"account {made.username} ({made.role}{', site ' + made.site if made.site else ''}) in {settings.db_path}"
+    )
     if made.setup_token:
         console.print(f"one-time set-up link (72 h): <portal address>/setup/{made.setup_token}")
     else:
@@ -81,6 +86,9 @@ def add_site(
     name: str = typer.Option(..., "--name", help="Its SubmittingCentre, as in its clinical records."),
     rule: str = typer.Option("split", "--rule", help="split, training or validation."),
     alias: list[str] = typer.Option([], "--alias", help="Another SubmittingCentre spelling (repeatable)."),
+    hospital: list[str] = typer.Option(
+        [], "--hospital", help="Another name its sheets' Hospital column may carry (repeatable)."
+    ),
     store: str = StoreOption,
     state: Path | None = StateOption,
 ) -> None:
@@ -91,6 +99,14 @@ def add_site(
 
     settings = _settings(store, state)
     with PortalDB(settings.db_path) as db:
-        site = save_site(open_store(store, must_exist=True), db, uploader=uploader, name=name, aliases=alias,
-                         rule=rule, actor="cli")
+        site = save_site(
+            open_store(store, must_exist=True),
+            db,
+            uploader=uploader,
+            name=name,
+            aliases=alias,
+            rule=rule,
+            actor="cli",
+            hospitals=hospital,
+        )
     console.print(f"site {site.name}: prefix {site.prefix}, rule {site.rule}; config.json updated")

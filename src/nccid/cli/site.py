@@ -124,15 +124,30 @@ def site_settings(
         "the birth year moves to match.",
         show_default=False,
     ),
+    hospitals: list[str] = typer.Option(
+        [],
+        "--hospital",
+        metavar="NAME",
+        show_default=False,
+        help="A name in the sheets' Hospital column that is this site's (repeatable; replaces the list).",
+    ),
 ) -> None:
-    """Show the site's settings kept in the outbox, or change them (both routes and the sheets follow them)."""
-    from nccid.site.outbox import Outbox, SiteSettings
+    """Show the site's settings kept in the outbox, or change them (both image routes and the sheets follow
+    them)."""
+    import dataclasses
+
+    from nccid.site.outbox import Outbox
 
     box = Outbox(outbox)
+    settings = box.settings()
     if ages_over_89 is not None:
-        path = box.save_settings(SiteSettings(ages_over_89=ages_over_89))
-        console.print(f"saved {path}")
-    console.print(f"ages over 89: {box.settings().ages_over_89}")
+        settings = dataclasses.replace(settings, ages_over_89=ages_over_89)
+    if hospitals:
+        settings = dataclasses.replace(settings, hospitals=tuple(hospitals))
+    if ages_over_89 is not None or hospitals:
+        console.print(f"saved {box.save_settings(settings)}")
+    console.print(f"ages over 89: {settings.ages_over_89}")
+    console.print(f"this site's hospitals besides its centre: {', '.join(settings.hospitals) or '(none)'}")
 
 
 IdentifiersOption = typer.Option(

@@ -1,6 +1,6 @@
 """Reading a raw image's header (never its pixels), deciding whether it can be filed, and the metadata JSON.
 
-One reader for the warehouse loader (`read_header`: the header only, bounded memory) and the site node
+One reader for the warehouse loader (`read_header`: the header only, memory bounded on request) and the site node
 (`read_image`: the whole object). Both walk the Part 10 element stream themselves, element by element, and
 hand the values to pydicom, because pydicom is tolerant on purpose: it parses a truncated file and returns
 whatever it got, swallows an unknown VR, and raises anything (NotImplementedError, BytesLengthException,
@@ -13,8 +13,8 @@ What a file must be to be read (each failure has its own reason):
 * every element whole: a known VR (explicit VR), a length that fits in the file and in its sequence item and,
   for fixed-size VRs (US, UL, FD, AT, OW, ...), a multiple of the value size; elements in ascending tag order,
   none twice; items and sequences closed by their delimiters; undefined lengths only where DICOM allows them;
-* sequences nested at most `MAX_SEQUENCE_DEPTH` deep, at most `MAX_ELEMENTS` elements and at most
-  `MAX_HEADER_BYTES` of values kept in memory (`read_header`), so that the memory one header costs is bounded;
+* sequences nested at most `MAX_SEQUENCE_DEPTH` deep and at most `MAX_ELEMENTS` elements (and, when
+  bounded, at most `MAX_HEADER_BYTES` of values kept in memory), so that the memory one header costs is bounded;
 * the header runs up to Pixel Data and the pixel data fits inside the file (the completeness check);
 * `read_header` also makes sure `pixel_array` will work on the filed file: a pixel decoder for the transfer
   syntax is installed, the Image Pixel attributes are valid (pydicom's own checks), native pixel data holds
@@ -25,9 +25,11 @@ What a file must be to be read (each failure has its own reason):
 Deflated Explicit VR Little Endian files (1.2.840.10008.1.2.1.99) are inflated, streaming into a spooled
 temporary file (memory bounded, at most `MAX_INFLATED_BYTES`), and the same checks run on the inflated data set.
 
-Large values: `read_header` does not read a value longer than `BULK_THRESHOLD` bytes of a binary VR (OB, OW,
-UN, ...) or `LARGE_VALUE_THRESHOLD` bytes of any other VR (a 10 MB text, say); it skips over it and notes it.
-Such values are left out of the metadata JSON like bulk data, and listed there (see `metadata_json`).
+Large values. `read_header(..., bounded=True)` (for the warehouse loader) does not read a value longer than
+`BULK_THRESHOLD` bytes of a binary VR (OB, OW, UN, ...) or `LARGE_VALUE_THRESHOLD` bytes of any other VR (a
+10 MB text, say): it skips over it and notes it (`omitted_elements`), and keeps at most `MAX_HEADER_BYTES` of
+values. By default it reads every value, because a gate looking for identifiers must see them all. Either
+way `metadata_json` leaves such values out like bulk data and lists them, so a metadata JSON stays small.
 """
 
 from __future__ import annotations
@@ -45,8 +47,19 @@ from pydicom.charset import convert_encodings
 from pydicom.datadict import dictionary_VR
 from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
+from pydicom.encaps import encapsulate
+from pydicom.multival import MultiValue
 from pydicom.pixels.decoders.base import DecodeRunner, get_decoder
 from pydicom.pixels.utils import as_pixel_options
+
+try:  # pydicom's own JPEG / JPEG-LS header parser (the one its decoders use)
+    from pydicom.pixels.utils import _get_jpg_parameters as _jpeg_parameters
+except ImportError:  # pragma: no cover - a pydicom without it: every JPEG fails the check, loudly
+
+    def _jpeg_parameters(data: bytes) -> dict:
+        return {}
+
+
 from pydicom.sequence import Sequence
 from pydicom.tag import BaseTag
 from pydicom.uid import UID
@@ -97,6 +110,9 @@ _DEFLATED = pydicom.uid.DeflatedExplicitVRLittleEndian
 #: the first bytes of the first fragment, by transfer syntax family
 _JPEG_SOI = b"\xff\xd8"
 _J2K_STARTS = (b"\xff\x4f\xff\x51", b"\x00\x00\x00\x0cjP  ")
+#: RLE frames are decoded to check them; larger ones are refused rather than decoded
+_MAX_RLE_FRAME = 512 * 1024**2
+_MAX_RLE_FRAGMENT = 256 * 1024**2
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,7 +164,8 @@ class _Walk:
     fp: BinaryIO
     size: int
     little: bool
-    skip_large: bool  # read_header: do not read large values, stop before pixel data
+    header_only: bool  # read_header: stop before the top-level pixel data
+    bounded: bool = False  # skip large values (listed as omitted) and keep at most MAX_HEADER_BYTES
     elements: int = 0
     kept: int = 0
     pixels: _Pixels | None = None
@@ -166,7 +183,7 @@ class _Walk:
 
     def keep(self, n: int) -> None:
         self.kept += n
-        if self.skip_large and self.kept > MAX_HEADER_BYTES:
+        if self.bounded and self.kept > MAX_HEADER_BYTES:
             raise ImageRejected(
                 f"header too large: more than {MAX_HEADER_BYTES // 1024**2} MiB of values before Pixel Data"
             )
@@ -203,7 +220,7 @@ def _read_dataset(walk: _Walk, end: int | None, implicit: bool, depth: int, enco
         if tag <= last:
             reason = "appears twice" if tag == last else f"comes after {tag_name(last)}"
             raise ImageRejected(f"data elements out of order: {tag_name(tag)} {reason}")
-        if top and walk.skip_large and tag in _PIXEL_TAGS:
+        if top and walk.header_only and tag in _PIXEL_TAGS:
             vr, length, header_len = _element_header(walk, head, implicit, tag)
             walk.pixels = _Pixels(tag, vr or "OW", length, pos + header_len)
             break
@@ -233,7 +250,7 @@ def _read_dataset(walk: _Walk, end: int | None, implicit: bool, depth: int, enco
             elements[BaseTag(tag)] = DataElement(BaseTag(tag), "SQ", seq, value_pos, is_undefined_length=False)
             continue
         _check_value_size(tag, effective_vr, length)
-        if walk.skip_large and tag != _CHARSET and length > _value_limit(effective_vr):
+        if walk.bounded and tag != _CHARSET and length > _value_limit(effective_vr):
             omitted[tag] = Omitted(tag, effective_vr or "UN", length)
             fp.seek(value_pos + length)
             continue
@@ -307,7 +324,7 @@ def _undefined_length(walk: _Walk, tag: int, vr: str | None, implicit: bool, dep
     if tag in _PIXEL_TAGS:  # encapsulated pixel data (of the image, or of an icon in a sequence)
         start = walk.fp.tell()
         stop = _skip_fragments(walk, tag)
-        if walk.skip_large:
+        if walk.bounded:
             return Omitted(tag, vr or "OB", stop - start)
         walk.fp.seek(start)
         value = walk.read(stop - 8 - start, f"the value of {tag_name(tag)}")
@@ -348,7 +365,9 @@ def _read_sequence(walk: _Walk, tag: int, end: int | None, implicit: bool, depth
                 raise ImageRejected(f"sequence {tag_name(tag)} of defined length has a sequence delimiter")
             break
         if item_tag != _ITEM:
-            raise ImageRejected(f"sequence {tag_name(tag)}: found {tag_name(item_tag)} where an item should start")
+            raise ImageRejected(
+                f"sequence {tag_name(tag)} is not closed: found {tag_name(item_tag)} where an item should start"
+            )
         walk.elements += 1
         if length == _UNDEFINED:
             item = _read_dataset(walk, None, implicit, depth + 1, encoding, top=False)
@@ -388,14 +407,14 @@ def _skip_fragments(walk: _Walk, tag: int) -> int:
     return fp.tell()
 
 
-def _read_file(reader: BinaryIO, size: int, header_only: bool) -> tuple[FileDataset, _Walk]:
+def _read_file(reader: BinaryIO, size: int, header_only: bool, bounded: bool) -> tuple[FileDataset, _Walk]:
     """Preamble, file meta and data set (inflated if deflated); raises ImageRejected with a named reason."""
     if size == 0:
         raise ImageRejected("empty file (0 bytes): not a DICOM Part 10 file")
     start = reader.read(132)
     if len(start) < 132 or start[128:132] != b"DICM":
         raise ImageRejected("not a DICOM Part 10 file (no 'DICM' prefix after the 128-byte preamble)")
-    meta_walk = _Walk(reader, size, little=True, skip_large=True)
+    meta_walk = _Walk(reader, size, little=True, header_only=True)
     elements: dict[BaseTag, RawDataElement | DataElement] = {}
     while True:
         pos = reader.tell()
@@ -419,9 +438,9 @@ def _read_file(reader: BinaryIO, size: int, header_only: bool) -> tuple[FileData
         fp = _inflate(reader)
         data_size = fp.seek(0, 2)
         fp.seek(0)
-        walk = _Walk(fp, data_size, little=True, skip_large=header_only, label="inflated data set")
+        walk = _Walk(fp, data_size, True, header_only, bounded, label="inflated data set")
     else:
-        walk = _Walk(reader, size, little=transfer_syntax.is_little_endian, skip_large=header_only)
+        walk = _Walk(reader, size, transfer_syntax.is_little_endian, header_only, bounded)
     implicit = transfer_syntax.is_implicit_VR
     _check_vr_encoding(walk, implicit, transfer_syntax)
     dataset = _read_dataset(walk, None, implicit, 0, "iso8859", top=True)
@@ -489,9 +508,11 @@ def _inflate(reader: BinaryIO) -> BinaryIO:
 def _check_pixels(ds: FileDataset, walk: _Walk) -> None:
     pixels = walk.pixels
     if pixels is None:  # the file ended before any pixel data
-        sop_class = _text(ds.file_meta, "MediaStorageSOPClassUID") or _text(ds, "SOPClassUID")
-        is_image_class = "Image Storage" in UID(sop_class).name
-        if is_image_class or "SOPInstanceUID" not in ds:
+        classes = (_text(ds.file_meta, "MediaStorageSOPClassUID"), _text(ds, "SOPClassUID"))
+        is_image = (
+            any("Image Storage" in UID(c).name for c in classes) or _text(ds, "Modality").upper() in MODALITY_FOLDER
+        )
+        if is_image or "SOPInstanceUID" not in ds:
             raise ImageRejected(
                 f"truncated: the {walk.label} ends after {walk.size} bytes, before Pixel Data (7FE0,0010)"
             )
@@ -508,9 +529,8 @@ def _check_pixels(ds: FileDataset, walk: _Walk) -> None:
         if not syntax.is_encapsulated:
             raise ImageRejected(f"Pixel Data {name} is encapsulated but transfer syntax {syntax.name!r} is native")
         walk.fp.seek(pixels.value_pos)
-        first = _first_fragment(walk, pixels.tag)
+        first = _first_fragment(walk)
         end = _skip_fragments(walk, pixels.tag)
-        _check_codestream(syntax, first, name)
     else:
         end = pixels.value_pos + pixels.length
         if end > walk.size:
@@ -523,6 +543,8 @@ def _check_pixels(ds: FileDataset, walk: _Walk) -> None:
                 f"Pixel Data {name} is not encapsulated but transfer syntax {syntax.name!r} is compressed"
             )
     expected = _check_pixel_module(ds, syntax, pixels)
+    if syntax.is_encapsulated:
+        _check_first_frame(walk, first, ds, syntax, name)
     if not syntax.is_encapsulated and pixels.length not in (expected, expected + expected % 2):
         raise ImageRejected(
             f"Pixel Data {name} holds {pixels.length} bytes; Rows x Columns x Samples x Bits x Frames needs {expected}"
@@ -532,35 +554,102 @@ def _check_pixels(ds: FileDataset, walk: _Walk) -> None:
         _read_dataset(walk, None, bool(ds.original_encoding[0]), 0, ds.original_character_set, top=True)
 
 
-def _first_fragment(walk: _Walk, tag: int) -> bytes:
-    """The first 12 bytes of the first fragment after the offset table (b'' if there is none)."""
+def _first_fragment(walk: _Walk) -> tuple[int, int]:
+    """(position, length) of the first fragment after the offset table; (0, 0) if there is none."""
     pos = walk.fp.tell()
+    found = (0, 0)
     head = walk.fp.read(8)
     if len(head) == 8:
         group, elem, length = struct.unpack("<HHL", head)
         if (group << 16 | elem) == _ITEM and length != _UNDEFINED:
             walk.fp.seek(walk.fp.tell() + length)
             head = walk.fp.read(8)
-            if len(head) == 8 and struct.unpack("<HH", head[:4]) == (0xFFFE, 0xE000):
-                first = walk.fp.read(12)
-                walk.fp.seek(pos)
-                return first
+            if len(head) == 8:
+                group, elem, length = struct.unpack("<HHL", head)
+                if (group << 16 | elem) == _ITEM and length != _UNDEFINED:
+                    found = (walk.fp.tell(), length)
     walk.fp.seek(pos)
-    return b""
+    return found
 
 
-def _check_codestream(syntax: UID, first: bytes, name: str) -> None:
+def _check_first_frame(walk: _Walk, fragment: tuple[int, int], ds: Dataset, syntax: UID, name: str) -> None:
+    """The first frame's codestream must be of its transfer syntax and describe the image the header does
+    (pixel_array would fail otherwise): JPEG, JPEG-LS and JPEG 2000 by their codestream header (a few bytes),
+    RLE by decoding the frame (RLE is rare and cheap to decode)."""
+    pos, length = fragment
+    walk.fp.seek(pos)
+    title = f"Pixel Data {name} of transfer syntax {syntax.name!r}"
     if syntax in pydicom.uid.JPEGTransferSyntaxes or syntax in pydicom.uid.JPEGLSTransferSyntaxes:
-        ok, what = first.startswith(_JPEG_SOI), "a JPEG start-of-image marker"
+        found = _jpeg_size(walk.fp.read(min(length, 1024**2)))
+        if found is None:
+            raise ImageRejected(f"{title} does not start with a JPEG header (SOI, then a SOF marker)")
     elif syntax in pydicom.uid.JPEG2000TransferSyntaxes:  # HTJ2K included
-        ok, what = first.startswith(_J2K_STARTS), "a JPEG 2000 codestream or JP2 signature"
+        found = _j2k_size(walk.fp.read(min(length, 64 * 1024)))
+        if found is None:
+            raise ImageRejected(f"{title} does not start with a JPEG 2000 codestream (SOC, then SIZ)")
     elif syntax == pydicom.uid.RLELossless:
-        segments = struct.unpack("<L", first[:4])[0] if len(first) >= 4 else 0
-        ok, what = 1 <= segments <= 15, "an RLE header (1 to 15 segments)"
+        _decode_rle_frame(walk.fp.read(length) if length <= _MAX_RLE_FRAGMENT else b"", ds, title)
+        return
     else:
         return
-    if not ok:
-        raise ImageRejected(f"Pixel Data {name} of transfer syntax {syntax.name!r} does not start with {what}")
+    rows, columns, samples, precision = found
+    want = (int(ds.Rows), int(ds.Columns), int(ds.get("SamplesPerPixel") or 1))
+    if (rows or want[0], columns, samples) != want:
+        raise ImageRejected(
+            f"{title} holds a {columns} x {rows or '?'} image of {samples} sample(s); the header says "
+            f"{want[1]} x {want[0]} of {want[2]}"
+        )
+    if precision > int(ds.BitsAllocated):
+        raise ImageRejected(f"{title} holds {precision}-bit samples; Bits Allocated (0028,0100) is {ds.BitsAllocated}")
+
+
+def _jpeg_size(data: bytes) -> tuple[int, int, int, int] | None:
+    """(rows, columns, components, precision) from a JPEG or JPEG-LS SOF segment, or None."""
+    if not data.startswith(_JPEG_SOI):
+        return None
+    params = _jpeg_parameters(data)
+    if not params or "width" not in params:
+        return None
+    return params["height"], params["width"], params["components"], params["precision"]
+
+
+def _j2k_size(data: bytes) -> tuple[int, int, int, int] | None:
+    """(rows, columns, components, precision) from a JPEG 2000 SIZ marker segment (JP2 boxes skipped), or None."""
+    offset = 0
+    if data.startswith(_J2K_STARTS[1]):
+        offset = 12
+        while offset + 8 <= len(data) and data[offset + 4 : offset + 8] != b"jp2c":
+            box = int.from_bytes(data[offset : offset + 4], "big")
+            if box < 8:
+                return None
+            offset += box
+        offset += 8
+    siz = data[offset : offset + 43]
+    if len(siz) < 43 or siz[:4] != b"\xff\x4f\xff\x51":
+        return None
+    xsiz, ysiz, xosiz, yosiz = struct.unpack(">LLLL", siz[8:24])
+    (components,) = struct.unpack(">H", siz[40:42])
+    return ysiz - yosiz, xsiz - xosiz, components, (siz[42] & 0x7F) + 1
+
+
+def _decode_rle_frame(fragment: bytes, ds: Dataset, title: str) -> None:
+    samples = int(ds.get("SamplesPerPixel") or 1)
+    frame = int(ds.Rows) * int(ds.Columns) * samples * (int(ds.BitsAllocated) // 8 or 1)
+    if not fragment or frame > _MAX_RLE_FRAME or frame > 64 * len(fragment) + 64:
+        raise ImageRejected(f"{title}: its first frame ({len(fragment)} bytes) cannot decode to {frame} bytes")
+    options = as_pixel_options(ds)
+    options["number_of_frames"] = 1
+    decoder = get_decoder(pydicom.uid.RLELossless)
+    buffer = encapsulate([fragment])
+    try:
+        # pydicom's own decoder first: it raises on a bad stream where pylibjpeg-rle (Rust) may panic; then the
+        # plugins a researcher's pixel_array would use
+        decoder.as_buffer(buffer, index=0, decoding_plugin="pydicom", **options)
+        decoder.as_buffer(buffer, index=0, **options)
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as exc:  # a Rust panic (pyo3 PanicException) is a BaseException, not an Exception
+        raise ImageRejected(f"{title}: its first frame does not decode to Rows x Columns x Samples") from exc
 
 
 def _check_pixel_module(ds: Dataset, syntax: UID, pixels: _Pixels) -> int:
@@ -582,14 +671,16 @@ def _check_pixel_module(ds: Dataset, syntax: UID, pixels: _Pixels) -> int:
 
 
 # -- public readers -----------------------------------------------------------------------------------------
-def read_header(reader: BinaryIO, size: int) -> Dataset:
+def read_header(reader: BinaryIO, size: int, *, bounded: bool = False) -> Dataset:
     """The header of a Part 10 file up to the pixel data, checked to be whole and its pixels readable.
 
-    Memory is bounded: values over the bulk thresholds are skipped, not read (see `omitted_elements`).
+    By default every value is read: a gate looking for identifiers (`nccid site check`) must see them all.
+    `bounded=True` (the warehouse loader) bounds memory instead: values over the bulk thresholds are skipped,
+    not read (see `omitted_elements`), and at most `MAX_HEADER_BYTES` of values are kept.
     Raises ImageRejected with a one-line reason naming the tag or defect; StoreError passes through (the
     store failed to deliver bytes: not the file's fault, never quarantined).
     """
-    ds, walk = _guarded(reader, size, header_only=True)
+    ds, walk = _guarded(reader, size, header_only=True, bounded=bounded)
     try:
         _convert_all(ds)
         _guard(lambda: _check_pixels(ds, walk))
@@ -602,7 +693,7 @@ def read_header(reader: BinaryIO, size: int) -> Dataset:
 def read_image(reader: BinaryIO, size: int) -> Dataset:
     """The whole object, pixel data and any trailing elements included, after the same structural and
     completeness checks as `read_header` (the pixel length against Rows and Columns is the caller's)."""
-    ds, walk = _guarded(reader, size, header_only=False)
+    ds, walk = _guarded(reader, size, header_only=False, bounded=False)
     try:
         _convert_all(ds)
         if not any(tag in ds for tag in _PIXEL_TAGS):
@@ -613,8 +704,8 @@ def read_image(reader: BinaryIO, size: int) -> Dataset:
     return ds
 
 
-def _guarded(reader: BinaryIO, size: int, header_only: bool) -> tuple[FileDataset, _Walk]:
-    return _guard(lambda: _read_file(reader, size, header_only))
+def _guarded(reader: BinaryIO, size: int, header_only: bool, bounded: bool) -> tuple[FileDataset, _Walk]:
+    return _guard(lambda: _read_file(reader, size, header_only, bounded))
 
 
 def _guard(step):
@@ -719,12 +810,24 @@ def _strip_bulk(ds: Dataset) -> None:
         elif elem.VR == "SQ":
             for item in elem.value:
                 _strip_bulk(item)
-        elif elem.VR in _BINARY_VRS and elem.value is not None and len(elem.value) > BULK_THRESHOLD:
+        elif elem.value is not None and _too_large(elem):
             del ds[elem.tag]
             left_out.append(int(elem.tag))
     if left_out:
         block = ds.private_block(OMITTED_GROUP, OMITTED_CREATOR, create=True)
         block.add_new(0x01, "AT", sorted(set(left_out)))
+
+
+def _too_large(elem: DataElement) -> bool:
+    """Bulk data for the metadata JSON: a binary value over BULK_THRESHOLD bytes, any other over
+    LARGE_VALUE_THRESHOLD characters."""
+    limit = BULK_THRESHOLD if elem.VR in _BINARY_VRS else LARGE_VALUE_THRESHOLD
+    value = elem.value
+    if isinstance(value, bytes | bytearray | str):
+        return len(value) > limit
+    if isinstance(value, list | tuple | MultiValue):
+        return len(value) > limit or sum(len(str(v)) + 1 for v in value) > limit
+    return len(str(value)) > limit
 
 
 def metadata_json(ds: Dataset) -> bytes:
@@ -743,4 +846,21 @@ def metadata_json(ds: Dataset) -> bytes:
             doc = ds.to_json_dict(bulk_data_threshold=LARGE_VALUE_THRESHOLD)
             return (json.dumps(doc, sort_keys=True, separators=(",", ":")) + "\n").encode()
         except Exception as exc:
-            raise ImageRejected(f"header cannot be written as DICOM JSON: {type(exc).__name__}") from exc
+            where = _json_culprit(ds)
+            raise ImageRejected(f"header cannot be written as DICOM JSON: {where}{type(exc).__name__}") from exc
+
+
+def _json_culprit(ds: Dataset, path: str = "") -> str:
+    """'(gggg,eeee) VR XX: ' of the first element that cannot be written as DICOM JSON ('' if none is found)."""
+    for elem in ds:
+        if elem.VR == "SQ":
+            for item in elem.value:
+                found = _json_culprit(item, f"{path}{tag_name(elem.tag)} > ")
+                if found:
+                    return found
+            continue
+        try:
+            elem.to_json_dict(None, LARGE_VALUE_THRESHOLD)
+        except Exception:  # the one that fails, whatever pydicom raises for it
+            return f"{path}{tag_name(elem.tag)} VR {elem.VR} holds a value DICOM JSON cannot carry: "
+    return ""

@@ -21,13 +21,13 @@ from nccid.portal.central import LoadRunner
 from nccid.portal.settings import PortalSettings
 from nccid.portal.web import HERE, Forbidden, Redirect, TooLarge, redirect, render, security_headers
 from nccid.stats.site_summary import SiteSummary, catalog_reader, site_summary
-from nccid.store import open_store
+from nccid.store import ObjectStore, open_store
 
 T = TypeVar("T")
 _LOG = logging.getLogger("nccid.portal")
 
 
-def _load_key(settings: PortalSettings):  # noqa: ANN202 - PseudonymKey | None
+def _load_key(settings: PortalSettings):
     from nccid.site.vault import PseudonymKey
 
     try:
@@ -47,16 +47,25 @@ def create_app(settings: PortalSettings) -> FastAPI:
     app.state.settings = settings
     app.state.store = open_store(settings.store_url)
     app.state.key = _load_key(settings)
+    app.state.runner = LoadRunner(
+        settings.store_url, settings.catalog_path, settings.db_path, workers=settings.load_workers
+    )
+    app.state.catalog_problem = ""
     catalog_path = settings.catalog()
-    app.state.runner = LoadRunner(settings.store_url, catalog_path, settings.db_path, workers=settings.load_workers)
 
     def read_catalog(fn: Callable[[Callable], T], default: T) -> T:
-        """Run read-only queries on a fresh catalog connection (none yet before the first load)."""
-        if not catalog_path.exists():
-            return default
-        from nccid.warehouse.catalog import Catalog
+        """Run read-only queries on a fresh, checked connection to the store's catalog (`default` before the
+        first load, or when the catalog cannot be believed: `catalog_problem` then says why, for the team)."""
+        from nccid.warehouse.catalog import catalog_for
 
-        catalog = Catalog(catalog_path)
+        if not catalog_path.exists() and not _holds_processed(app.state.store):
+            return default  # before the first load: nothing to read, and a reader creates no catalog
+        try:
+            catalog = catalog_for(app.state.store, settings.catalog_path)
+        except NccidError as exc:
+            app.state.catalog_problem = str(exc)
+            return default
+        app.state.catalog_problem = ""
         try:
             return fn(catalog_reader(catalog))
         finally:
@@ -86,8 +95,13 @@ def create_app(settings: PortalSettings) -> FastAPI:
 
     @app.exception_handler(Forbidden)
     async def on_forbidden(request: Request, exc: Forbidden) -> Response:
-        return render(request, "message.html", status=403, title="Not allowed",
-                      message="Your account may not open this page, or the form had expired: go back and reload.")
+        return render(
+            request,
+            "message.html",
+            status=403,
+            title="Not allowed",
+            message="Your account may not open this page, or the form had expired: go back and reload.",
+        )
 
     @app.exception_handler(TooLarge)
     async def on_too_large(request: Request, exc: TooLarge) -> Response:
@@ -100,17 +114,41 @@ def create_app(settings: PortalSettings) -> FastAPI:
     @app.exception_handler(Exception)
     async def on_error(request: Request, exc: Exception) -> Response:
         _LOG.error("portal error %s on %s %s", type(exc).__name__, request.method, request.url.path)
-        return render(request, "message.html", status=500, title="Something went wrong",
-                      message="The portal could not answer this request; the team has the error in its log.")
+        return render(
+            request,
+            "message.html",
+            status=500,
+            title="Something went wrong",
+            message="The portal could not answer this request; the team has the error in its log.",
+        )
 
     return app
 
 
-def serve(settings: PortalSettings, *, host: str = "127.0.0.1", port: int = 8080,
-          ssl_keyfile: str | None = None, ssl_certfile: str | None = None) -> None:
+def _holds_processed(store: ObjectStore) -> bool:
+    return any(next(iter(store.list(f"{group}/")), None) is not None for group in ("training", "validation"))
+
+
+def serve(
+    settings: PortalSettings,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8080,
+    ssl_keyfile: str | None = None,
+    ssl_certfile: str | None = None,
+) -> None:
     """Run the portal with uvicorn until interrupted. Behind a TLS reverse proxy keep host 127.0.0.1 and set
     `secure_cookies`; or give uvicorn the key and certificate directly."""
     import uvicorn
 
-    uvicorn.run(create_app(settings), host=host, port=port, ssl_keyfile=ssl_keyfile, ssl_certfile=ssl_certfile,
-                log_level="warning", access_log=False, server_header=False, proxy_headers=False)
+    uvicorn.run(
+        create_app(settings),
+        host=host,
+        port=port,
+        ssl_keyfile=ssl_keyfile,
+        ssl_certfile=ssl_certfile,
+        log_level="warning",
+        access_log=False,
+        server_header=False,
+        proxy_headers=False,
+    )

@@ -54,13 +54,24 @@ def save_config_doc(store: ObjectStore, doc: object, *, db: PortalDB, actor: str
     """Validate with the loader's parser, then write; raises ConfigError naming the field."""
     config = WarehouseConfig.from_json(doc)
     store.write(CONFIG_KEY, (json.dumps(doc, indent=2) + "\n").encode())
-    db.audit(actor, "config.save", f"{len(config.raw_prefixes)} prefixes, {len(config.sites)} sites, "
-                                   f"training {config.training_percentage}%")
+    db.audit(
+        actor,
+        "config.save",
+        f"{len(config.raw_prefixes)} prefixes, {len(config.sites)} sites, training {config.training_percentage}%",
+    )
     return config
 
 
 def save_site(
-    store: ObjectStore, db: PortalDB, *, uploader: str, name: str, aliases: list[str], rule: str, actor: str
+    store: ObjectStore,
+    db: PortalDB,
+    *,
+    uploader: str,
+    name: str,
+    aliases: list[str],
+    rule: str,
+    actor: str,
+    hospitals: list[str] = (),  # type: ignore[assignment]
 ) -> Site:
     """Add or change a site in the portal and in config.json together (config first: it may refuse)."""
     check_uploader(uploader)
@@ -69,7 +80,13 @@ def save_site(
         raise PortalError("a site needs its SubmittingCentre name")
     if rule not in SPLIT_RULES:
         raise PortalError(f"the split rule is one of {', '.join(SPLIT_RULES)}")
-    site = Site(uploader, name, tuple(a.strip() for a in aliases if a.strip() and a.strip() != name), rule)
+    site = Site(
+        uploader,
+        name,
+        tuple(a.strip() for a in aliases if a.strip() and a.strip() != name),
+        rule,
+        tuple(h.strip() for h in hospitals if h.strip()),
+    )
     for other in db.sites():
         clash = set(other.centres) & set(site.centres)
         if other.uploader != uploader and clash:
@@ -98,7 +115,7 @@ class LoadJob:
 class LoadRunner:
     """Runs `nccid.warehouse.loader.load` in a thread, one at a time, and keeps its progress for the page."""
 
-    def __init__(self, store_url: str, catalog_path: Path, db_path: Path, *, workers: int = 1) -> None:
+    def __init__(self, store_url: str, catalog_path: Path | None, db_path: Path, *, workers: int = 1) -> None:
         self.store_url = store_url
         self.db_path = db_path
         self.catalog_path = catalog_path
@@ -127,13 +144,13 @@ class LoadRunner:
 
     def _load(self, db: PortalDB) -> None:
         from nccid.store import open_store
-        from nccid.warehouse.catalog import Catalog
+        from nccid.warehouse.catalog import catalog_for
         from nccid.warehouse.loader import load
 
         job = self.job
         try:
             store = open_store(self.store_url)
-            catalog = Catalog(self.catalog_path)
+            catalog = catalog_for(store, self.catalog_path, writing=True)
             try:
                 report = load(store, catalog, workers=self.workers, progress=self._progress)
             finally:
@@ -143,7 +160,7 @@ class LoadRunner:
         except NccidError as exc:
             job.error = str(exc)
             db.audit(job.started_by, "load.finish", job.error, outcome="failed")
-        except Exception as exc:  # noqa: BLE001 - shown to the data manager, never a traceback in the page
+        except Exception as exc:
             job.error = f"the load stopped unexpectedly ({type(exc).__name__}); see the server log"
             db.audit(job.started_by, "load.finish", job.error, outcome="failed")
         finally:

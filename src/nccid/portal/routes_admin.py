@@ -4,6 +4,7 @@ administrators' only."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 
@@ -36,8 +37,17 @@ def overview(request: Request) -> Response:
         lambda q: dict(q("SELECT outcome, COUNT(*) FROM raw_objects GROUP BY outcome", ())), {}
     )
     runs = request.app.state.read_catalog(lambda q: load_runs(q, 5), [])
-    return render(request, "admin_overview.html", who, page="overview", sites=sites, counts=counts, runs=runs,
-                  job=request.app.state.runner.job)
+    return render(
+        request,
+        "admin_overview.html",
+        who,
+        page="overview",
+        sites=sites,
+        counts=counts,
+        runs=runs,
+        job=request.app.state.runner.job,
+        catalog_problem=request.app.state.catalog_problem,
+    )
 
 
 @router.get("/sites")
@@ -56,12 +66,28 @@ async def sites_save(request: Request) -> Response:
         who = current(request, db, request.app.state.settings, "admin.sites")
         check_csrf(who, form, db, request)
         try:
-            save_site(request.app.state.store, db, uploader=form.get("uploader", "").strip(),
-                      name=form.get("name", ""), aliases=form.get("aliases", "").split(","),
-                      rule=form.get("rule", ""), actor=who.user.username)
+            save_site(
+                request.app.state.store,
+                db,
+                uploader=form.get("uploader", "").strip(),
+                name=form.get("name", ""),
+                aliases=form.get("aliases", "").split(","),
+                hospitals=form.get("hospitals", "").split(","),
+                rule=form.get("rule", ""),
+                actor=who.user.username,
+            )
         except NccidError as exc:
-            return render(request, "admin_sites.html", who, page="sites", status=400, sites=db.sites(),
-                          editing=None, error=str(exc), form=form)
+            return render(
+                request,
+                "admin_sites.html",
+                who,
+                page="sites",
+                status=400,
+                sites=db.sites(),
+                editing=None,
+                error=str(exc),
+                form=form,
+            )
     return redirect("/admin/sites")
 
 
@@ -74,16 +100,18 @@ def site_summary_page(request: Request, uploader: str) -> Response:
             raise Redirect("/admin/sites")
         uploads = db.uploads(site.uploader)
     facts = request.app.state.summaries(site)
-    return render(request, "site_summary.html", who, page="sites", site=site, summary=facts, uploads=uploads,
-                  central=True)
+    return render(
+        request, "site_summary.html", who, page="sites", site=site, summary=facts, uploads=uploads, central=True
+    )
 
 
 @router.get("/accounts")
 def accounts_page(request: Request) -> Response:
     with _db(request) as db:
         who = current(request, db, request.app.state.settings, "admin.accounts")
-        return render(request, "admin_accounts.html", who, page="accounts", users=db.users(), sites=db.sites(),
-                      roles=ROLES)
+        return render(
+            request, "admin_accounts.html", who, page="accounts", users=db.users(), sites=db.sites(), roles=ROLES
+        )
 
 
 @router.post("/accounts")
@@ -94,14 +122,36 @@ async def accounts_create(request: Request) -> Response:
         check_csrf(who, form, db, request)
         role = form.get("role", "")
         try:
-            made = db.create_account(form.get("username", "").strip().lower(), role,
-                                     site=form.get("site", "") if role == "site" else "", actor=who.user.username)
+            made = db.create_account(
+                form.get("username", "").strip().lower(),
+                role,
+                site=form.get("site", "") if role == "site" else "",
+                actor=who.user.username,
+            )
         except PortalError as exc:
-            return render(request, "admin_accounts.html", who, page="accounts", status=400, users=db.users(),
-                          sites=db.sites(), roles=ROLES, error=str(exc))
+            return render(
+                request,
+                "admin_accounts.html",
+                who,
+                page="accounts",
+                status=400,
+                users=db.users(),
+                sites=db.sites(),
+                roles=ROLES,
+                error=str(exc),
+            )
         link = str(request.base_url).rstrip("/") + f"/setup/{made.setup_token}"
-        return render(request, "admin_accounts.html", who, page="accounts", users=db.users(), sites=db.sites(),
-                      roles=ROLES, made=made, link=link)
+        return render(
+            request,
+            "admin_accounts.html",
+            who,
+            page="accounts",
+            users=db.users(),
+            sites=db.sites(),
+            roles=ROLES,
+            made=made,
+            link=link,
+        )
 
 
 @router.post("/accounts/{username}/{action}")
@@ -111,10 +161,8 @@ async def accounts_toggle(request: Request, username: str, action: str) -> Respo
         who = current(request, db, request.app.state.settings, "admin.accounts")
         check_csrf(who, form, db, request)
         if action in ("enable", "disable") and username != who.user.username:
-            try:
+            with contextlib.suppress(PortalError):
                 db.set_active(username, action == "enable", actor=who.user.username)
-            except PortalError:
-                pass
     return redirect("/admin/accounts")
 
 
@@ -141,13 +189,16 @@ async def config_save(request: Request) -> Response:
             try:
                 doc = json.loads(text)
             except json.JSONDecodeError as exc:
-                raise PortalError(f"config.json: invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}")
+                raise PortalError(
+                    f"config.json: invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}"
+                ) from None
             save_config_doc(request.app.state.store, doc, db=db, actor=who.user.username)
         except NccidError as exc:
             db.audit(who.user.username, "config.save", str(exc), outcome="refused")
             return render(request, "admin_config.html", who, page="config", status=400, text=text, error=str(exc))
-    return render(request, "admin_config.html", who, page="config", text=json.dumps(doc, indent=2),
-                  done="config.json saved.")
+    return render(
+        request, "admin_config.html", who, page="config", text=json.dumps(doc, indent=2), done="config.json saved."
+    )
 
 
 @router.get("/loads")
@@ -189,8 +240,9 @@ def queues_page(request: Request, outcome: str = "") -> Response:
         who = current(request, db, request.app.state.settings, "admin.queues")
     outcome = outcome if outcome in WAITING_OUTCOMES else ""
     items = request.app.state.read_catalog(lambda q: waiting_everywhere(q, outcome or None), [])
-    return render(request, "admin_queues.html", who, page="queues", items=items, outcome=outcome,
-                  outcomes=WAITING_OUTCOMES)
+    return render(
+        request, "admin_queues.html", who, page="queues", items=items, outcome=outcome, outcomes=WAITING_OUTCOMES
+    )
 
 
 @router.get("/queues.csv")
@@ -200,8 +252,9 @@ def queues_csv(request: Request, outcome: str = "") -> Response:
     outcome = outcome if outcome in WAITING_OUTCOMES else ""
     items = request.app.state.read_catalog(lambda q: waiting_everywhere(q, outcome or None, limit=100_000), [])
     text = to_csv(["key", "kind", "outcome", "reason"], [(i.key, i.kind, i.outcome, i.reason) for i in items])
-    return Response(text, media_type="text/csv",
-                    headers={"Content-Disposition": 'attachment; filename="nccid-queues.csv"'})
+    return Response(
+        text, media_type="text/csv", headers={"Content-Disposition": 'attachment; filename="nccid-queues.csv"'}
+    )
 
 
 @router.get("/audit")

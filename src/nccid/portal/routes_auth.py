@@ -73,9 +73,14 @@ async def login(request: Request) -> Response:
     username = form.get("username", "").strip().lower()
     with _db(request) as db:
         outcome = db.authenticate(
-            username, form.get("password", ""), address(request),
-            account_limit=settings.account_lock_after, address_limit=settings.address_lock_after,
-            window_s=settings.lock_window_s, lock_s=settings.lock_s, delay_s=settings.failure_delay_s,
+            username,
+            form.get("password", ""),
+            address(request),
+            account_limit=settings.account_lock_after,
+            address_limit=settings.address_lock_after,
+            window_s=settings.lock_window_s,
+            lock_s=settings.lock_s,
+            delay_s=settings.failure_delay_s,
         )
         if outcome.user is None:
             await asyncio.sleep(outcome.delay_s)
@@ -86,7 +91,7 @@ async def login(request: Request) -> Response:
     return response
 
 
-def _pending(request: Request, db: PortalDB):  # noqa: ANN202 - (session, user) or None
+def _pending(request: Request, db: PortalDB):
     settings = request.app.state.settings
     token = request.cookies.get(cookie_name(settings), "")
     session, _ = db.session(token, idle_s=settings.idle_timeout_s, absolute_s=settings.absolute_timeout_s)
@@ -114,8 +119,13 @@ async def totp(request: Request) -> Response:
             raise Forbidden()
         if not db.verify_totp(session.username, form.get("code", ""), address(request)):
             await asyncio.sleep(request.app.state.settings.failure_delay_s)
-            return render(request, "totp.html", status=401, pending_csrf=session.csrf,
-                          error="That code is not right (or was used already): wait for the next one.")
+            return render(
+                request,
+                "totp.html",
+                status=401,
+                pending_csrf=session.csrf,
+                error="That code is not right (or was used already): wait for the next one.",
+            )
         db.upgrade_session(token)
     return redirect("/")
 
@@ -130,8 +140,9 @@ async def logout(request: Request) -> Response:
         db.end_session(who.token)
         db.audit(who.user.username, "logout", address=address(request))
     response = redirect("/login?out=1")
-    response.delete_cookie(cookie_name(settings), path="/", secure=settings.secure_cookies, httponly=True,
-                           samesite="strict")
+    response.delete_cookie(
+        cookie_name(settings), path="/", secure=settings.secure_cookies, httponly=True, samesite="strict"
+    )
     return response
 
 
@@ -139,7 +150,7 @@ async def logout(request: Request) -> Response:
 def password_page(request: Request) -> Response:
     with _db(request) as db:
         who = current(request, db, request.app.state.settings, "account.self")
-    return render(request, "password.html", who)
+    return render(request, "password.html", who, page="password")
 
 
 @router.post("/account/password")
@@ -149,14 +160,19 @@ async def change_password(request: Request) -> Response:
         who = current(request, db, request.app.state.settings, "account.self")
         check_csrf(who, form, db, request)
         if form.get("new", "") != form.get("confirm", ""):
-            return render(request, "password.html", who, status=400, error="The two new passwords differ.")
+            return render(
+                request, "password.html", who, page="password", status=400, error="The two new passwords differ."
+            )
         try:
-            db.change_password(who.user.username, form.get("current", ""), form.get("new", ""),
-                               address=address(request))
+            db.change_password(
+                who.user.username, form.get("current", ""), form.get("new", ""), address=address(request)
+            )
         except PortalError as exc:
-            return render(request, "password.html", who, status=400, error=str(exc))
+            return render(request, "password.html", who, page="password", status=400, error=str(exc))
         db.end_other_sessions(who.user.username, who.token)
-    return render(request, "password.html", who, done="Your password is changed; your other sessions are ended.")
+    return render(
+        request, "password.html", who, page="password", done="Your password is changed; your other sessions are ended."
+    )
 
 
 @router.get("/setup/{token}")
@@ -164,11 +180,17 @@ def setup_page(request: Request, token: str) -> Response:
     with _db(request) as db:
         found = db.setup_account(token)
     if found is None:
-        return render(request, "message.html", status=404, title="Set-up link not valid",
-                      message="This set-up link was used already or has expired: ask an administrator for a new one.")
+        return render(
+            request,
+            "message.html",
+            status=404,
+            title="Set-up link not valid",
+            message="This set-up link was used already or has expired: ask an administrator for a new one.",
+        )
     user, secret = found
-    return _pre_page(request, "setup.html", account=user, secret=secret, token=token,
-                     otpauth=_otpauth(user.username, secret))
+    return _pre_page(
+        request, "setup.html", account=user, secret=secret, token=token, otpauth=_otpauth(user.username, secret)
+    )
 
 
 @router.post("/setup/{token}")
@@ -179,18 +201,36 @@ async def setup(request: Request, token: str) -> Response:
     with _db(request) as db:
         found = db.setup_account(token)
         if found is None:
-            return render(request, "message.html", status=404, title="Set-up link not valid",
-                          message="This set-up link was used already or has expired.")
+            return render(
+                request,
+                "message.html",
+                status=404,
+                title="Set-up link not valid",
+                message="This set-up link was used already or has expired.",
+            )
         user, secret = found
         try:
             if form.get("password", "") != form.get("confirm", ""):
                 raise PortalError("the two passwords differ")
             db.complete_setup(token, form.get("password", ""), form.get("code", ""), address=address(request))
         except PortalError as exc:
-            return _pre_page(request, "setup.html", status=400, account=user, secret=secret, token=token,
-                             otpauth=_otpauth(user.username, secret), error=str(exc))
-    return render(request, "message.html", title="Account ready",
-                  message="Your account is ready: log in with your new password.", link="/login")
+            return _pre_page(
+                request,
+                "setup.html",
+                status=400,
+                account=user,
+                secret=secret,
+                token=token,
+                otpauth=_otpauth(user.username, secret),
+                error=str(exc),
+            )
+    return render(
+        request,
+        "message.html",
+        title="Account ready",
+        message="Your account is ready: log in with your new password.",
+        link="/login",
+    )
 
 
 def _otpauth(username: str, secret: str) -> str:
@@ -199,3 +239,37 @@ def _otpauth(username: str, secret: str) -> str:
     import pyotp
 
     return pyotp.TOTP(secret).provisioning_uri(name=username, issuer_name="nccid portal")
+
+
+@router.get("/account/totp")
+def totp_setup_page(request: Request) -> Response:
+    with _db(request) as db:
+        who = current(request, db, request.app.state.settings, "account.self")
+        if who.user.totp_enabled:
+            return render(request, "password.html", who, page="password", done="Your second factor is on.")
+        secret = db.begin_totp(who.user.username)
+    return render(
+        request, "totp_setup.html", who, page="password", secret=secret, otpauth=_otpauth(who.user.username, secret)
+    )
+
+
+@router.post("/account/totp")
+async def totp_setup(request: Request) -> Response:
+    form = await form_fields(request)
+    with _db(request) as db:
+        who = current(request, db, request.app.state.settings, "account.self")
+        check_csrf(who, form, db, request)
+        if not db.confirm_totp(who.user.username, form.get("code", ""), address=address(request)):
+            return render(
+                request,
+                "message.html",
+                who,
+                status=400,
+                title="Code not right",
+                message="That code did not match: open the page again for a new key.",
+                link="/account/totp",
+            )
+        db.upgrade_session(who.token)
+    return render(
+        request, "password.html", who, page="password", done="Your second factor is on: log-ins now ask for a code."
+    )

@@ -69,9 +69,18 @@ def upload_page(request: Request, template: str) -> Response:
     with PortalDB(request.app.state.settings.db_path) as db:
         who, site = _site_user(request, db, "site.upload")
         uploads = [u for u in db.uploads(site.uploader) if u["template"] == template][:10]
-    return render(request, "site_upload.html", who, site=site, template=template, name=TEMPLATE_NAMES[template],
-                  uploads=uploads, page=template, key_missing=request.app.state.key is None,
-                  max_mb=request.app.state.settings.max_upload_bytes // (1024 * 1024))
+    return render(
+        request,
+        "site_upload.html",
+        who,
+        site=site,
+        template=template,
+        name=TEMPLATE_NAMES[template],
+        uploads=uploads,
+        page=template,
+        key_missing=request.app.state.key is None,
+        max_mb=f"{request.app.state.settings.max_upload_bytes / 1048576:g}",
+    )
 
 
 @router.post("/upload/{template}")
@@ -81,13 +90,25 @@ async def upload(request: Request, template: str) -> Response:
         raise Redirect("/site/guidance")
     with PortalDB(settings.db_path) as db:
         who, site = _site_user(request, db, "site.upload")
-    context = {"site": site, "template": template, "name": TEMPLATE_NAMES[template], "page": template,
-               "max_mb": settings.max_upload_bytes // (1024 * 1024), "uploads": []}
+    context = {
+        "site": site,
+        "template": template,
+        "name": TEMPLATE_NAMES[template],
+        "page": template,
+        "max_mb": f"{settings.max_upload_bytes / 1048576:g}",
+        "uploads": [],
+    }
     try:
         body = await read_body(request, settings.max_upload_bytes + 64 * 1024)
     except TooLarge:
-        return render(request, "site_upload.html", who, status=413, **context,
-                      error=f"The file is larger than {context['max_mb']} MiB: split the sheet into several uploads.")
+        return render(
+            request,
+            "site_upload.html",
+            who,
+            status=413,
+            **context,
+            error=f"The file is larger than {context['max_mb']} MiB: split the sheet into several uploads.",
+        )
     fields, files = parse_multipart(body, request.headers.get("content-type", ""))
     del body
     with PortalDB(settings.db_path) as db:
@@ -96,8 +117,14 @@ async def upload(request: Request, template: str) -> Response:
     if not data:
         return render(request, "site_upload.html", who, status=400, **context, error="Choose a sheet to upload.")
     if len(data) > settings.max_upload_bytes:
-        return render(request, "site_upload.html", who, status=413, **context,
-                      error=f"The file is larger than {context['max_mb']} MiB: split the sheet into several uploads.")
+        return render(
+            request,
+            "site_upload.html",
+            who,
+            status=413,
+            **context,
+            error=f"The file is larger than {context['max_mb']} MiB: split the sheet into several uploads.",
+        )
     if request.app.state.key is None:
         return render(request, "site_upload.html", who, status=503, **context, key_missing=True)
     try:
@@ -117,8 +144,11 @@ def download_template(request: Request, template: str, fmt: str) -> Response:
         raise Redirect("/site/guidance")
     media = "text/csv" if fmt == "csv" else "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet"
     name = {"positive": "nccid-positive-v1.5", "negative": "nccid-negative", "isaric": "nccid-isaric"}[template]
-    return Response(template_bytes(template, fmt), media_type=media,
-                    headers={"Content-Disposition": f'attachment; filename="{name}.{fmt}"'})
+    return Response(
+        template_bytes(template, fmt),
+        media_type=media,
+        headers={"Content-Disposition": f'attachment; filename="{name}.{fmt}"'},
+    )
 
 
 def template_help() -> dict[str, object]:
@@ -131,16 +161,24 @@ def template_help() -> dict[str, object]:
     }
 
 
-def upload_into(app_state: object):  # noqa: ANN201 - a closure the app keeps in its state
+def upload_into(app_state: object):
     """The function an upload calls (in a worker thread): parse from memory, validate, pseudonymise, file."""
 
-    def file_sheet(data: bytes, filename: str, template: str, site: Site, who: Who):  # noqa: ANN202
+    def file_sheet(data: bytes, filename: str, template: str, site: Site, who: Who):
         from nccid.site.vault import Vault
 
         rows = read_sheet_bytes(data, filename)
         settings = app_state.settings  # type: ignore[attr-defined]
         with PortalDB(settings.db_path) as db, Vault(settings.vault) as vault:
-            return file_upload(rows, template, site, store=app_state.store, db=db, vault=vault,  # type: ignore[attr-defined]
-                               key=app_state.key, username=who.user.username)  # type: ignore[attr-defined]
+            return file_upload(
+                rows,
+                template,
+                site,
+                store=app_state.store,
+                db=db,
+                vault=vault,  # type: ignore[attr-defined]
+                key=app_state.key,
+                username=who.user.username,
+            )  # type: ignore[attr-defined]
 
     return file_sheet

@@ -89,7 +89,9 @@ def _xlsx_rows(data: bytes) -> list[list[object]]:
     try:
         book = openpyxl.load_workbook(io.BytesIO(data), read_only=True, data_only=True)
     except Exception as exc:  # openpyxl raises many kinds for damaged parts
-        raise SheetError(f"the uploaded workbook cannot be read ({type(exc).__name__}): save it again as .xlsx") from exc
+        raise SheetError(
+            f"the uploaded workbook cannot be read ({type(exc).__name__}): save it again as .xlsx"
+        ) from exc
     try:
         if not book.worksheets:
             raise SheetError("the uploaded workbook has no worksheet")
@@ -102,7 +104,9 @@ def _xlsx_rows(data: bytes) -> list[list[object]]:
     except SheetError:
         raise
     except Exception as exc:
-        raise SheetError(f"the uploaded workbook cannot be read ({type(exc).__name__}): save it again as .xlsx") from exc
+        raise SheetError(
+            f"the uploaded workbook cannot be read ({type(exc).__name__}): save it again as .xlsx"
+        ) from exc
     finally:
         book.close()
 
@@ -125,11 +129,12 @@ def _csv_rows(data: bytes) -> list[list[object]]:
     return rows
 
 
-def validate_clinical(rows: list[list[object]], template: str, centre: str):  # noqa: ANN201 - the validator's type
-    """The same validator as `nccid site clinical` (nccid.site.templates.validate_sheet), given the centre
-    when it asks for one."""
+def validate_clinical(rows: list[list[object]], template: str, site: Site) -> templates.SheetResult:
+    """The same validator as `nccid site clinical` (nccid.site.templates.validate_sheet), with the same list of
+    this site's hospitals: its centre, its other SubmittingCentre spellings and the hospital names configured
+    for it (rows naming another hospital are held)."""
     parameters = inspect.signature(templates.validate_sheet).parameters
-    extra = {"centre": centre} if "centre" in parameters else {}
+    extra = {"hospitals": [site.name, *site.hospitals, *site.aliases]} if "hospitals" in parameters else {}
     return templates.validate_sheet(rows, template, **extra)
 
 
@@ -166,7 +171,7 @@ def file_upload(
         )
         outcome.accepted = len(sheet.links)
     else:
-        result = validate_clinical(rows, template, site.name)
+        result = validate_clinical(rows, template, site)
         outcome.errors = [(e.row, e.column, e.reason) for e in result.errors]
         outcome.warnings = list(result.warnings)
         outcome.held_rows = len(result.held_rows)
@@ -184,8 +189,14 @@ def file_upload(
             outcome.written += 1
         outcome.accepted = len(records)
     db.record_upload(
-        site.uploader, username, template, outcome.accepted, outcome.held_rows, outcome.written,
-        outcome.unchanged, outcome.upload_date,
+        site.uploader,
+        username,
+        template,
+        outcome.accepted,
+        outcome.held_rows,
+        outcome.written,
+        outcome.unchanged,
+        outcome.upload_date,
     )
     db.audit(
         username,

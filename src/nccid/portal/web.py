@@ -7,12 +7,16 @@ import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
-from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, RedirectResponse, Response
 from starlette.templating import Jinja2Templates
 
 from nccid.portal.accounts import PortalDB, Session, User
+
+try:  # python-multipart >= 0.0.13 names its module python_multipart; older releases called it multipart
+    from python_multipart.multipart import MultipartParser, parse_options_header
+except ImportError:  # pragma: no cover - depends on the installed release
+    from multipart.multipart import MultipartParser, parse_options_header
 from nccid.portal.settings import PortalSettings
 
 HERE = Path(__file__).parent
@@ -24,7 +28,7 @@ CSP = (
 )
 
 
-class Redirect(Exception):  # noqa: N818 - control flow, not an error
+class Redirect(Exception):
     """Answer with a redirect (to the log-in page, usually)."""
 
     def __init__(self, url: str) -> None:
@@ -32,11 +36,11 @@ class Redirect(Exception):  # noqa: N818 - control flow, not an error
         self.url = url
 
 
-class Forbidden(Exception):  # noqa: N818
+class Forbidden(Exception):
     """Answer 403: the account may not see this page (or this site's data)."""
 
 
-class TooLarge(Exception):  # noqa: N818
+class TooLarge(Exception):
     """Answer 413: the request body is larger than the portal accepts."""
 
 
@@ -55,7 +59,12 @@ def cookie_name(settings: PortalSettings) -> str:
 
 def set_cookie(response: Response, settings: PortalSettings, name: str, value: str) -> None:
     response.set_cookie(
-        name, value, httponly=True, samesite="strict", secure=settings.secure_cookies, path="/",
+        name,
+        value,
+        httponly=True,
+        samesite="strict",
+        secure=settings.secure_cookies,
+        path="/",
     )
 
 
@@ -91,8 +100,9 @@ def current(request: Request, db: PortalDB, settings: PortalSettings, permission
     if user.needs_totp and not session.totp_ok:
         raise Redirect("/login/totp")
     if permission and not user.can(permission):
-        db.audit(user.username, "denied", f"{request.method} {request.url.path}", outcome="refused",
-                 address=address(request))
+        db.audit(
+            user.username, "denied", f"{request.method} {request.url.path}", outcome="refused", address=address(request)
+        )
         raise Forbidden()
     return Who(user, session, token)
 
@@ -100,8 +110,13 @@ def current(request: Request, db: PortalDB, settings: PortalSettings, permission
 def check_csrf(who: Who, form: dict[str, str], db: PortalDB, request: Request) -> None:
     """Every form posted by a logged-in user carries its session's token; otherwise 403 (and audited)."""
     if not secrets.compare_digest(form.get("csrf", ""), who.session.csrf):
-        db.audit(who.user.username, "csrf", f"{request.method} {request.url.path}", outcome="refused",
-                 address=address(request))
+        db.audit(
+            who.user.username,
+            "csrf",
+            f"{request.method} {request.url.path}",
+            outcome="refused",
+            address=address(request),
+        )
         raise Forbidden()
 
 

@@ -24,6 +24,7 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
 from nccid.contracts.dicom import ImageRejected
+from nccid.log import event
 from nccid.site.deid import DeidHeld, DeidKeys, deidentify
 from nccid.site.gate import Finding, KnownIdentifiers, scan
 from nccid.site.identifiers import IdentifierError, validate_patient_number
@@ -207,4 +208,12 @@ def deidentify_folder(
         rows.append([str(number), str(path), where, added.path.relative_to(outbox.root).as_posix()])
     if rows:
         result.report = outbox.write_identifiable_report("deid", ["input", "path", "outcome", "detail"], rows)
+    event(  # counts only: an input's path may name the patient
+        "site.deid",
+        inputs=result.inputs,
+        ready=len(result.written),
+        held_for_record=len(result.waiting),
+        not_sent=len(result.held),
+        findings=len(result.findings),
+    )
     return result

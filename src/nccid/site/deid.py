@@ -244,10 +244,11 @@ def output_transfer_syntax(source: str | None) -> UID:
 def project_file_meta(ds: Dataset) -> FileMetaDataset:
     """The file meta of a de-identified image: only what PS3.10 requires, with the project's implementation
     class UID and version name (nothing from the sending system: no source AE title, no private meta)."""
-    source = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
+    source_meta = ds.file_meta if hasattr(ds, "file_meta") else FileMetaDataset()
+    source = source_meta.get("TransferSyntaxUID")
     meta = FileMetaDataset()
     meta.FileMetaInformationVersion = b"\x00\x01"
-    meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    meta.MediaStorageSOPClassUID = ds.get("SOPClassUID") or source_meta.get("MediaStorageSOPClassUID")
     meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
     meta.TransferSyntaxUID = output_transfer_syntax(source)
     meta.ImplementationClassUID = IMPLEMENTATION_CLASS_UID

@@ -12,7 +12,7 @@ Columns (header row 1; case, spacing and punctuation are forgiven):
 |---|---|---|
 | `NHS/CHI Number` | yes | 10 digits, modulus-11 valid; encrypted at once, never stored |
 | `Hospital (Internal) Number` | no | ignored and never stored (allowed so the site's usual extract fits) |
-| `ISARIC-CCP Subject ID` | yes | the CCP-UK subject ID: a site code of 3-8 capital letters or digits, a hyphen and a 4-digit number, e.g. `RYJ01-0042` |
+| `ISARIC-CCP Subject ID` | yes | CCP-UK subject ID: site code (3-8 capitals or digits), '-', 4 digits: `RYJ01-0042` |
 | `Date of enrolment` | no | YYYY-MM-DD or DD/MM/YYYY, checked and kept with the link |
 
 Rows are validated one by one; each error names the spreadsheet row and the column with the reason (never the

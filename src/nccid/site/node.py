@@ -2,21 +2,23 @@
 
 pynetdicom streams each incoming data set to a file in the node's spool (a folder only the node's user can
 open); the handler reads it once, finds the NHS/CHI number, gets the pseudonym, de-identifies, runs the gate and
-writes the result to the outbox. pynetdicom deletes the spooled file as soon as the handler returns, and the
-node empties the spool when it starts and stops, so identifiable data never rests on disk.
+writes the result to the outbox. The handler deletes the spooled file before it answers, whatever happened; the
+transport deletes the file of a transfer cut off midway as its association ends; and the node empties the spool
+when it starts and stops, so identifiable data never rests on disk.
 
 Every C-STORE is answered with what happened to it. Success means the de-identified image is in the outbox
 (ready, or held until the patient's clinical sheet arrives). A failure status tells the PACS it still holds the
 only copy, with the reason in Error Comment:
 
-    0xC210  the data set cannot be decoded (or is truncated)
+    0xC210  the data set cannot be decoded (or is truncated), or its de-identified copy cannot be encoded
     0xA900  the data set does not match its SOP class (pixel data shorter than its rows and columns need)
     0xC220  no valid NHS/CHI number in PatientID or OtherPatientIDs
     0xC230  held by the de-identification policy (burned-in annotation, unsupported SOP class)
     0xC240  the gate found an identifier in the de-identified output (a bug: nothing is written)
     0xC250  the node failed on this data set (an error in the node, recorded in node-events.jsonl by type and
             place, never by value)
-    0xA700  out of resources (the outbox's disk is full or cannot be written; the PACS may retry later)
+    0xA700  out of resources (the outbox's disk is full, or the pseudonym vault cannot be used now; the PACS
+            may retry later)
 
 Everything the node decides is a line in `node-events.jsonl` in the outbox (no identifiers): each C-STORE, each
 handler error, each presentation context refused at association. `node_events` and `refused_contexts` read it.
@@ -217,8 +219,8 @@ class Receiver:
             return _refused(STATUS_HELD_BY_POLICY, exc.reason)
         except ImageRejected as exc:
             return _refused(STATUS_MALFORMED, exc.reason)
-        except Exception as exc:  # the vault failed: the sender keeps its copy and may resend
-            return _refused(STATUS_MALFORMED, f"cannot de-identify the data set ({type(exc).__name__})")
+        except Exception as exc:  # the vault failed (busy, unreachable): not the data's fault, the PACS may resend
+            return _refused(STATUS_OUT_OF_RESOURCES, f"the pseudonym vault cannot be used now ({type(exc).__name__})")
         if done.findings:
             tags = ", ".join(sorted({f.tag_path for f in done.findings}))
             return _refused(STATUS_GATE, f"the gate found identifiers in {tags}")
@@ -288,6 +290,22 @@ def _temporarily(owner: Any, name: str, value: Any) -> Iterator[None]:
         setattr(owner, name, previous)
 
 
+def _end_associations(ae: Any, wait: float = 10.0) -> None:
+    """Abort every association still running and wait (up to `wait` seconds in all) for their threads, so that a
+    handler finishes its write and nothing arrives after the spool setting is put back."""
+    associations = list(ae.all_associations)
+    for assoc in associations:  # pynetdicom's abort waits for a reader blocked on a stalled peer: not here
+        threading.Thread(target=_abort_quietly, args=(assoc,), name="nccid-node-abort", daemon=True).start()
+    deadline = time.monotonic() + wait
+    for assoc in associations:
+        assoc.join(max(0.0, deadline - time.monotonic()))
+
+
+def _abort_quietly(assoc: Any) -> None:
+    with contextlib.suppress(Exception):
+        assoc.abort()
+
+
 class SiteNode:
     """The Storage SCP of one process. `start()` returns once it listens; `stop()` shuts it, leaves every
     global setting as it found it and (unless told otherwise) empties the spool.
@@ -348,6 +366,7 @@ class SiteNode:
                 (evt.EVT_RELEASED, self._on_end),
                 (evt.EVT_ABORTED, self._on_end),
             ]
+            stack.callback(_end_associations, ae)  # after the listener closes, before the settings go back
             server = start_server(
                 ae,
                 (config.host, config.port),
@@ -376,12 +395,6 @@ class SiteNode:
     @property
     def running(self) -> bool:
         return self._stack is not None
-
-    def serve_forever(self) -> None:
-        """Run as a service until SIGINT or SIGTERM (see `nccid.site.supervisor.run_node`); sets `totals`."""
-        from nccid.site.supervisor import run_node
-
-        self.totals = run_node(self)
 
     # -- events ---------------------------------------------------------------------------------------------
     def _on_store(self, evt_) -> Dataset:

@@ -458,14 +458,14 @@ def file_sheet(
 ) -> FiledSheet:
     """Validate a filled sheet; valid rows go to the outbox as data/<Pseudonym>_{data,status}.json, labelled
     with `centre`, and images held for those patients are released. Rows whose Hospital is neither `centre`
-    nor one of `aliases` (this site's hospitals) are held. The site's age policy comes from the outbox's
-    settings. With `strict`, any invalid row means nothing is written. Raises SheetError if the sheet cannot
-    be read and UsageError for an unknown template."""
+    nor one of this site's hospitals (`aliases`, and the outbox settings' `hospitals`) are held. The site's age
+    policy comes from the outbox's settings. With `strict`, any invalid row means nothing is written. Raises
+    SheetError if the sheet cannot be read and UsageError for an unknown template."""
     spec = check_template(template)
     box = Outbox(outbox)
-    result = validate_sheet(
-        read_rows(sheet), template, hospitals=[centre, *aliases], age_policy=box.settings().ages_over_89
-    )
+    settings = box.settings()
+    hospitals = [centre, *settings.hospitals, *aliases]
+    result = validate_sheet(read_rows(sheet), template, hospitals=hospitals, age_policy=settings.ages_over_89)
     if result.errors and (strict or not result.records):
         return FiledSheet(result, [], 0)
     written = [

@@ -48,10 +48,6 @@ from typing import Any
 
 import pynetdicom
 from pynetdicom import AE, evt
-from pynetdicom.association import Association
-from pynetdicom.dul import DULServiceProvider
-from pynetdicom.pdu import A_ABORT_RQ
-from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
 #: the pynetdicom release whose reactors the fast path below copies; any other gets pynetdicom's own
@@ -65,6 +61,14 @@ def fast_path_supported(version: str) -> bool:
 
 
 FAST_PATH = fast_path_supported(pynetdicom.__version__)
+try:  # the internals the fast reactors subclass; a release that moved them gets the stock reactors
+    from pynetdicom.association import Association
+    from pynetdicom.dul import DULServiceProvider
+    from pynetdicom.pdu import A_ABORT_RQ
+    from pynetdicom.pdu_primitives import P_DATA
+except ImportError:  # pragma: no cover - only on a pynetdicom other than TESTED_PYNETDICOM
+    FAST_PATH = False
+    Association = DULServiceProvider = A_ABORT_RQ = P_DATA = object  # type: ignore[misc,assignment]
 if not FAST_PATH:
     warnings.warn(
         f"pynetdicom {pynetdicom.__version__} is not {TESTED_PYNETDICOM}.x: the site node serves with pynetdicom's "

@@ -58,9 +58,7 @@ def site_summary(query: Query, prefix: str, centres: Sequence[str] = (), *, limi
     summary = SiteSummary(prefix, tuple(centres))
     start = len(prefix) + 1  # SQL substr is 1-based: the upload date follows the prefix
     marks = ",".join("?" * len(centres)) or "''"
-    patient_rows = query(
-        f"SELECT grp, COUNT(*) FROM patients WHERE centre IN ({marks}) GROUP BY grp", tuple(centres)
-    )
+    patient_rows = query(f"SELECT grp, COUNT(*) FROM patients WHERE centre IN ({marks}) GROUP BY grp", tuple(centres))
     summary.groups = {g: n for g, n in patient_rows}
     summary.patients = sum(summary.groups.values())
     by_date: dict[str, dict] = {}
@@ -119,6 +117,7 @@ def waiting_everywhere(query: Query, outcome: str | None = None, *, limit: int =
 
 def load_runs(query: Query, limit: int = 50) -> list[dict]:
     """The most recent load runs: id, start, end, report key and the counts summary (JSON text)."""
-    rows = query("SELECT run_id, started, finished, report_key, summary FROM runs ORDER BY started DESC LIMIT ?",
-                 (limit,))
+    rows = query(
+        "SELECT run_id, started, finished, report_key, summary FROM runs ORDER BY started DESC LIMIT ?", (limit,)
+    )
     return [dict(zip(("run_id", "started", "finished", "report_key", "summary"), r, strict=True)) for r in rows]

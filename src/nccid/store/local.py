@@ -10,6 +10,7 @@ is re-hashed rather than trusted.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 import shutil
@@ -204,16 +205,19 @@ class LocalStore(ObjectStore):
             raise ObjectExists(f"object {key!r} already exists in {self.url}")
         tmp = self._temp_path()
         digest = hashlib.md5(usedforsecurity=False)
-        with open(tmp, "wb") as out:
-            if isinstance(data, bytes | bytearray | memoryview):
-                digest.update(data)
-                out.write(data)
-            else:
-                while chunk := data.read(_CHUNK):
-                    digest.update(chunk)
-                    out.write(chunk)
-        _remember_checksum(tmp, digest.hexdigest())
-        self._publish(tmp, key, path, overwrite)
+        try:
+            with open(tmp, "wb") as out:
+                if isinstance(data, bytes | bytearray | memoryview):
+                    digest.update(data)
+                    out.write(data)
+                else:
+                    while chunk := data.read(_CHUNK):
+                        digest.update(chunk)
+                        out.write(chunk)
+            _remember_checksum(tmp, digest.hexdigest())
+            self._publish(tmp, key, path, overwrite)
+        except OSError as exc:
+            raise self._write_failed(tmp, key, exc) from exc
         return self._info(key, path, os.stat(path))
 
     def copy(self, src: str, dst: str, *, overwrite: bool = True) -> None:
@@ -224,9 +228,19 @@ class LocalStore(ObjectStore):
             raise ObjectExists(f"object {dst!r} already exists in {self.url}")
         digest = cached_checksum(src_path)
         tmp = self._temp_path()
-        _copy_bytes(src_path, tmp)
-        _remember_checksum(tmp, digest)
-        self._publish(tmp, dst, dst_path, overwrite)
+        try:
+            _copy_bytes(src_path, tmp)
+            _remember_checksum(tmp, digest)
+            self._publish(tmp, dst, dst_path, overwrite)
+        except OSError as exc:
+            raise self._write_failed(tmp, dst, exc) from exc
+
+    def _write_failed(self, tmp: str, key: str, exc: OSError) -> StoreError:
+        """No temporary file outlives a failed write; one line naming the key and the cause (a full disk, ...)."""
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        cause = "the disk is full" if exc.errno == errno.ENOSPC else (exc.strerror or str(exc))
+        return StoreError(f"{self.url}: cannot write {key!r}: {cause}; fix that, then run the same command again")
 
     def delete(self, key: str) -> None:
         path = self._path(key)

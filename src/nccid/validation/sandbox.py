@@ -223,6 +223,7 @@ def run_direct(entry: list[str] | tuple[str, ...], model: Path, inputs: Path, ou
         "NCCID_OUTPUT": str(output),
         "OMP_NUM_THREADS": "1",
         "OPENBLAS_NUM_THREADS": "1",
+        "PYTHONDONTWRITEBYTECODE": "1",
     }
     start = time.monotonic()
     subprocess.run(list(entry), cwd=model, env=env, check=True, stdout=subprocess.DEVNULL)

@@ -335,7 +335,7 @@ def _synthetic_inputs(
         )  # fmt: skip
         ds.ViewPosition = manifest.intended_use.views[0]
         case = f"case-{secrets.token_hex(6)}"
-        digest = write_case(folder, case, opaque_dicom(synth_dicom.encode(ds), case))
+        digest = write_case(folder, case, *opaque_dicom(synth_dicom.encode(ds), case))
         attributes = {
             "sex": "male" if subject.sex == "M" else "female",
             "age band": age_band(age),

@@ -21,6 +21,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import ctypes
 import datetime as dt
+import errno
 import json
 import multiprocessing
 import os
@@ -45,7 +46,7 @@ from nccid.contracts.layout import (
     metadata_key,
     parse_raw_key,
 )
-from nccid.errors import StoreError
+from nccid.errors import NccidError, StoreError
 from nccid.log import event
 from nccid.store import LocalStore, ObjectExists, ObjectInfo, ObjectStore
 from nccid.warehouse import rules
@@ -58,6 +59,7 @@ REPORT_PREFIX = "reports/load/"
 _PSEUDONYM_IN_TEXT = re.compile(r"\bCovid[0-9]+\b")
 BATCH = 256
 _PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+_ADVICE = "run the same load again once that is fixed: it resumes where it stopped"
 Progress = Callable[[str, int, int], None]  # (phase, objects, bytes)
 
 
@@ -222,10 +224,13 @@ def file_many(store: ObjectStore, plans: list[ImagePlan], write: bool, threads: 
     return _threaded(lambda plan: file_image(store, plan, write), [(p,) for p in plans], threads)
 
 
-def _split(items: list, parts: int) -> list[list]:
-    """Contiguous chunks, one per worker, so that results come back in order."""
-    size = -(-len(items) // max(1, parts))
-    return [items[i : i + size] for i in range(0, len(items), size)] or [[]]
+def _chunks(items: list, workers: int, least: int) -> list[list]:
+    """Contiguous chunks, about four per worker and at least `least` items each (a worker's threads), so that
+    one slow chunk (a big CT series) does not leave the other workers idle; results are taken back in order."""
+    if not items:
+        return []
+    size = max(least, -(-len(items) // (max(1, workers) * 4)))
+    return [items[i : i + size] for i in range(0, len(items), size)]
 
 
 def _write_once(store: ObjectStore, key: str, data: bytes) -> bool:
@@ -242,6 +247,14 @@ class _InlineExecutor:
 
     def map(self, fn: Callable, *iterables: Iterable) -> Iterator:
         return map(fn, *iterables)
+
+    def submit(self, fn: Callable, *args: object) -> cf.Future:
+        future: cf.Future = cf.Future()
+        try:
+            future.set_result(fn(*args))
+        except Exception as exc:  # handed to whoever takes the result, as a pool does
+            future.set_exception(exc)
+        return future
 
     def __enter__(self) -> _InlineExecutor:
         return self
@@ -336,6 +349,17 @@ class Loader:
                 self.load_clinical()
                 self.load_images(pool)
             self._finish(time.perf_counter() - start)
+        except StoreError as exc:
+            if "run the same" in str(exc):  # the store already says what to do
+                raise
+            raise type(exc)(f"{exc}; {_ADVICE}") from exc
+        except NccidError:
+            raise
+        except Exception as exc:
+            failure = _store_failure(self.store, exc)
+            if failure is None:
+                raise
+            raise failure from exc
         finally:
             self.catalog.release()
         return self.report
@@ -450,18 +474,40 @@ class Loader:
 
     # .. images ...........................................................................................
     def load_images(self, pool: cf.Executor | _InlineExecutor) -> None:
-        """Per batch of the raw listing: select -> examine (workers) -> decide -> file (workers) -> record."""
+        """Per batch of the raw listing: select -> examine (workers) -> decide -> file (workers) -> record.
+
+        The workers read the next batch's headers while this process decides and files the current one
+        (examining only reads, so reading ahead changes no decision: each batch is decided after the one
+        before it is recorded).
+        """
+        ahead: tuple[list[ObjectInfo], list[ObjectInfo], list[cf.Future]] | None = None
         for prefix in self.config.raw_prefixes:
             listing = (i for i in self.store.list(prefix) if not self._is_clinical_area(i.key))
             for batch in _batches(listing):
                 todo = self._select_images(batch)
-                if todo:
-                    examined = self._examine(todo, pool)
-                    rows, plans = self._decide_images(todo, examined)
-                    rows += self._file_images(plans, pool)
-                    self._record(rows)
-                self.progress("images", len(batch), sum(i.size for i in todo))
-                self.catalog.commit()
+                examining = self._start_examining(todo, pool)
+                if ahead is not None:
+                    self._finish_batch(*ahead, pool)
+                ahead = (batch, todo, examining)
+        if ahead is not None:
+            self._finish_batch(*ahead, pool)
+
+    def _finish_batch(
+        self,
+        batch: list[ObjectInfo],
+        todo: list[ObjectInfo],
+        examining: list[cf.Future],
+        pool: cf.Executor | _InlineExecutor,
+    ) -> None:
+        if todo:
+            examined = [e for future in examining for e in future.result()]
+            self.report.images_examined += len(examined)
+            self.report.header_bytes_read += sum(e.bytes_read for e in examined)
+            rows, plans = self._decide_images(todo, examined)
+            rows += self._file_images(plans, pool)
+            self._record(rows)
+        self.progress("images", len(batch), sum(i.size for i in todo))
+        self.catalog.commit()
 
     @staticmethod
     def _is_clinical_area(key: str) -> bool:
@@ -488,13 +534,10 @@ class Loader:
         self._record(stray)
         return todo
 
-    def _examine(self, todo: list[ObjectInfo], pool: cf.Executor | _InlineExecutor) -> list[Examined]:
-        chunks = _split([(i.key, i.size) for i in todo], self.workers)
-        n = len(chunks)
-        examined = [e for part in pool.map(examine_many, [self.store] * n, chunks, [self.threads] * n) for e in part]
-        self.report.images_examined += len(examined)
-        self.report.header_bytes_read += sum(e.bytes_read for e in examined)
-        return examined
+    def _start_examining(self, todo: list[ObjectInfo], pool: cf.Executor | _InlineExecutor) -> list[cf.Future]:
+        """Hand the batch's headers to the workers; the futures give lists of Examined, in order."""
+        chunks = _chunks([(i.key, i.size) for i in todo], self.workers, self.threads)
+        return [pool.submit(examine_many, self.store, chunk, self.threads) for chunk in chunks]
 
     def _decide_images(
         self, todo: list[ObjectInfo], examined: list[Examined]
@@ -532,13 +575,9 @@ class Loader:
         """Place the planned images (workers), then record each filed instance; returns their outcomes."""
         if not plans:
             return []
-        chunks = _split([p[0] for p in plans], self.workers)
-        n = len(chunks)
-        statuses = [
-            status
-            for part in pool.map(file_many, [self.store] * n, chunks, [self.write] * n, [self.threads] * n)
-            for status in part
-        ]
+        chunks = _chunks([p[0] for p in plans], self.workers, self.threads)
+        filing = [pool.submit(file_many, self.store, chunk, self.write, self.threads) for chunk in chunks]
+        statuses = [status for future in filing for status in future.result()]
         rows = []
         for (plan, inst, base), status in zip(plans, statuses, strict=True):
             row = rules.placed(base, status, plan.dest, self.mode is Mode.REBUILD)
@@ -594,6 +633,22 @@ class Loader:
                 json.dumps(dict(report.counts)),
             )
         self.catalog.commit()
+
+
+def _store_failure(store: ObjectStore, exc: Exception) -> StoreError | None:
+    """One line for a store that failed in a way its backend did not translate (a full disk, a server gone).
+
+    Nothing half-done survives such a failure (writes are atomic and create-only), so the advice is always the
+    same: fix the cause and run the same load again. None for anything else (a bug: let it be seen).
+    """
+    if isinstance(exc, OSError):
+        cause = "the disk is full" if exc.errno == errno.ENOSPC else (exc.strerror or str(exc))
+        where = f" ({exc.filename})" if exc.filename else ""
+        return StoreError(f"{store.url}: {cause}{where}; {_ADVICE}")
+    if type(exc).__module__.split(".")[0] in ("botocore", "boto3", "urllib3", "requests"):
+        text = " ".join(str(exc).split())[:300]
+        return StoreError(f"{store.url}: the S3 server stopped answering ({type(exc).__name__}: {text}); {_ADVICE}")
+    return None
 
 
 def _instance(info: ObjectInfo, exam: Examined, group: str) -> Instance:
