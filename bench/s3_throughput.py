@@ -1,7 +1,10 @@
 """S3 mode against a real SeaweedFS on loopback, in one run:
 
-1. the loader on S3 against the loader on a local store, same raw data (same seed): time, ratio, and the bytes
-   fetched per raw image to read its header (goal: header bytes only, never the whole image);
+1. the loader on S3 against a bare server-side copy of the same raw images (boto3 `copy_object`, best of 16 and
+   32 threads) into a fresh prefix, which the loader then loads: interleaved, `--rounds` times, min / median /
+   max, images/s, MB/s, the ratio (goal, issue 9: at least 0.8x) and the loader's peak memory; then the loader
+   on a local store with the same raw data (same seed), and the bytes fetched per raw image to read its header
+   (goal: header bytes only, never the whole image);
 2. `nccid sync` of a prefix of at least 1 GB against `aws s3 sync` and `s5cmd sync`, each into an empty folder.
    Goals: at least as fast as `aws s3 sync`, at least 0.8x `s5cmd`.
 """
@@ -9,15 +12,17 @@
 from __future__ import annotations
 
 import argparse
+import concurrent.futures as cf
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from _common import mb
+from _common import mb, nccid_cmd, run_measured, spread
 
 from nccid.s3server.seaweedfs import SeaweedFS
 from nccid.store import LocalStore
@@ -40,9 +45,50 @@ def timed(cmd: list[str], env: dict[str, str]) -> float:
     return time.perf_counter() - start
 
 
+def server_side_copy(s3: S3Store, keys: list[str], prefix: str, threads: int) -> float:
+    """Copy raw objects to `prefix` inside the server (no bytes through the client): the floor for filing."""
+    client = s3.client
+
+    def one(key: str) -> None:
+        client.copy_object(Bucket=BUCKET, Key=f"{prefix}/{key}", CopySource={"Bucket": BUCKET, "Key": key})
+
+    start = time.perf_counter()
+    with cf.ThreadPoolExecutor(max_workers=threads) as pool:
+        list(pool.map(one, keys))
+    return time.perf_counter() - start
+
+
+def copy_vs_load(s3: S3Store, raw_prefixes, env: dict, rounds: int, workers: int, scratch: Path) -> None:
+    """Each round: copy the raw images server-side into a fresh prefix (the baseline), then load that prefix."""
+    images = [i for p in raw_prefixes for i in s3.list(p) if "/images/" in i.key]
+    others = [i.key for p in raw_prefixes for i in s3.list(p) if "/images/" not in i.key] + ["config.json"]
+    n_bytes = sum(i.size for i in images)
+    copies, loads = [], []
+    for round_no in range(max(1, rounds)):
+        best = min(
+            server_side_copy(s3, [i.key for i in images], f"copy-{round_no}-{threads}", threads) for threads in (16, 32)
+        )
+        copies.append(best)
+        target = f"load-{round_no}"
+        server_side_copy(s3, [i.key for i in images] + others, target, 16)  # the same raw data, untimed
+        cmd = nccid_cmd("warehouse", "load", "--store", f"s3://{BUCKET}/{target}", "--workers", str(workers))
+        loads.append(run_measured([*cmd, "--catalog", str(scratch / f"{target}.sqlite")], env=env))
+    times = [t for t, _, _ in loads]
+    print(f"raw images: {len(images)}, {mb(n_bytes)}; {rounds} rounds; loader with {workers} workers")
+    print(f"bare server-side copy (copy_object, best of 16/32 threads): {spread(copies, ' s')}")
+    print(f"nccid warehouse load on S3: {spread(times, ' s')}; {spread([len(images) / t for t in times], ' images/s')}")
+    print(
+        f"ratio loader / server-side copy (medians): {statistics.median(copies) / statistics.median(times):.2f}x "
+        f"(goal >= 0.8x); loader peak memory {mb(max(p for _, p, _ in loads))} largest process, "
+        f"{mb(max(a for _, _, a in loads))} all processes"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--patients", type=int, default=480)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--dir", type=Path, default=None)
     args = parser.parse_args()
     scratch = Path(tempfile.mkdtemp(prefix="nccid-bench-s3-", dir=args.dir))
@@ -63,6 +109,7 @@ def main() -> None:
                 f"{time.perf_counter() - start:.1f} s"
             )
 
+        copy_vs_load(s3, made.config.raw_prefixes, env, args.rounds, args.workers, scratch)
         reports = {}
         for name, store in (("local", local), ("s3", s3)):
             catalog = Catalog(scratch / f"{name}.sqlite")

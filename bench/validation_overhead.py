@@ -61,7 +61,7 @@ def main() -> None:
         store = open_store(url, must_exist=True)
         model, printed = train_baseline(url, default_models_dir(), work / "build")
         print(f"baseline: {printed}")
-        space = Workspace(work / "ws")
+        space = Workspace(work / "ws", create=True)
         sub = space.submit(model, "bench")
         inputs = work / "direct-input"
         cohort = select_cohort(store, sub.manifest.intended_use)

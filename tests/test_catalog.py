@@ -327,3 +327,15 @@ def test_a_failure_past_the_header_reader_is_still_that_objects_quarantine(tmp_p
             "dest": "",
         }
     ]
+
+
+def test_status_lists_what_is_outstanding_with_its_reason(local_store, catalog):
+    small_upload(local_store)
+    put_image(local_store, "Covid77", "1.5", "1.5.1", "1.5.1.1")
+    put_image(local_store, "Covid78", "1.6", "1.6.1", "1.6.1.1")
+    load(local_store, catalog, workers=1)
+    counts, items = catalog.status(limit=1)
+    assert counts == {"filed": 3, "pending": 2}
+    assert [(r.key, r.outcome, r.reason) for r in items] == [
+        ("raw-site/2020-04-01/images/1.5.1.1.dcm", "pending", "no clinical record for Covid77 yet")
+    ]

@@ -145,3 +145,15 @@ def test_a_catalog_is_believed_only_about_its_own_store():
     assert verdict(catalog_id=None, store_id=None) == "adopt"  # made before catalogs were bound, and true
     assert verdict(catalog_id=None, store_id=None, claims_hold=False) == "refuse"
     assert verdict(catalog_empty=True, claims_hold=True) == "use"  # bound by a load killed before it recorded
+
+
+def test_each_centre_shows_its_rule_and_counts():
+    from nccid.warehouse.config import CentreRow, WarehouseConfig, centre_rows
+
+    config = WarehouseConfig(("raw-a/",), 50, frozenset({"S"}), frozenset({"T"}), frozenset({"V"}))
+    assert centre_rows(config, [("S", 3, 2), ("X", 1, 0)]) == [
+        CentreRow("S", "split", 3, 2),
+        CentreRow("T", "training", 0, 0),
+        CentreRow("V", "validation", 0, 0),
+        CentreRow("X", "", 1, 0),
+    ]

@@ -7,6 +7,7 @@ tests/output/portal/ (or $NCCID_TEST_OUTPUT/portal) for a reviewer.
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import random
@@ -69,12 +70,22 @@ class Portal:
         self.people: list = []
         self.process: subprocess.Popen | None = None
 
-    def sheet(self, name: str, count: int, *, kind: str = "positive", defects: bool = False, seed: int = 0) -> Path:
+    def sheet(
+        self, name: str, count: int, *, kind: str = "positive", defects: bool = False, seed: int = 0, hospital: str = ""
+    ) -> Path:
+        """A filled sheet of new synthetic people (CSV or XLSX by the name), its Hospital column set if asked."""
         rng = random.Random(seed)
         people = [hospital_patient(rng) for _ in range(count)]
         self.people.extend(people)
         path = self.hospital / name
         filled_template(people, str(path), kind=kind, defects=defects, seed=seed)
+        if hospital:
+            rows = list(csv.reader(path.open(newline="")))
+            column = rows[0].index("Hospital")
+            for row in rows[1:]:
+                row[column] = hospital
+            with path.open("w", newline="") as handle:
+                csv.writer(handle).writerows(rows)
         return path
 
 
@@ -279,7 +290,12 @@ def test_a_site_sees_only_its_own_data_even_by_url(page, portal, browser):
     try:
         south = other.new_page()
         login(south, portal, "south-a")
-        upload(south, portal, "negative", portal.sheet("south-negative.csv", 3, kind="negative", seed=7))
+        upload(
+            south,
+            portal,
+            "negative",
+            portal.sheet("south-negative.csv", 3, kind="negative", seed=7, hospital="Southgate Infirmary"),
+        )
         assert south.inner_text("#accepted") == "3"
     finally:
         other.close()

@@ -47,7 +47,7 @@ def warehouse(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def space(tmp_path_factory):
-    return Workspace(tmp_path_factory.mktemp("validation") / "ws")
+    return Workspace(tmp_path_factory.mktemp("validation") / "ws", create=True)
 
 
 @pytest.fixture(scope="module")
@@ -281,6 +281,12 @@ def test_audit_log_lists_every_step_and_detects_an_edit(validated, space):
     assert "Traceback" not in failed.stderr
 
 
+def test_a_mistyped_workspace_is_reported_not_created(tmp_path):
+    result = run_cli("validate", "runs", "--workspace", tmp_path / "typo")
+    assert result.returncode == 1 and "no validation workspace at" in result.stderr
+    assert not (tmp_path / "typo").exists()
+
+
 def test_sealed_run_needs_a_completed_dry_run(space, warehouse, tmp_path):
     sub = space.submit(_model(tmp_path, "hasty", "", score=True), "vera.validator")
     with pytest.raises(ValidationRunError, match="has no completed dry run"):
@@ -426,3 +432,19 @@ def test_malformed_and_partial_predictions_are_reported(space, tmp_path):
     }
     html = (run.report_dir / "report.html").read_text()
     assert "rows refused: score not a number" in html and "rows refused: unknown case" in html
+
+
+def test_a_sandbox_that_cannot_start_is_an_error_not_a_model_failure(tmp_path):
+    from nccid.errors import SandboxError
+    from nccid.validation.sandbox import prepare_output, run_sandboxed
+
+    (tmp_path / "model").mkdir()
+    prepare_output(tmp_path / "out")
+    with pytest.raises(SandboxError, match="the sandbox could not start: bwrap: Can't find source path"):
+        run_sandboxed(["/bin/true"], tmp_path / "model", tmp_path / "missing", tmp_path / "out", tmp_path / "l", FAST)
+    # a model that merely prints what bubblewrap would is the model's own failure
+    run = run_sandboxed(
+        ["/bin/sh", "-c", "echo 'bwrap: fake' >&2; exit 1"], tmp_path / "model", tmp_path / "model",
+        tmp_path / "out", tmp_path / "l2", FAST,
+    )  # fmt: skip
+    assert (run.status, run.exit_code) == ("failed", 1)

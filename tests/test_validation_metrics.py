@@ -273,6 +273,27 @@ def test_attribute_rules():
     assert set(comorbidities(None).values()) == {"unknown"}
 
 
+def test_opaque_dicom_keeps_the_pixels_and_replaces_every_identifier():
+    import io
+
+    import pydicom
+
+    from nccid.synth.dicom import Subject, encode, xray
+    from nccid.validation.cohort import opaque_dicom
+
+    subject = Subject("Covid42", "Covid42", "F", 60, "1.2.826.1", "20200401", accession="ACC9")
+    source = xray(subject, np.random.default_rng(0), scale=0.05, series_uid="1.2.826.2", sop_uid="1.2.826.3")
+    header, tail = opaque_dicom(encode(source), "case-abc")
+    ds = pydicom.dcmread(io.BytesIO(header + bytes(tail)))
+    assert np.array_equal(ds.pixel_array, source.pixel_array)
+    assert ds.PatientID == "case-abc" and str(ds.PatientName) == "case-abc" and "AccessionNumber" not in ds
+    uids = {ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID}
+    assert len(uids) == 3 and not uids & {"1.2.826.1", "1.2.826.2", "1.2.826.3"}
+    assert ds.file_meta.MediaStorageSOPInstanceUID == ds.SOPInstanceUID
+    assert b"Covid42" not in header + bytes(tail) and b"1.2.826.3" not in header + bytes(tail)
+    assert ds.Modality == "CR" and ds.ViewPosition == source.ViewPosition
+
+
 def test_image_selection_first_frontal_in_window():
     use = parse_manifest(EXAMPLE).intended_use
     import datetime as dt

@@ -37,9 +37,9 @@ def train(store_url: str, out: Path) -> dict:
 
     use = load_manifest(HERE).intended_use
     store = open_store(store_url)
-    cohort = select_cohort(store, use, group="training")
-    features = np.array([image_features(io.BytesIO(store.read(c.key))) for c in cohort.cases])
-    labels = np.array([c.label for c in cohort.cases])
+    cases = sorted(select_cohort(store, use, group="training").cases, key=lambda c: c.key)  # same data, same fit
+    features = np.array([image_features(io.BytesIO(store.read(c.key))) for c in cases])
+    labels = np.array([c.label for c in cases])
     model = make_pipeline(StandardScaler(), LogisticRegression(C=0.05, max_iter=2000))
     folds = int(min(5, labels.sum(), len(labels) - labels.sum()))
     cv_auc = (

@@ -73,5 +73,3 @@ def site_node(
         f"node stopped: {totals['filed']} filed, {totals['held']} held, {totals['refused']} refused "
         f"(details in {outbox / 'node-events.jsonl'})"
     )
-
-

@@ -87,7 +87,7 @@ def submit(
     """Accept a model submission into the workspace (checked, copied, hashed, logged)."""
     from nccid.validation.service import Workspace
 
-    sub = Workspace(workspace).submit(folder, who or default_actor("validator"))
+    sub = Workspace(workspace, create=True).submit(folder, who or default_actor("validator"))
     console.print(f"submission {sub.id} (model SHA-256 {sub.model_hash}) in {workspace / 'submissions' / sub.id}")
 
 

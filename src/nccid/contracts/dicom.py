@@ -580,11 +580,11 @@ def _check_first_frame(walk: _Walk, fragment: tuple[int, int], ds: Dataset, synt
     walk.fp.seek(pos)
     title = f"Pixel Data {name} of transfer syntax {syntax.name!r}"
     if syntax in pydicom.uid.JPEGTransferSyntaxes or syntax in pydicom.uid.JPEGLSTransferSyntaxes:
-        found = _jpeg_size(walk.fp.read(min(length, 1024**2)))
+        found = _parsed(walk, pos, length, _jpeg_size)
         if found is None:
             raise ImageRejected(f"{title} does not start with a JPEG header (SOI, then a SOF marker)")
     elif syntax in pydicom.uid.JPEG2000TransferSyntaxes:  # HTJ2K included
-        found = _j2k_size(walk.fp.read(min(length, 64 * 1024)))
+        found = _parsed(walk, pos, length, _j2k_size)
         if found is None:
             raise ImageRejected(f"{title} does not start with a JPEG 2000 codestream (SOC, then SIZ)")
     elif syntax == pydicom.uid.RLELossless:
@@ -601,6 +601,17 @@ def _check_first_frame(walk: _Walk, fragment: tuple[int, int], ds: Dataset, synt
         )
     if precision > int(ds.BitsAllocated):
         raise ImageRejected(f"{title} holds {precision}-bit samples; Bits Allocated (0028,0100) is {ds.BitsAllocated}")
+
+
+def _parsed(walk: _Walk, pos: int, length: int, parse):
+    """`parse` over the start of a fragment: 4 KiB (enough for nearly every codestream header, one ranged read
+    on a remote store), then up to 1 MiB when large application segments come first."""
+    for size in (4096, 1024**2):
+        walk.fp.seek(pos)
+        found = parse(walk.fp.read(min(length, size)))
+        if found is not None or length <= size:
+            return found
+    return None
 
 
 def _jpeg_size(data: bytes) -> tuple[int, int, int, int] | None:

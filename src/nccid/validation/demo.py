@@ -77,7 +77,7 @@ def run_validation_demo(
     if not (models / "coin-flip").is_dir():
         raise SubmissionError(f"{models}: the example models are not here; pass --models pointing at examples/models")
     store = open_store(store_url, must_exist=True)
-    space = Workspace(workspace)
+    space = Workspace(workspace, create=True)
     trained, training = train_baseline(store_url, models, space.root / "build")
     results = []
     for name, folder in (("baseline", trained), ("coin-flip", models / "coin-flip")):

@@ -89,7 +89,7 @@ def forest_figure(results: dict) -> tuple[dict, str]:
                     continue
                 rows.append({"section": section, "attribute": table["attribute"], "level": level["level"],
                              "metric": metric, **level[metric]})  # fmt: skip
-    fig, ax = _figure(6.5, max(2.5, 0.28 * len(rows) + 1))
+    fig, ax = _figure(9.0, max(2.5, 0.28 * len(rows) + 1))
     for i, row in enumerate(reversed(rows)):
         colour = "tab:blue" if row["metric"] == "auc" else "tab:orange"
         ax.errorbar([row["value"]], [i], xerr=[[row["value"] - row["low"]], [row["high"] - row["value"]]],
@@ -129,7 +129,8 @@ _TEMPLATE = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined
 <style>
 body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
 table{border-collapse:collapse;margin:.5em 0 1.5em}td,th{border:1px solid #ccc;padding:.25em .6em;text-align:left}
-th{background:#f3f3f3}.fig{display:inline-block;vertical-align:top;margin:.5em}.fig svg{max-width:520px;height:auto}
+th{background:#f3f3f3}.fig{display:inline-block;vertical-align:top;margin:.5em}
+.fig svg{max-width:520px;height:auto}.wide svg{max-width:1000px}
 .warn{background:#fff3cd;padding:.6em;border:1px solid #e0c36b}.mono{font-family:monospace;font-size:.85em}
 #op output{font-weight:bold}
 </style></head><body>
@@ -200,7 +201,7 @@ $('op-t').addEventListener('input',update);$('op-p').addEventListener('input',up
 <h2>Subgroups and robustness</h2>
 <p>Cells with fewer than {{ r.min_cell }} cases are suppressed; counts and rates of a class with fewer than
 {{ r.min_cell }} cases in a cell are not shown.</p>
-<div class="fig">{{ svg.forest|safe }}</div>
+<div class="fig wide">{{ svg.forest|safe }}</div>
 {% for section in ('subgroups', 'robustness') %}{% for t in r[section] %}
 {% set gap = t.largest_gap.get('auc') %}
 <h3>{{ t.attribute }}{% if gap %} (largest AUC gap {{ gap.gap }}: {{ gap.lowest }} vs {{ gap.highest }}){% endif %}</h3>

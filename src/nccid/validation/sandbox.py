@@ -178,31 +178,42 @@ def run_sandboxed(
     check_available()
     logs.mkdir(parents=True, exist_ok=True)
     out_path, err_path = logs / "stdout.txt", logs / "stderr.txt"
+    status_read, status_write = os.pipe()  # bubblewrap reports the command's exit here (not seen inside)
     command = bwrap_command(entry, model.resolve(), inputs.resolve(), output.resolve())
+    command[1:1] = ["--json-status-fd", str(status_write)]
     start = time.monotonic()
-    with open(out_path, "wb") as stdout, open(err_path, "wb") as stderr:
-        process = subprocess.Popen(
-            command,
-            stdin=subprocess.DEVNULL,
-            stdout=stdout,
-            stderr=stderr,
-            start_new_session=True,
-            preexec_fn=_limit(limits),
-            close_fds=True,
-        )
-        timed_out = False
+    try:
+        with open(out_path, "wb") as stdout, open(err_path, "wb") as stderr:
+            process = subprocess.Popen(
+                command,
+                stdin=subprocess.DEVNULL,
+                stdout=stdout,
+                stderr=stderr,
+                start_new_session=True,
+                preexec_fn=_limit(limits),
+                pass_fds=(status_write,),
+            )
+            os.close(status_write)
+            timed_out = False
+            try:
+                code = process.wait(timeout=limits.wall_seconds)
+            except subprocess.TimeoutExpired:
+                timed_out = True
+                _kill_group(process.pid)
+                code = process.wait()
+            else:
+                _kill_group(process.pid)  # anything the command left behind in its group
+        os.set_blocking(status_read, False)
         try:
-            code = process.wait(timeout=limits.wall_seconds)
-        except subprocess.TimeoutExpired:
-            timed_out = True
-            _kill_group(process.pid)
-            code = process.wait()
-        else:
-            _kill_group(process.pid)  # anything the command left behind in its group
+            status = os.read(status_read, 65536).decode(errors="replace")
+        except BlockingIOError:
+            status = ""
+    finally:
+        os.close(status_read)
     seconds = time.monotonic() - start
     stderr_text = _tail(err_path)
-    if code != 0 and "bwrap:" in stderr_text[:400] and seconds < 5 and not timed_out:
-        first = next(line for line in stderr_text.splitlines() if "bwrap:" in line)
+    if not timed_out and '"exit-code"' not in status:  # bubblewrap stopped before the command ran
+        first = next((line for line in stderr_text.splitlines() if line.startswith("bwrap:")), stderr_text[:200])
         raise SandboxError(f"the sandbox could not start: {first.strip()}")
     status = "timed_out" if timed_out else ("completed" if code == 0 else "failed")
     return SandboxResult(status, None if timed_out else code, round(seconds, 3), _tail(out_path), stderr_text)

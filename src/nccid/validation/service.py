@@ -99,9 +99,14 @@ def model_hash(folder: Path) -> str:
 class Workspace:
     """A validator's workspace folder (see the module docstring)."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, *, create: bool = False) -> None:
+        """Open the workspace at `root`; with `create`, make it (owner-only) if it is not there. Raises
+        ValidationRunError for a missing workspace otherwise (a mistyped path is reported, not created)."""
         self.root = Path(root)
-        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if create:
+            self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        elif not self.root.is_dir():
+            raise ValidationRunError(f"no validation workspace at {self.root}: submit a model first (it makes one)")
         self.audit_path = self.root / "audit.jsonl"
 
     # -- submissions -----------------------------------------------------------------------------------
@@ -215,7 +220,7 @@ class Workspace:
         audit.append(
             self.audit_path,
             kind,
-            context_who(folder),
+            (folder / "private" / "who").read_text(),
             run=run,
             submission=sub.id,
             outcome=result.status,
@@ -306,10 +311,6 @@ class Workspace:
         """The audit log, checked (raises ValidationRunError if it was edited), oldest first."""
         audit.verify(self.audit_path)
         return audit.read(self.audit_path)
-
-
-def context_who(folder: Path) -> str:
-    return (folder / "private" / "who").read_text()
 
 
 def _synthetic_inputs(

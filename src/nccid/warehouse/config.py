@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from nccid.errors import ConfigError
@@ -23,6 +24,17 @@ class WarehouseConfig:
     @property
     def sites(self) -> frozenset[str]:
         return self.split_sites | self.training_sites | self.validation_sites
+
+    def rule_for(self, centre: str) -> str:
+        """How a centre's new patients get their group: 'split', 'training', 'validation', or '' (not configured)."""
+        for rule, sites in (
+            ("split", self.split_sites),
+            ("training", self.training_sites),
+            ("validation", self.validation_sites),
+        ):
+            if centre in sites:
+                return rule
+        return ""
 
     @property
     def digest(self) -> str:
@@ -78,7 +90,27 @@ class WarehouseConfig:
         )
 
 
+@dataclass(frozen=True, slots=True)
+class CentreRow:
+    """One submitting centre: its rule in config.json ('' when not configured), clinical records seen, filed."""
+
+    centre: str
+    rule: str
+    records: int
+    filed: int
+
+
+def centre_rows(config: WarehouseConfig, seen: Iterable[tuple[str, int, int]]) -> list[CentreRow]:
+    """Every centre seen in a record (catalog `centres()`) or configured, with its rule; sorted by name. Pure."""
+    counts = {centre: (records, filed) for centre, records, filed in seen}
+    return [
+        CentreRow(centre, config.rule_for(centre), *counts.get(centre, (0, 0)))
+        for centre in sorted(set(counts) | config.sites)
+    ]
+
+
 def load_config(store: ObjectStore) -> WarehouseConfig:
+    """The store's `config.json`; raises :class:`ConfigError` naming the field when it is missing or malformed."""
     try:
         raw = store.read(CONFIG_KEY)
     except ObjectNotFound as exc:
@@ -91,6 +123,7 @@ def load_config(store: ObjectStore) -> WarehouseConfig:
 
 
 def save_config(store: ObjectStore, config: WarehouseConfig) -> None:
+    """Write `config.json` at the store root (replacing it)."""
     store.write(CONFIG_KEY, (json.dumps(config.to_json(), indent=2) + "\n").encode())
 
 

@@ -685,7 +685,15 @@ def load(
     workers: int | None = None,
     progress: Progress | None = None,
 ) -> LoadReport:
-    """Load everything new under the configured raw prefixes. `dry_run` writes nothing anywhere."""
+    """Load everything new under the configured raw prefixes into the processed layout; return the run's report.
+
+    Incremental and idempotent: what the catalog already records is skipped, a re-run after any interruption
+    ends in the uninterrupted state. `dry_run` decides everything on a throw-away copy of the catalog and writes
+    nothing anywhere. `workers` processes read headers and copy (default: one per CPU). Raises
+    :class:`~nccid.errors.ConfigError` (config.json), :class:`~nccid.errors.StoreError` (the store failed; run
+    again once fixed), :class:`~nccid.errors.CatalogError` (the catalog belongs to another store, or is empty
+    for a store with processed data: rebuild it) and :class:`~nccid.errors.CatalogBusy` (another load runs).
+    """
     if not dry_run:
         return Loader(store, catalog, workers=workers, progress=progress).run()
     with tempfile.TemporaryDirectory(prefix="nccid-dry-run-") as tmp:
