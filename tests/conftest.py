@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 import uuid
 
 import pytest
@@ -22,9 +25,15 @@ from helpers import (  # noqa: F401  (tests not yet moved to `from helpers impor
     put_image,
     run_cli,
 )
+from hypothesis import configuration
 
 from nccid.store import LocalStore, ObjectStore
 from nccid.warehouse.catalog import Catalog
+
+# Hypothesis keeps its example database in a throw-away folder, never in the working tree
+_HYPOTHESIS_HOME = tempfile.mkdtemp(prefix="nccid-hypothesis-")
+configuration.set_hypothesis_home_dir(_HYPOTHESIS_HOME)
+atexit.register(shutil.rmtree, _HYPOTHESIS_HOME, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -3,14 +3,11 @@ exception; each decision of the module docstring is pinned here; and the loader 
 
 from __future__ import annotations
 
-import atexit
 import json
-import shutil
-import tempfile
 
 import pytest
 from conftest import SPLIT_SITE, clinical, configure, listing
-from hypothesis import configuration, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from nccid.contracts.layout import parse_raw_key
@@ -26,9 +23,6 @@ from nccid.warehouse.loader import load
 
 # Hypothesis keeps caches (constants, unicode data) in its home folder, which defaults to the working tree:
 # a temporary folder instead, removed at exit (tests leave no file behind).
-_HYPOTHESIS_HOME = tempfile.mkdtemp(prefix="nccid-hypothesis-")
-configuration.set_hypothesis_home_dir(_HYPOTHESIS_HOME)
-atexit.register(shutil.rmtree, _HYPOTHESIS_HOME, ignore_errors=True)
 
 
 RAW = parse_raw_key("raw-site/2020-04-01/data/Covid1_data.json")

@@ -3,19 +3,16 @@ exception of another type; what it accepts, pydicom reads back with its pixels; 
 
 from __future__ import annotations
 
-import atexit
 import io
 import json
-import shutil
 import struct
-import tempfile
 import zlib
 from pathlib import Path
 
 import pydicom
 import pytest
 from conftest import configure, image, listing, put_clinical
-from hypothesis import HealthCheck, configuration, given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydicom.dataset import Dataset
 from pydicom.uid import (
@@ -45,9 +42,6 @@ from nccid.warehouse.loader import load
 
 # Hypothesis keeps caches (constants, unicode data) in its home folder, which defaults to the working tree:
 # a temporary folder instead, removed at exit (tests leave no file behind).
-_HYPOTHESIS_HOME = tempfile.mkdtemp(prefix="nccid-hypothesis-")
-configuration.set_hypothesis_home_dir(_HYPOTHESIS_HOME)
-atexit.register(shutil.rmtree, _HYPOTHESIS_HOME, ignore_errors=True)
 
 
 STUDY, SERIES, SOP = "1.2.826.7", "1.2.826.7.1", "1.2.826.7.1.1"

@@ -162,3 +162,9 @@ class SandboxError(NccidError, RuntimeError):
 class ValidationRunError(NccidError):
     """A validation run cannot go ahead or be released (unknown submission or run, a sealed run before a
     passing dry run, a report released twice); the message says which and what to do."""
+
+
+# -- the portal ----------------------------------------------------------------------------------------
+class PortalError(NccidError):
+    """A portal account or form action was refused; the message says why in one line (never a password,
+    token or identifier). Correct the form and submit it again."""

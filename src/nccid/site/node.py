@@ -53,11 +53,13 @@ from pydicom.dataset import Dataset
 from pydicom.uid import UID
 
 from nccid.contracts.dicom import ImageRejected, read_image
+from nccid.errors import UsageError
 from nccid.log import event
 from nccid.site.batch import deidentify_checked
 from nccid.site.deid import ALLOWED_SOP_CLASSES, DeidHeld, DeidKeys
 from nccid.site.identifiers import IdentifierError
-from nccid.site.outbox import clinical_pseudonyms, hold_image, release_held, write_image
+from nccid.site.outbox import Outbox
+from nccid.site.pseudonymiser import Pseudonymiser
 from nccid.site.vault import PseudonymKey
 
 STATUS_SUCCESS = 0x0000
@@ -145,13 +147,6 @@ def _where(exc: BaseException) -> str:
     return f"{type(exc).__name__} at {Path(last.filename).name}:{last.lineno} in {last.name}"
 
 
-def _discard_partial_write(target: Path) -> None:
-    """Delete the temporary file an interrupted `write_image(…, target)` of this thread left beside `target`."""
-    partial = target.with_name(f".{target.name}.{os.getpid()}.{threading.get_ident()}.part")
-    with contextlib.suppress(OSError):
-        partial.unlink()
-
-
 def discard_partial_writes(outbox: Path, *, pid: int | None = None) -> int:
     """Delete temporary `.part` files under images/ and held/ (of process `pid` only, if given): what a failed
     or interrupted write left. Call it when no writer of that process (or none at all) is running. Returns how
@@ -168,32 +163,53 @@ def discard_partial_writes(outbox: Path, *, pid: int | None = None) -> int:
 
 
 class Receiver:
-    """De-identify one received object into the outbox. Thread-safe: associations run in their own threads."""
+    """De-identify one received object into the outbox. Thread-safe: associations run in their own threads.
 
-    def __init__(self, outbox: Path, *, key: PseudonymKey, pseudonymise: Pseudonymise) -> None:
-        self.outbox = Path(outbox)
+    `pseudonymise` is the run's `Pseudonymiser` (its key must be `key`), or an issuer of pseudonyms for
+    ciphertexts, which is wrapped in one: either way each person costs one vault round trip, however many images
+    and associations. Raises UsageError if a Pseudonymiser with another key is given."""
+
+    def __init__(self, outbox: Path, *, key: PseudonymKey, pseudonymise: Pseudonymise | Pseudonymiser) -> None:
+        self.box = Outbox(outbox)
+        self.outbox = self.box.root
         self.key = key
         self.keys = DeidKeys.derive(key.key)
-        self._pseudonymise = pseudonymise
-        self._pseudonyms: dict[str, str] = {}
+        if isinstance(pseudonymise, Pseudonymiser):
+            if pseudonymise.key.key != key.key:
+                raise UsageError("the node's pseudonymiser holds another key than the node: give both the same key")
+            self.pseudonymiser = pseudonymise
+        else:
+            self.pseudonymiser = Pseudonymiser(key, pseudonymise)
         self._clinical: set[str] = set()
         self._clinical_stamp = -1
+        self._settings_stamp: tuple[int, ...] | None = None
+        self._age_policy = "keep"
         self._lock = threading.Lock()
 
-    def pseudonym(self, ciphertext: str) -> str:
-        with self._lock:  # one vault round trip per person, however many images and associations
-            if ciphertext not in self._pseudonyms:
-                (self._pseudonyms[ciphertext],) = self._pseudonymise([ciphertext])
-            return self._pseudonyms[ciphertext]
-
     def has_clinical(self, pseudonym: str) -> bool:
-        data = self.outbox / "data"
+        """Whether the patient has a clinical record in the outbox (data/ is listed again only when it changed)."""
+        data = self.box.data
         stamp = data.stat().st_mtime_ns if data.is_dir() else 0
         with self._lock:
             if stamp != self._clinical_stamp:  # a sheet was added: list data/ again
-                self._clinical = clinical_pseudonyms(self.outbox)
+                self._clinical = self.box.record_pseudonyms()
                 self._clinical_stamp = stamp
             return pseudonym in self._clinical
+
+    def age_policy(self) -> str:
+        """The site's setting for ages over 89 (`keep` or `cap`), read again whenever the settings file changes
+        (`nccid site settings` while the node runs). Raises UsageError on a malformed file, OSError on an
+        unreadable one."""
+        try:
+            info = self.box.settings_path.stat()
+            stamp: tuple[int, ...] = (info.st_mtime_ns, info.st_ino, info.st_size)
+        except FileNotFoundError:
+            stamp = ()
+        with self._lock:
+            if stamp != self._settings_stamp:
+                self._age_policy = self.box.settings().ages_over_89
+                self._settings_stamp = stamp
+            return self._age_policy
 
     def receive(self, path: Path, *, sop_instance: str = "") -> Received:
         """Read the spooled object, match, de-identify, gate and file it; never raises for bad input."""
@@ -212,7 +228,13 @@ class Receiver:
         if short:
             return _refused(STATUS_DOES_NOT_MATCH, short)
         try:
-            done = deidentify_checked(ds, key=self.key, keys=self.keys, pseudonym_of=self.pseudonym)
+            age_policy = self.age_policy()
+        except (UsageError, OSError) as exc:  # the site's to fix (`nccid site settings`); the PACS may resend
+            return _refused(STATUS_OUT_OF_RESOURCES, f"the site settings cannot be read ({type(exc).__name__})")
+        try:
+            done = deidentify_checked(
+                ds, key=self.key, keys=self.keys, pseudonym_of=self.pseudonymiser.pseudonym, age_policy=age_policy
+            )
         except IdentifierError as exc:
             return _refused(STATUS_NO_PATIENT_NUMBER, str(exc))
         except DeidHeld as exc:
@@ -225,25 +247,17 @@ class Receiver:
             tags = ", ".join(sorted({f.tag_path for f in done.findings}))
             return _refused(STATUS_GATE, f"the gate found identifiers in {tags}")
         clean, pseudonym, modality = done.clean, done.pseudonym, str(done.clean.get("Modality", ""))
-        name = f"{clean.SOPInstanceUID}.dcm"
-        ready = self.has_clinical(pseudonym)
-        target = self.outbox / ("images" if ready else "held") / pseudonym / name
-        try:
-            if ready:
-                write_image(clean, target)
-                return Received(STATUS_SUCCESS, "filed", "", pseudonym, modality)
-            hold_image(clean, self.outbox, pseudonym, done.person)
+        try:  # a failed write deletes its own temporary file: nothing half-written is left in the outbox
+            added = self.box.add_image(clean, pseudonym, done.person, ready=self.has_clinical(pseudonym))
         except OSError as exc:
-            _discard_partial_write(target)
             if exc.errno in _RESOURCE_ERRNOS:
                 return _refused(STATUS_OUT_OF_RESOURCES, f"cannot write the outbox ({exc.strerror})")
             return _refused(STATUS_MALFORMED, f"the de-identified data set cannot be written ({_where(exc)})")
         except Exception as exc:  # pydicom cannot encode a value as received: the data set is bad, not the disk
-            _discard_partial_write(target)
             return _refused(STATUS_MALFORMED, f"the de-identified data set cannot be written ({_where(exc)})")
-        if self.has_clinical(pseudonym):  # the sheet arrived while we wrote: release now, not at the next sweep
-            release_held(self.outbox)
-        return Received(STATUS_SUCCESS, "held", "no clinical sheet for this patient yet", pseudonym, modality)
+        if added.held:
+            return Received(STATUS_SUCCESS, "held", "no clinical sheet for this patient yet", pseudonym, modality)
+        return Received(STATUS_SUCCESS, "filed", "", pseudonym, modality)
 
 
 @dataclass
@@ -319,7 +333,7 @@ class SiteNode:
         config: NodeConfig,
         *,
         key: PseudonymKey,
-        pseudonymise: Pseudonymise,
+        pseudonymise: Pseudonymise | Pseudonymiser,
         on_association: Callable[[str, Counter], None] | None = None,
     ) -> None:
         self.config = config
@@ -334,13 +348,15 @@ class SiteNode:
     def start(self, *, prepare: bool = True) -> None:
         """Listen on the configured address (port 0: one the system picks, written back to `config.port`).
 
-        Raises OSError if the address cannot be bound; nothing is left changed then."""
+        Raises OSError if the address cannot be bound and UsageError if the site's settings file is malformed;
+        nothing is left changed then."""
         from pynetdicom import _config, evt
 
         from nccid.site.transport import NodeAE, start_server
 
         config = self.config
         Path(config.outbox).mkdir(parents=True, exist_ok=True)
+        self.receiver.age_policy()  # a malformed settings file stops the node before it listens (UsageError)
         if prepare:
             prepare_spool(config.spool)
         with ExitStack() as stack:
@@ -388,7 +404,7 @@ class SiteNode:
             self._stack = None
         discard_partial_writes(self.config.outbox, pid=os.getpid())
         if clean_spool:
-            release_held(self.config.outbox)
+            self.receiver.box.release()
             shutil.rmtree(self.config.spool, ignore_errors=True)
         event("site.node.stop", pid=os.getpid(), **{k: v for k, v in self.totals.items()})
 
