@@ -184,6 +184,25 @@ def _site_round(
     return site.images, uploaded.uploaded
 
 
+def _demo_portal(store: ObjectStore, directory: Path):
+    """The demo's sites and accounts in the portal; returns the new accounts and the command that serves it."""
+    from nccid.portal.accounts import Site
+    from nccid.portal.demo import set_up_demo_portal
+
+    sites = [
+        Site(d.hospital.uploader, d.hospital.centre, (), d.hospital.rule, (d.hospital.name,)) for d in SITES
+    ]
+    url = str(store.root) if isinstance(store, LocalStore) else store.url
+    return set_up_demo_portal(
+        url,
+        sites,
+        key_file=directory / "site.key",
+        vault=directory / "vault.sqlite",
+        catalog=directory / "catalog.sqlite",
+        state_dir=directory / "portal",
+    )
+
+
 def run_demo(
     directory: Path, *, patients: int = 300, scale: float = 0.5, seed: int = 0, store_url: str | None = None
 ) -> None:
@@ -262,6 +281,14 @@ def run_demo(
         raise SystemExit(f"the gate found {len(verdict.findings)} identifier(s) in the warehouse")
     console.print("[bold green]gate verdict: zero identifiers found[/]")
 
+    console.rule("7. the portal: accounts for the sites and the central team")
+    accounts, serve_command = _demo_portal(store, directory)
+    for account in accounts:
+        second_factor = f", TOTP secret {account.totp_secret}" if account.totp_secret else ""
+        who = f"{account.role} of {account.site}" if account.site else account.role
+        console.print(f"  {account.username:<22} ({who}): password {account.password}{second_factor}")
+    console.print("these passwords are shown only now; the portal keeps their argon2id hashes")
+
     console.rule("where everything is")
     where = str(store.root) if isinstance(store, LocalStore) else store.url
     base = where.rstrip("/") + "/"
@@ -270,6 +297,7 @@ def run_demo(
     console.print(f"catalog:     {directory / 'catalog.sqlite'}")
     console.print(f"load report: {base}{first.report_key}")
     console.print(f"statistics:  {base}{prefix}")
+    console.print(f"portal:      {serve_command}   (then open http://127.0.0.1:8080/)")
     console.print("try:")
     console.print(f"  nccid ls training/ --store {where}")
     console.print(f"  nccid sync training/data/ ./clinical --store {where}")

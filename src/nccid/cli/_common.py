@@ -75,15 +75,12 @@ def pseudonym_key(key_file: Path | None):
         raise VaultError(f"no key file at {key_file}: make one with `nccid vault keygen`") from exc
 
 
-def vault_issuer(vault: Path, actor: str):
-    """Pseudonyms from the vault, opening it per call: safe from any thread (the node's associations)."""
-    from nccid.site.vault import Vault
+def vault_issuer(key, vault: Path, actor: str):
+    """The run's `Pseudonymiser`: `key`'s pseudonyms from the vault at `vault`, issued as `actor`, opening the vault
+    per call (safe from any thread: the node's associations) and asking it once per person."""
+    from nccid.site.pseudonymiser import Pseudonymiser
 
-    def issue(ciphertexts: list[str]) -> list[str]:
-        with Vault(vault) as v:
-            return v.issue(ciphertexts, actor=actor)
-
-    return issue
+    return Pseudonymiser.with_vault(key, vault, actor)
 
 
 def default_actor(fallback: str) -> str:

@@ -60,7 +60,7 @@ def site_node(
         network_timeout=network_timeout,
         workers=max(1, workers),
     )
-    node = SiteNode(config, key=key, pseudonymise=vault_issuer(vault, actor), on_association=report)
+    node = SiteNode(config, key=key, pseudonymise=vault_issuer(key, vault, actor), on_association=report)
     console.print(
         f"site node {ae_title} listening on {host}:{port} ({config.workers} process(es)); outbox {outbox}; "
         f"held images wait in {outbox / 'held'} for their clinical sheet. Ctrl-C stops."

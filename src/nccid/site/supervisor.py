@@ -34,7 +34,7 @@ from nccid.site.node import (
     node_events,
     prepare_spool,
 )
-from nccid.site.outbox import release_held
+from nccid.site.outbox import Outbox
 
 PR_SET_PDEATHSIG = 1
 #: how long a worker whose parent died may take to stop cleanly before it exits regardless (seconds)
@@ -46,13 +46,15 @@ def run_node(node: SiteNode) -> Counter:
     """Serve `node`'s configuration until SIGINT or SIGTERM, as `node.config.workers` processes on one port.
 
     Returns the outcomes of this run (filed / held / refused, from the event log, all workers together).
-    Raises UsageError for several workers without a fixed port, OSError if the address cannot be bound, and
-    NodeError if a worker process dies while serving (the others are stopped first).
+    Raises UsageError for several workers without a fixed port or for a malformed site settings file, OSError if
+    the address cannot be bound, and NodeError if a worker process dies while serving (the others are stopped
+    first).
     """
     config = node.config
     if config.workers > 1 and not config.port:
         raise UsageError("several node workers need a fixed port (--port), not 0")
     Path(config.outbox).mkdir(parents=True, exist_ok=True)
+    Outbox(config.outbox).settings()  # a malformed settings file stops the node before any worker starts
     prepare_spool(config.spool)
     discard_partial_writes(config.outbox)  # what a crashed run left
     offset = events_size(config.outbox)
@@ -143,9 +145,10 @@ def die_with_parent(parent: int, parent_watch: int, stop: threading.Event) -> No
 def _sweep(node: SiteNode, stop: threading.Event) -> None:
     """Release held images whose sheet arrived, and delete spool files no association is still writing."""
     config = node.config
+    outbox = Outbox(config.outbox)
     while not stop.wait(SWEEP_EVERY):
         try:
-            release_held(config.outbox)
+            outbox.release()
             cutoff = time.time() - (config.network_timeout + config.read_timeout)
             for entry in os.scandir(config.spool):
                 if entry.stat().st_mtime < cutoff:

@@ -26,7 +26,7 @@ def _svg(figure) -> str:
     import matplotlib.pyplot as plt
 
     buffer = io.StringIO()
-    figure.savefig(buffer, format="svg", bbox_inches="tight", metadata={"Date": None})
+    figure.savefig(buffer, format="svg", metadata={"Date": None})  # no bbox_inches="tight": it draws twice
     plt.close(figure)
     text = buffer.getvalue()
     text = re.sub(r"<metadata>.*?</metadata>", "", text, flags=re.DOTALL)  # RDF boilerplate, not needed inline
@@ -90,6 +90,7 @@ def forest_figure(results: dict) -> tuple[dict, str]:
                 rows.append({"section": section, "attribute": table["attribute"], "level": level["level"],
                              "metric": metric, **level[metric]})  # fmt: skip
     fig, ax = _figure(9.0, max(2.5, 0.28 * len(rows) + 1))
+    fig.subplots_adjust(left=0.4, right=0.97, top=1 - 0.5 / (0.28 * len(rows) + 1), bottom=0.6 / (0.28 * len(rows) + 1))
     for i, row in enumerate(reversed(rows)):
         colour = "tab:blue" if row["metric"] == "auc" else "tab:orange"
         ax.errorbar([row["value"]], [i], xerr=[[row["value"] - row["low"]], [row["high"] - row["value"]]],
