@@ -3,9 +3,10 @@
 Makes realistic raw uploads once (radiographs around 2000 x 2500, CT series of 512 x 512 slices; at least 2 GB by
 default). Each round then copies them with `cp -r` into a fresh store (the baseline, timed; `cp` carries no
 cached checksums, so the store holds the raw data exactly as a site's upload arrives) and runs
-`nccid warehouse load` on that copy, for each code variant in turn (interleaved, so that a noisy neighbour
-hurts all of them alike). Prints min / median / max over the rounds of images/s, MB/s, the ratio to the copy,
-and peak memory. Goal (issue 9): at least 0.9x the plain copy at every worker count; peak memory under 500 MB.
+`nccid warehouse load` on that copy, for each code variant in turn: interleaved, the order rotated each round,
+so that a noisy neighbour or the previous round's clean-up hurts all of them alike. Prints min / median / max
+over the rounds of images/s, MB/s, the ratio to the copy, and peak memory. Goal (issue 9): at least 0.9x the
+plain copy at every worker count; peak memory under 500 MB.
 
 `--variant NAME=SRC` compares code trees in the same run (SRC is a folder holding an `nccid` package, put first
 on PYTHONPATH); without it, the installed code runs alone.
@@ -55,7 +56,8 @@ def main() -> None:
         copies: list[float] = []
         loads: dict[str, list[tuple[float, int, int]]] = {name: [] for name, _ in variants}
         for round_no in range(max(1, args.rounds)):
-            for name, src in variants:
+            shift = round_no % len(variants)  # each variant takes each place in the order in turn
+            for name, src in variants[shift:] + variants[:shift]:
                 store = scratch / f"store-{round_no}-{name}"
                 copies.append(plain_copy(sources, store))
                 shutil.copy(template.root / "config.json", store / "config.json")

@@ -109,8 +109,9 @@ def noop_rounds(store: LocalStore, loaded: Path, variants: list[tuple[str, str]]
     for name, _ in variants:
         catalogs[name] = loaded.with_name(f"noop-{name}.sqlite")
         shutil.copy(loaded, catalogs[name])
-    for _ in range(max(1, rounds)):
-        for name, src in variants:
+    for round_no in range(max(1, rounds)):
+        shift = round_no % len(variants)  # each variant takes each place in the order in turn
+        for name, src in variants[shift:] + variants[:shift]:
             env = {**os.environ, "PYTHONPATH": src} if src else None
             cmd = nccid_cmd("warehouse", "load", "--store", str(store.root), "--catalog", str(catalogs[name]))
             took, _, _ = run_measured(cmd, env=env)

@@ -339,3 +339,18 @@ def test_status_lists_what_is_outstanding_with_its_reason(local_store, catalog):
     assert [(r.key, r.outcome, r.reason) for r in items] == [
         ("raw-site/2020-04-01/images/1.5.1.1.dcm", "pending", "no clinical record for Covid77 yet")
     ]
+
+
+def test_rebuild_replaces_a_damaged_catalog(local_store, tmp_path):
+    small_upload(local_store)
+    path = tmp_path / "catalog.sqlite"
+    cat = Catalog(path)
+    load(local_store, cat, workers=1)
+    cat.close()
+    path.write_bytes(b"not a database at all" * 100)
+    with pytest.raises(CatalogError, match="rebuild-catalog"):
+        Catalog(path)
+    rebuild_catalog(local_store, path, workers=1)
+    rebuilt = catalog_for(local_store, path)
+    assert rebuilt.outcome_counts() == {"filed": 3}
+    rebuilt.close()

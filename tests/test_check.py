@@ -133,3 +133,19 @@ def test_the_gate_over_a_store_after_upload(site, store):
     upload(site["outbox"], store, "northfield", date="2020-05-01", gate=site["gate"])
     report = check_files(store_files(store), site["gate"])
     assert (report.dicom, report.clinical, report.findings) == (4, 2, [])
+
+
+def test_a_birth_date_inside_a_keyed_uid_is_chance_but_inside_a_site_uid_a_leak():
+    from pydicom.dataset import Dataset
+
+    from nccid.site.gate import KnownIdentifiers, scan
+
+    known = KnownIdentifiers(numbers=["9434765919"], birth_date="19610402")
+    keyed = Dataset()
+    keyed.StudyInstanceUID = "2.25.3318" + "19610402" + "77120938458810293847561"  # a hash that happens to hold it
+    assert scan(keyed, known, "a.dcm") == []
+    site_made = Dataset()
+    site_made.StudyInstanceUID = "1.2.826.0.1.3680043.19610402.1"  # a PACS that builds UIDs from dates
+    assert [f.kind for f in scan(site_made, known, "b.dcm")] == ["birth date"]
+    keyed.SeriesInstanceUID = "2.25.1" + "9434765919" + "2837465"  # a whole NHS number is never chance
+    assert [f.tag_path for f in scan(keyed, known, "c.dcm")] == ["(0020,000E)"]

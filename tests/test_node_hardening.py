@@ -4,7 +4,8 @@ the node leaves the process's global settings as it found them.
 
 Nodes run as `nccid site node` in their own process (started and stopped by PID) unless a test needs to reach
 inside one; peers are DCMTK's tools by absolute path, pynetdicom as SCU, or raw sockets for the half-sent PDUs
-no well-behaved peer would send.
+no well-behaved peer would send. Every process a test starts is checked by PID when it ends
+(`nothing_left_running`, from test_node.py).
 """
 
 from __future__ import annotations
@@ -24,11 +25,21 @@ import psutil
 import pydicom
 import pydicom.config
 import pytest
+from helpers import run_cli
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import BasicTextSRStorage, ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE, _config
-from test_node import ECHOSCU, STORESCU, people_and_images, start_node, stop_node
+from test_node import (  # noqa: F401  (nothing_left_running: the autouse fixture, in this module too)
+    ECHOSCU,
+    STORESCU,
+    nothing_left_running,
+    people_and_images,
+    start_node,
+    started,
+    stop_node,
+)
 
+from nccid.errors import UsageError
 from nccid.site import transport
 from nccid.site.node import (
     STATUS_MALFORMED,
@@ -36,10 +47,13 @@ from nccid.site.node import (
     STATUS_OUT_OF_RESOURCES,
     STATUS_SUCCESS,
     NodeConfig,
+    Receiver,
     SiteNode,
     node_events,
     refused_contexts,
 )
+from nccid.site.outbox import Outbox, SiteSettings
+from nccid.site.pseudonymiser import Pseudonymiser
 from nccid.site.vault import PseudonymKey
 from nccid.synth.hospital import hospital_patient, pacs_image
 
@@ -147,8 +161,10 @@ def test_workers_die_with_the_main_process_even_on_kill_9(tmp_path):
     assert all(gone(w) for w in workers), [w.pid for w in workers if not gone(w)]
     assert _echo(node.port).returncode != 0  # nobody serves the port: a new node can start cleanly
     again = start_node(tmp_path, outbox=node.outbox)
-    assert list((node.outbox / ".spool").iterdir()) == []
-    stop_node(again)
+    try:
+        assert list((node.outbox / ".spool").iterdir()) == []
+    finally:
+        stop_node(again)
 
 
 def _store(port: int, ds: Dataset) -> Dataset:
@@ -241,13 +257,13 @@ def test_a_transfer_cut_off_midway_leaves_nothing_in_the_spool(tmp_path):
     big.save_as(path, enforce_file_format=True)
     spool = node.outbox / ".spool"
     try:
-        sender = subprocess.Popen(
+        sender = started(subprocess.Popen(
             [STORESCU, "-aet", "PACS", "-aec", "NCCID", "--max-send-pdu", "16384", "127.0.0.1", str(node.port),
              str(path)],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             env={**os.environ, "TCP_NODELAY": "1"},
-        )  # fmt: skip
+        ))  # fmt: skip
         deadline = time.monotonic() + 30
         while not list(spool.iterdir()) and sender.poll() is None and time.monotonic() < deadline:
             time.sleep(0.005)
@@ -329,23 +345,42 @@ def _refused_contexts_are_recorded(node, tmp_path: Path) -> None:
     person = hospital_patient(rng)
     report = tmp_path / "report.dcm"
     _structured_report(report, person)
-    sender = node.send(report, aet="RISPACS", options=("-R",))  # -R: offer only what the files need
+    # -R: offer only what the files need; the AE title is the peer's own text, brackets and all
+    sender = node.send(report, aet="RIS[bold]", options=("-R",))
     out, _ = sender.communicate(timeout=60)
     assert sender.returncode != 0, out  # storescu cannot send it: no accepted context
 
     (row,) = refused_contexts(node.outbox)
-    assert (row.calling_ae, row.sop_class_uid) == ("RISPACS", BasicTextSRStorage)
+    assert (row.calling_ae, row.sop_class_uid) == ("RIS[bold]", BasicTextSRStorage)
     assert row.sop_class == "Basic Text SR Storage"
     assert row.reason == "SOP class not supported" and row.associations == 1
     assert node_events(node.outbox) == []  # nothing was stored or refused as a C-STORE
     log = (node.outbox / "node-events.jsonl").read_text()
     assert person.nhs not in log and person.family not in log
 
+    status = run_cli("site", "status", node.outbox)  # what the site's data manager sees
+    assert status.returncode == 0, status.stderr
+    assert "refused at association (offered by the PACS, not taken by the node; nothing was sent): 1 SOP class" in (
+        status.stdout
+    )
+    shown = f"  RIS[bold]: Basic Text SR Storage ({BasicTextSRStorage}): SOP class not supported; 1 association(s), "
+    assert shown + f"last {row.last[:10]} " in status.stdout  # the day, then the time, UTC
+    assert "refused by the node at C-STORE" not in status.stdout  # none was: the PACS could not even offer it
+    assert person.nhs not in status.stdout and person.family not in status.stdout
+
     _, folders = people_and_images(tmp_path, 1, modalities=("CR",))  # an ordinary send, all contexts offered
     assert node.send(*folders[0].iterdir(), aet="RISPACS").wait(60) == 0
     rows = refused_contexts(node.outbox)
     assert BasicTextSRStorage in {r.sop_class_uid for r in rows} and len(rows) > 1
     assert not {r.sop_class_uid for r in rows} & {"1.2.840.10008.5.1.4.1.1.1", CT_IMAGE_STORAGE}  # CR, CT taken
+
+    # storescu offers every storage class it knows: status lists the 30 most recent, --all-refused all of them
+    brief, full = (run_cli("site", "status", node.outbox, *flag).stdout for flag in ((), ("--all-refused",)))
+    assert f": {len(rows)} SOP class(es) from 2 calling AE(s)" in brief
+    listed = [line for line in full.splitlines() if line.startswith(("  RISPACS: ", "  RIS[bold]: "))]
+    assert len(listed) == len(rows) and shown + f"last {row.last[:10]} " in full
+    assert sum(line in brief for line in listed) == min(len(rows), 30)
+    assert (f"  ... and {len(rows) - 30} more (--all-refused lists them)" in brief) == (len(rows) > 30)
 
 
 def test_the_fast_transport_is_used_only_on_the_pynetdicom_it_was_written_for():
@@ -368,16 +403,15 @@ def test_on_another_pynetdicom_the_stock_reactors_serve_and_still_time_out_stall
 
 def test_a_data_set_that_cannot_be_encoded_is_refused_as_bad_data_not_out_of_resources(tmp_path, monkeypatch):
     """pydicom wraps a value it cannot encode in an OSError (quoting the element): the PACS is told 0xC210 (the
-    data is bad; do not retry), not 0xA700, the reason quotes no value, and the half-written file is deleted."""
-    from nccid.site import node as node_module
+    data is bad; do not retry), not 0xA700, the reason quotes no value, and the half-written file is deleted (by
+    the outbox's own write, which cleans up after itself)."""
+    real_add_image = Outbox.add_image
 
-    real_hold_image = node_module.hold_image
-
-    def hold_a_value_pydicom_cannot_encode(clean, outbox, pseudonym, person):
+    def add_a_value_pydicom_cannot_encode(self, clean, pseudonym, person, *, ready=None):
         clean.add_new(0x00091010, "US", 70000)  # a private element whose value does not fit its VR
-        return real_hold_image(clean, outbox, pseudonym, person)
+        return real_add_image(self, clean, pseudonym, person, ready=ready)
 
-    monkeypatch.setattr(node_module, "hold_image", hold_a_value_pydicom_cannot_encode)
+    monkeypatch.setattr(Outbox, "add_image", add_a_value_pydicom_cannot_encode)
     rng = random.Random(5)
     ds = pacs_image(hospital_patient(rng), rng, modality="CT", seed="enc", scale=0.25)
     outbox = tmp_path / "outbox"
@@ -408,3 +442,59 @@ def test_a_vault_that_cannot_be_used_asks_the_pacs_to_retry_rather_than_calling_
     assert response.Status == STATUS_OUT_OF_RESOURCES and "vault" in response.ErrorComment
     (entry,) = node_events(tmp_path / "outbox")
     assert entry["reason"] == "the pseudonym vault cannot be used now (OperationalError)"
+
+
+def _spooled_ct(path: Path, seed: str) -> Path:
+    rng = random.Random(seed)
+    pacs_image(hospital_patient(rng), rng, modality="CT", seed=seed, scale=0.25).save_as(path, enforce_file_format=True)
+    return path
+
+
+def test_the_node_reports_filed_when_the_outbox_releases_the_image_at_once_and_held_otherwise(tmp_path):
+    """The node's view of data/ may be a moment old: told "no record", the outbox still files the image ready if
+    the record is there, and the node must then say `filed` (not `held`), as the file is in images/."""
+    box = Outbox(tmp_path / "outbox")
+    receiver = Receiver(box.root, key=PseudonymKey.generate(), pseudonymise=lambda c: ["Covid12345"] * len(c))
+    receiver.has_clinical = lambda pseudonym: False  # a stale view: the sheet is filed just after it looked
+
+    held = receiver.receive(_spooled_ct(tmp_path / "a.dcm", "a"))
+    assert (held.status, held.outcome, held.pseudonym) == (STATUS_SUCCESS, "held", "Covid12345")
+    assert len(list((box.held / "Covid12345").glob("*.dcm"))) == 1
+
+    box.add_record({"Pseudonym": "Covid12345"}, "data")
+    filed = receiver.receive(_spooled_ct(tmp_path / "b.dcm", "b"))
+    assert (filed.status, filed.outcome, filed.reason) == (STATUS_SUCCESS, "filed", "")
+    assert len(list((box.images / "Covid12345").glob("*.dcm"))) == 2  # and the first image came with it
+    assert box.held_patients() == []
+
+
+def test_a_malformed_settings_file_stops_the_node_from_starting_and_asks_the_pacs_to_retry(tmp_path):
+    box = Outbox(tmp_path / "outbox")
+    box.root.mkdir()
+    box.settings_path.write_text('{"ages_over_89": "round"}')
+    key = PseudonymKey.generate()
+    proc = run_cli(
+        "site", "node", box.root, "--port", "0", "--workers", "1", "--key-file", key.save(tmp_path / "site.key"),
+        "--vault", tmp_path / "vault.sqlite", timeout=60,
+    )  # fmt: skip
+    assert proc.returncode != 0 and proc.stderr.strip().splitlines() == [
+        "error: ages over 89: 'round' is not one of keep, cap"
+    ]
+    node = SiteNode(NodeConfig(box.root, port=0), key=key, pseudonymise=lambda c: ["Covid1"])
+    with pytest.raises(UsageError, match="ages over 89: 'round' is not one of keep, cap"):
+        node.start()
+    assert not node.running
+    # broken while the node runs: each C-STORE is refused 0xA700 (the PACS keeps its copy and retries later)
+    result = node.receiver.receive(_spooled_ct(tmp_path / "ct.dcm", "s"))
+    assert (result.status, result.reason) == (STATUS_OUT_OF_RESOURCES, "the site settings cannot be read (UsageError)")
+    box.save_settings(SiteSettings(ages_over_89="cap"))  # fixed: the next C-STORE goes through
+    assert node.receiver.receive(_spooled_ct(tmp_path / "ct.dcm", "s")).outcome == "held"
+
+
+def test_a_pseudonymiser_with_another_key_than_the_node_is_refused(tmp_path):
+    other = Pseudonymiser(PseudonymKey.generate(), lambda c: ["Covid1"] * len(c))
+    with pytest.raises(UsageError, match="another key"):
+        Receiver(tmp_path / "outbox", key=PseudonymKey.generate(), pseudonymise=other)
+    key = PseudonymKey.generate()
+    same = Pseudonymiser(key, lambda c: ["Covid1"] * len(c))
+    assert Receiver(tmp_path / "outbox", key=key, pseudonymise=same).pseudonymiser is same

@@ -199,3 +199,22 @@ def test_every_site_command_and_argument_says_what_it_is():
             assert getattr(param, "help", None), f"site {name}: {param.name} has no help"
     proc = run_cli("site", "check", "--help")
     assert "<list[" not in proc.stdout and "FILE" in proc.stdout
+
+
+@pytest.mark.filterwarnings("ignore:Invalid value:UserWarning")  # pydicom's warning as the bad value is set
+def test_a_failed_image_write_leaves_no_temporary_file(tmp_path, site):
+    """A data set pydicom cannot encode (a value too large for its VR): `add_image` raises, and neither images/
+    nor held/ keeps the half-written temporary file; the next image is filed as usual."""
+    rng = random.Random(59)
+    person = hospital_patient(rng)
+    box = Outbox(tmp_path / "outbox")
+    (pseudonym,) = site["pseudonymiser"].of_numbers([person.nhs])
+    cipher, keys = site["key"].encrypt(person.nhs), DeidKeys.derive(site["key"].key)
+    for ready in (False, True):
+        ds = deidentify(pacs_image(person, rng, modality="CR", seed="w"), pseudonym=pseudonym, person=cipher, keys=keys)
+        ds.add_new(0x00091010, "US", 70000)
+        with pytest.raises(OSError):  # pydicom wraps the encoding error in an OSError
+            box.add_image(ds, pseudonym, cipher, ready=ready)
+        assert [p.name for p in box.root.rglob("*") if p.is_file() and p.name != ".person"] == []
+    ds = deidentify(pacs_image(person, rng, modality="CR", seed="w"), pseudonym=pseudonym, person=cipher, keys=keys)
+    assert box.add_image(ds, pseudonym, cipher).held and [h.images for h in box.held_patients()] == [1]

@@ -412,6 +412,27 @@ def test_a_model_that_eats_memory_is_stopped(space, tmp_path):
     assert run.sandbox.status == "failed" and "MemoryError" in run.sandbox.stderr
 
 
+def test_a_model_cannot_fill_the_disk_or_memory_through_its_files(space, tmp_path):
+    run = _dry(space, tmp_path, "filler", """
+    import sys
+    try:
+        for n in range(25):  # 25 files of 4 MB in /tmp: each under the file limit, 100 MB in all
+            open(f"/tmp/part{n}", "wb").write(b"0" * (4 << 20))
+    except OSError as exc:
+        print("/tmp", exc.strerror, file=sys.stderr)
+    try:
+        with open("/output/big", "wb") as handle:
+            for _ in range(100):
+                handle.write(b"0" * (1 << 20))  # 100 MB, above the 16 MB limit
+    except OSError as exc:
+        print("/output/big", exc.strerror, file=sys.stderr)
+    """, limits=Limits(memory_mb=1024, processes=16, wall_seconds=60, output_mb=16))  # fmt: skip
+    assert "/tmp No space left on device" in run.sandbox.stderr
+    assert "/output/big File too large" in run.sandbox.stderr
+    big = space.root / "runs" / run.run / "private" / "output" / "big"
+    assert big.stat().st_size <= 16 * 1024 * 1024
+
+
 def test_malformed_and_partial_predictions_are_reported(space, tmp_path):
     run = _dry(space, tmp_path, "sloppy", """
     import os
@@ -448,3 +469,37 @@ def test_a_sandbox_that_cannot_start_is_an_error_not_a_model_failure(tmp_path):
         tmp_path / "out", tmp_path / "l2", FAST,
     )  # fmt: skip
     assert (run.status, run.exit_code) == ("failed", 1)
+
+
+def test_the_commands_print_what_they_did(warehouse, tmp_path):
+    """submit, dry-run, run, release and runs as a validator types them, on the coin flip."""
+    ws = tmp_path / "ws"
+    submitted = run_cli("validate", "submit", MODELS / "coin-flip", "-w", ws, "--as", "val", check=True).stdout
+    sub_id = submitted.split()[1]
+    assert sub_id.startswith("coin-flip-1.0-") and "model SHA-256" in submitted
+    dry = run_cli("validate", "dry-run", sub_id, "-w", ws, "--cases", "20", "--as", "val", check=True).stdout
+    assert "dry run" in dry and "20 cases (10 positive)" in dry and "report.html" in dry
+    sealed = run_cli("validate", "run", sub_id, "-w", ws, "-s", warehouse.root, "--as", "val", check=True).stdout
+    assert "sealed run" in sealed and "valid predictions, 0 missing" in sealed and "AUC 0." in sealed
+    run_id = sealed.split()[2]
+    released = run_cli("validate", "release", run_id, "-w", ws, "--as", "rel", check=True).stdout
+    assert f"released the report of {run_id} to" in released and (ws / "releases" / run_id / "report.html").exists()
+    listed = run_cli("validate", "runs", "-w", ws, check=True).stdout
+    assert "4 event(s)" in listed
+
+
+def test_inputs_of_an_interrupted_run_are_swept_by_the_next(space, tmp_path):
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    folder = space.root / "runs" / "20200101T000000-sealed-dead01" / "private"
+    (folder / "input" / "case-1").mkdir(parents=True)
+    (folder / "input" / "case-1" / "image-1.dcm").write_bytes(b"DICM")
+    (folder / "input").chmod(0o555)
+    (folder / "pid").write_text(dead.stdout.strip())
+    alive = space.root / "runs" / "20200101T000000-sealed-live01" / "private"
+    (alive / "input").mkdir(parents=True)
+    (alive / "pid").write_text(str(os.getpid()))
+    assert space.sweep_interrupted() == ["20200101T000000-sealed-dead01"]
+    assert not (folder / "input").exists() and (alive / "input").exists()

@@ -231,6 +231,7 @@ def run_demo(
             defects=demo.defects,
             late_sheet=demo.late_sheet,
             scale=scale,
+            hospital=demo.hospital,
         )
         sites.append(site)
         console.print(

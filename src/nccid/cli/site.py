@@ -36,6 +36,8 @@ app = typer.Typer(
     no_args_is_help=True,
 )
 ActorOption = typer.Option(default_actor("site"), "--as", help="Who runs it, for the vault's audit (default: $USER).")
+#: refused presentation contexts `site status` lists (a PACS offering every storage class it knows refuses dozens)
+REFUSED_CONTEXTS_SHOWN = 30
 OutboxArgument = typer.Argument(
     ..., help="The site outbox: data/ and images/ are uploaded, held/ waits for clinical sheets.", show_default=False
 )
@@ -87,10 +89,16 @@ def site_status(
         False, "--show-numbers", help="Show the NHS/CHI numbers of held patients (needs the key; screen only)."
     ),
     key_file: Path | None = KeyFileOption,
+    all_refused: bool = typer.Option(
+        False,
+        "--all-refused",
+        help=f"List every SOP class refused at association, not only the {REFUSED_CONTEXTS_SHOWN} most recent.",
+    ),
 ) -> None:
-    """What is ready to upload, which patients' images wait for a clinical sheet, and what the node refused.
-    Only reads the outbox: nothing is moved."""
-    from nccid.site.node import node_events
+    """What is ready to upload, which patients' images wait for a clinical sheet, and what the node refused: the
+    C-STOREs (by reason) and the SOP classes a PACS offered that it does not take (by calling AE). Only reads the
+    outbox: nothing is moved."""
+    from nccid.site.node import node_events, refused_contexts
     from nccid.site.outbox import Outbox
 
     if not outbox.is_dir():
@@ -109,9 +117,33 @@ def site_status(
         console.print(f"  {h.pseudonym}: {h.images} image(s) since {since} UTC{number}")
     refused = Counter(e["reason"] for e in node_events(outbox) if e["outcome"] == "refused")
     if refused:
-        console.print(f"refused by the node (the PACS keeps these): {sum(refused.values())}")
+        console.print(f"refused by the node at C-STORE (the PACS keeps these): {sum(refused.values())}")
         for reason, n in refused.most_common():
-            console.print(f"  {n} × {reason}")
+            console.print(f"  {n} × {reason}", highlight=False, markup=False)
+    contexts = refused_contexts(outbox)
+    if contexts:
+        console.print(
+            f"refused at association (offered by the PACS, not taken by the node; nothing was sent): "
+            f"{len(contexts)} SOP class(es) from {len({c.calling_ae for c in contexts})} calling AE(s)"
+        )
+        shown = contexts if all_refused else contexts[:REFUSED_CONTEXTS_SHOWN]
+        for c in shown:
+            name = c.sop_class if c.sop_class == c.sop_class_uid else f"{c.sop_class} ({c.sop_class_uid})"
+            console.print(
+                f"  {c.calling_ae or '?'}: {name}: {c.reason}; {c.associations} association(s), last {_when(c.last)}",
+                highlight=False,
+                markup=False,  # the AE title is the peer's: its brackets are text, not styles
+            )
+        if len(contexts) > len(shown):
+            console.print(f"  ... and {len(contexts) - len(shown)} more (--all-refused lists them)")
+
+
+def _when(iso: str) -> str:
+    """An event log time (ISO 8601, UTC) as `YYYY-MM-DD HH:MM:SS UTC`; unchanged if it is not one."""
+    try:
+        return dt.datetime.fromisoformat(iso).astimezone(dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+    except ValueError:
+        return iso
 
 
 @app.command("settings")

@@ -46,7 +46,8 @@ def site_node(
 
     def report(calling_ae: str, counts) -> None:
         parts = ", ".join(f"{n} {outcome}" for outcome, n in sorted(counts.items())) or "nothing stored"
-        console.print(f"association from {calling_ae or '?'} ended: {parts}")
+        # the AE title is the peer's: printed as text (brackets are not styles)
+        console.print(f"association from {calling_ae or '?'} ended: {parts}", markup=False, highlight=False)
 
     config = NodeConfig(
         outbox,

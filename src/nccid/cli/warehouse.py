@@ -30,6 +30,9 @@ def synth(
     imaged: float = typer.Option(0.3, help="Share of patients with images."),
     seed: int = typer.Option(0, help="Random seed: the same seed gives the same bytes."),
     awkward: bool = typer.Option(True, help="Include the awkward cases (duplicates, truncated files, ...)."),
+    signal: float = typer.Option(
+        1.0, help="Strength of the sign of disease planted in positive patients' radiographs (0: none)."
+    ),
     manifest: Path | None = typer.Option(None, help="Write what was made (and where) as JSON."),
 ) -> None:
     """Write a synthetic national dataset (config.json + raw uploads) into a store."""
@@ -44,6 +47,7 @@ def synth(
         scale=scale,
         imaged_fraction=imaged,
         awkward=awkward,
+        signal=signal,
     )
     with progress_bar("synthesising") as tick:
         result = generate(target, spec, progress=lambda n: tick(1, n))

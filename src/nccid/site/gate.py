@@ -80,6 +80,20 @@ def _elements(ds: Dataset, path: str = "") -> Iterator[tuple[str, object, str, o
             yield here, tag, vr, value
 
 
+def _meaningful_in(vr: str, raw: object, token: str) -> bool:
+    """Whether finding `token` inside a value of this VR can mean an identifier leaked.
+
+    UIDs are long digit strings, so short tokens match them by chance. A UID a site's system made may embed a
+    date or a number (some PACS build them that way): there, tokens of 8 digits and more count. A keyed UID of
+    the 2.25 form is a hash output: an 8-digit date turns up in one by chance about once in a thousand demo
+    runs, so there only tokens of 10 digits and more (NHS/CHI numbers) count.
+    """
+    if vr != "UI":
+        return True
+    text = raw.decode("latin-1", "replace") if isinstance(raw, bytes) else str(raw)
+    return len(token) >= (10 if text.strip("\x00 ").startswith("2.25.") else 8)
+
+
 def scan(ds: Dataset, known: KnownIdentifiers, source: str) -> list[Finding]:
     """Every element whose text contains one of the patient's identifiers."""
     tokens = known.tokens()
@@ -106,8 +120,7 @@ def scan(ds: Dataset, known: KnownIdentifiers, source: str) -> list[Finding]:
                 if token in words:
                     findings.append(Finding(source, path, kind))
                     break
-            # keyed UIDs are long random digit strings: only long tokens (NHS numbers, dates) are meaningful there
-            elif token and token in text and (vr != "UI" or len(token) >= 8):
+            elif token and token in text and _meaningful_in(vr, raw, token):
                 findings.append(Finding(source, path, kind))
                 break
     return findings

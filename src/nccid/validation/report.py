@@ -89,8 +89,9 @@ def forest_figure(results: dict) -> tuple[dict, str]:
                     continue
                 rows.append({"section": section, "attribute": table["attribute"], "level": level["level"],
                              "metric": metric, **level[metric]})  # fmt: skip
-    fig, ax = _figure(9.0, max(2.5, 0.28 * len(rows) + 1))
-    fig.subplots_adjust(left=0.4, right=0.97, top=1 - 0.5 / (0.28 * len(rows) + 1), bottom=0.6 / (0.28 * len(rows) + 1))
+    height = max(2.5, 0.28 * len(rows) + 1)
+    fig, ax = _figure(9.0, height)
+    fig.subplots_adjust(left=0.4, right=0.97, top=1 - 0.5 / height, bottom=0.6 / height)
     for i, row in enumerate(reversed(rows)):
         colour = "tab:blue" if row["metric"] == "auc" else "tab:orange"
         ax.errorbar([row["value"]], [i], xerr=[[row["value"] - row["low"]], [row["high"] - row["value"]]],
@@ -101,7 +102,7 @@ def forest_figure(results: dict) -> tuple[dict, str]:
     overall = results["overall"]["auc"]["value"]
     ax.axvline(overall, ls=":", color="grey")
     ax.set(xlim=(0, 1), xlabel="AUC (blue) or sensitivity (orange), 95% CI")
-    ax.set_title("Subgroups and robustness (cells under the minimum size not shown)")
+    ax.set_title("Subgroups and robustness, 95% CI (small cells not shown)", loc="left")
     return {"rows": rows, "overall_auc": overall}, _svg(fig)
 
 

@@ -43,7 +43,7 @@ class Limits:
     memory_mb: int = 2048  # address space (RLIMIT_AS)
     processes: int = 64  # processes and threads of the sandbox's user (RLIMIT_NPROC)
     wall_seconds: float = 600.0  # then the process group is killed
-    output_mb: int = 64  # largest file the model may write (RLIMIT_FSIZE)
+    output_mb: int = 64  # largest file the model may write (RLIMIT_FSIZE), and the size of its /tmp
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -92,8 +92,11 @@ def check_available() -> None:
         raise SandboxError(f"{SETPRIV} not found: install util-linux")
 
 
-def bwrap_command(entry: list[str] | tuple[str, ...], model: Path, inputs: Path, output: Path) -> list[str]:
-    """The bubblewrap command line that runs `entry` in /model with /input, /output and nothing else."""
+def bwrap_command(
+    entry: list[str] | tuple[str, ...], model: Path, inputs: Path, output: Path, tmp_mb: int = 64
+) -> list[str]:
+    """The bubblewrap command line that runs `entry` in /model with /input, /output and nothing else; /tmp is a
+    private tmpfs of at most `tmp_mb` MB (it lives in memory)."""
     path = ":".join([*(f"{r}/bin" for r in python_roots()), "/usr/local/bin", "/usr/bin", "/bin"])
     command = [BWRAP, "--unshare-ipc", "--unshare-pid", "--unshare-net", "--unshare-uts", "--unshare-cgroup-try"]
     if os.geteuid() != 0:
@@ -119,7 +122,7 @@ def bwrap_command(entry: list[str] | tuple[str, ...], model: Path, inputs: Path,
         "--ro-bind", str(model), "/model",
         "--ro-bind", str(inputs), "/input",
         "--bind", str(output), "/output",
-        "--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp",
+        "--proc", "/proc", "--dev", "/dev", "--perms", "1777", "--size", str(tmp_mb * 1024 * 1024), "--tmpfs", "/tmp",
         "--clearenv",
         "--setenv", "PATH", path,
         "--setenv", "HOME", "/tmp",
@@ -179,7 +182,7 @@ def run_sandboxed(
     logs.mkdir(parents=True, exist_ok=True)
     out_path, err_path = logs / "stdout.txt", logs / "stderr.txt"
     status_read, status_write = os.pipe()  # bubblewrap reports the command's exit here (not seen inside)
-    command = bwrap_command(entry, model.resolve(), inputs.resolve(), output.resolve())
+    command = bwrap_command(entry, model.resolve(), inputs.resolve(), output.resolve(), limits.output_mb)
     command[1:1] = ["--json-status-fd", str(status_write)]
     start = time.monotonic()
     try:

@@ -156,10 +156,28 @@ class Workspace:
 
     # -- runs ------------------------------------------------------------------------------------------
     def _new_run(self, kind: str) -> tuple[str, Path]:
+        self.sweep_interrupted()
         run = f"{dt.datetime.now(dt.UTC).strftime('%Y%m%dT%H%M%S')}-{kind.split('_')[0]}-{secrets.token_hex(3)}"
         folder = self.root / "runs" / run
         (folder / "private").mkdir(mode=0o700, parents=True)
+        write_private(folder / "private" / "pid", str(os.getpid()))
         return run, folder
+
+    def sweep_interrupted(self) -> list[str]:
+        """Delete the materialised inputs of runs whose process died before the end (killed, power cut): sealed
+        inputs never outlive their run. Returns the runs swept. A run of a live process is left alone."""
+        swept = []
+        for inputs in sorted((self.root / "runs").glob("*/private/input")):
+            try:
+                os.kill(int((inputs.parent / "pid").read_text()), 0)
+                continue  # still running
+            except (ProcessLookupError, ValueError, FileNotFoundError):
+                pass
+            except PermissionError:
+                continue
+            remove_tree(inputs)
+            swept.append(inputs.parent.parent.name)
+        return swept
 
     def _execute(
         self,
@@ -205,7 +223,10 @@ class Workspace:
             "task_text": TASKS[sub.manifest.intended_use.task],
             "sandbox": result.to_json(),
             "sandbox_text": result.describe(),
-            "excluded": cohort_manifest.get("excluded", {}),
+            "excluded": {  # counts of people left out, small ones suppressed like any other cell
+                reason: count if count >= min_cell else f"<{min_cell}"
+                for reason, count in cohort_manifest.get("excluded", {}).items()
+            },
             "model_hash": sub.model_hash,
             "cohort_hash": canonical_hash(cohort_manifest),
             "truth_hash": canonical_hash(truth),

@@ -89,13 +89,14 @@ class LoadReport:
     report_key: str = ""
 
     def add(self, row: RawRow) -> None:
-        self.counts[row.outcome] += 1
-        if row.outcome != "filed":
+        outcome = str(row.outcome)  # a plain string in the report, whatever the rules returned
+        self.counts[outcome] += 1
+        if outcome != "filed":
             self.items.append(
                 {
                     "key": row.key,
                     "kind": row.kind,
-                    "outcome": row.outcome,
+                    "outcome": outcome,
                     "reason": row.reason,
                     "dest": row.dest,
                 }
