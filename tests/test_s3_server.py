@@ -38,21 +38,17 @@ def _serve(home, env):
         stderr=subprocess.STDOUT,
         text=True,
     )
-    deadline = time.monotonic() + 90
-    lines = []
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            break
-        lines.append(line)
-        if line.strip() == "ready":
-            return proc, lines
-    proc.kill()
-    pytest.fail("nccid s3 serve did not become ready: " + "".join(lines))
+    try:
+        return proc, _read_until(proc, "ready", 90, whole_line=True)
+    except BaseException:
+        proc.kill()
+        proc.wait(10)
+        raise
 
 
-def _read_until(proc, marker: str, timeout: float) -> list[str]:
-    """Lines the server prints until one contains `marker` (or it exits, or the time is up)."""
+def _read_until(proc, marker: str, timeout: float, *, whole_line: bool = False) -> list[str]:
+    """Lines the server prints until one contains `marker` (is it, with `whole_line`); fails the test if the
+    server exits or the time is up first."""
     deadline = time.monotonic() + timeout
     lines = []
     while time.monotonic() < deadline:
@@ -60,7 +56,7 @@ def _read_until(proc, marker: str, timeout: float) -> list[str]:
         if not line:
             break
         lines.append(line)
-        if marker in line:
+        if (line.strip() == marker) if whole_line else (marker in line):
             return lines
     pytest.fail(f"no {marker!r} from nccid s3 serve: " + "".join(lines))
 

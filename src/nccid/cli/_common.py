@@ -8,12 +8,17 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 
 from nccid.errors import NccidError, UsageError
 from nccid.store import ObjectStore, open_store
 from nccid.warehouse.catalog import Catalog, default_catalog_path
+
+if TYPE_CHECKING:  # imported where used: `nccid --help` does not load the site's crypto
+    from nccid.site.pseudonymiser import Pseudonymiser
+    from nccid.site.vault import PseudonymKey
 
 STORE_HELP = "Warehouse store: a path, file:///path or s3://bucket (default: $NCCID_STORE)."
 StoreOption = typer.Option(None, "--store", "-s", help=STORE_HELP, envvar="NCCID_STORE")
@@ -75,7 +80,7 @@ def pseudonym_key(key_file: Path | None):
         raise VaultError(f"no key file at {key_file}: make one with `nccid vault keygen`") from exc
 
 
-def vault_issuer(key, vault: Path, actor: str):
+def vault_issuer(key: PseudonymKey, vault: Path, actor: str) -> Pseudonymiser:
     """The run's `Pseudonymiser`: `key`'s pseudonyms from the vault at `vault`, issued as `actor`, opening the vault
     per call (safe from any thread: the node's associations) and asking it once per person."""
     from nccid.site.pseudonymiser import Pseudonymiser

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 
 from nccid.errors import IdentifierError
 from nccid.site.identifiers import validate_patient_number
+from nccid.site.templates import CellError
 
 NHS_COLUMN = "NHS/CHI Number"
 HOSPITAL_NUMBER = "Hospital (Internal) Number"
@@ -45,20 +46,10 @@ def _key(header: object) -> str:
     return re.sub(r"[^a-z0-9]", "", str(header or "").lower())
 
 
-@dataclass(frozen=True)
-class LinkError:
-    row: int  # as the spreadsheet numbers it (the header is row 1)
-    column: str
-    reason: str
-
-    def __str__(self) -> str:
-        return f"row {self.row}, column {self.column!r}: {self.reason}"
-
-
 @dataclass
 class IsaricSheet:
     links: list[tuple[int, str, str, str]] = field(default_factory=list)  # (row, NHS number, subject ID, date)
-    errors: list[LinkError] = field(default_factory=list)
+    errors: list[CellError] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     held_rows: set[int] = field(default_factory=set)
 
@@ -80,7 +71,7 @@ def validate_isaric(rows: Sequence[Sequence[object]]) -> IsaricSheet:
     number (for encryption at once, never to be stored), the subject ID and the enrolment date ('')."""
     sheet = IsaricSheet()
     if not rows:
-        sheet.errors.append(LinkError(1, "(header)", "the sheet is empty"))
+        sheet.errors.append(CellError(1, "(header)", "the sheet is empty"))
         return sheet
     wanted = {_key(c): c for c in ISARIC_COLUMNS}
     columns = [wanted.get(_key(h)) for h in rows[0]]
@@ -89,7 +80,7 @@ def validate_isaric(rows: Sequence[Sequence[object]]) -> IsaricSheet:
             sheet.warnings.append(f"column {str(header).strip()!r} is not an ISARIC template column and is left out")
     for required in (NHS_COLUMN, SUBJECT_COLUMN):
         if required not in columns:
-            sheet.errors.append(LinkError(1, required, "the sheet has no such column"))
+            sheet.errors.append(CellError(1, required, "the sheet has no such column"))
     if sheet.errors:
         return sheet
     seen: dict[str, int] = {}
@@ -100,26 +91,26 @@ def validate_isaric(rows: Sequence[Sequence[object]]) -> IsaricSheet:
         errors = []
         nhs = subject = enrolled = ""
         if NHS_COLUMN not in cells:
-            errors.append(LinkError(number, NHS_COLUMN, "required value is missing"))
+            errors.append(CellError(number, NHS_COLUMN, "required value is missing"))
         else:
             try:
                 nhs = validate_patient_number(str(cells[NHS_COLUMN]).split(".")[0])
             except IdentifierError as exc:
-                errors.append(LinkError(number, NHS_COLUMN, str(exc)))
+                errors.append(CellError(number, NHS_COLUMN, str(exc)))
         if SUBJECT_COLUMN not in cells:
-            errors.append(LinkError(number, SUBJECT_COLUMN, "required value is missing"))
+            errors.append(CellError(number, SUBJECT_COLUMN, "required value is missing"))
         else:
             subject = str(cells[SUBJECT_COLUMN]).strip().upper()
             if not SUBJECT_ID.fullmatch(subject):
-                errors.append(LinkError(number, SUBJECT_COLUMN, "not a CCP-UK subject ID like RYJ01-0042"))
+                errors.append(CellError(number, SUBJECT_COLUMN, "not a CCP-UK subject ID like RYJ01-0042"))
         if ENROLMENT_COLUMN in cells:
             try:
                 enrolled = _enrolment(cells[ENROLMENT_COLUMN])
             except ValueError:
-                errors.append(LinkError(number, ENROLMENT_COLUMN, "not a date as YYYY-MM-DD or DD/MM/YYYY"))
+                errors.append(CellError(number, ENROLMENT_COLUMN, "not a date as YYYY-MM-DD or DD/MM/YYYY"))
         if nhs and not errors:
             if nhs in seen:
-                errors.append(LinkError(number, NHS_COLUMN, f"the same person as row {seen[nhs]} (duplicate row)"))
+                errors.append(CellError(number, NHS_COLUMN, f"the same person as row {seen[nhs]} (duplicate row)"))
             else:
                 seen[nhs] = number
         if errors:

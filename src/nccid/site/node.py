@@ -147,21 +147,6 @@ def _where(exc: BaseException) -> str:
     return f"{type(exc).__name__} at {Path(last.filename).name}:{last.lineno} in {last.name}"
 
 
-def discard_partial_writes(outbox: Path, *, pid: int | None = None) -> int:
-    """Delete temporary `.part` files under images/ and held/ (of process `pid` only, if given): what a failed
-    or interrupted write left. Call it when no writer of that process (or none at all) is running. Returns how
-    many were deleted."""
-    deleted = 0
-    marker = f".{pid}." if pid is not None else ""
-    for folder in ("images", "held"):
-        for path in (Path(outbox) / folder).glob("*/.*.part"):
-            if marker in path.name:
-                with contextlib.suppress(FileNotFoundError):
-                    path.unlink()
-                    deleted += 1
-    return deleted
-
-
 class Receiver:
     """De-identify one received object into the outbox. Thread-safe: associations run in their own threads.
 
@@ -402,7 +387,7 @@ class SiteNode:
         if self._stack is not None:
             self._stack.close()
             self._stack = None
-        discard_partial_writes(self.config.outbox, pid=os.getpid())
+        self.receiver.box.discard_partial_writes(pid=os.getpid())  # a write this process's stop cut short
         if clean_spool:
             self.receiver.box.release()
             shutil.rmtree(self.config.spool, ignore_errors=True)

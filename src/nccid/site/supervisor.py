@@ -29,7 +29,6 @@ from nccid.errors import NodeError, UsageError
 from nccid.log import event
 from nccid.site.node import (
     SiteNode,
-    discard_partial_writes,
     events_size,
     node_events,
     prepare_spool,
@@ -56,7 +55,7 @@ def run_node(node: SiteNode) -> Counter:
     Path(config.outbox).mkdir(parents=True, exist_ok=True)
     Outbox(config.outbox).settings()  # a malformed settings file stops the node before any worker starts
     prepare_spool(config.spool)
-    discard_partial_writes(config.outbox)  # what a crashed run left
+    Outbox(config.outbox).discard_partial_writes()  # what a crashed run left
     offset = events_size(config.outbox)
     stop = threading.Event()
     parent_watch, parent_alive = os.pipe()  # workers see end-of-file on the read end when the parent is gone
@@ -91,7 +90,7 @@ def run_node(node: SiteNode) -> Counter:
         if sweeper.is_alive():
             sweeper.join(timeout=10)
         node.stop()
-        discard_partial_writes(config.outbox)
+        Outbox(config.outbox).discard_partial_writes()
         os.close(parent_alive)
         for signum, handler in previous.items():
             signal.signal(signum, handler)

@@ -9,6 +9,7 @@ times and limits, so that the run can be reproduced.
 
 from __future__ import annotations
 
+import base64
 import csv
 import hashlib
 import io
@@ -273,6 +274,18 @@ def write_report(
         sums[name] = hashlib.sha256(data).hexdigest()
     (folder / "SHA256SUMS").write_text("".join(f"{digest}  {name}\n" for name, digest in sums.items()))
     return sums
+
+
+_INLINE_SCRIPT = re.compile(r"<script(?:\s[^>]*)?>(.*?)</script>", re.DOTALL | re.IGNORECASE)
+
+
+def inline_script_hashes(html: str) -> list[str]:
+    """The Content-Security-Policy sources (`'sha256-...'`) of a report page's inline scripts, so that a server
+    can allow exactly these scripts (the operating-point view) and no other. Pure."""
+    return [
+        "'sha256-" + base64.b64encode(hashlib.sha256(body.encode()).digest()).decode() + "'"
+        for body in _INLINE_SCRIPT.findall(html)
+    ]
 
 
 def context_for_json(context: dict[str, Any]) -> dict[str, Any]:

@@ -53,6 +53,7 @@ from nccid.validation.report import write_report
 from nccid.validation.sandbox import Limits, SandboxResult, prepare_output, remove_tree, run_sandboxed
 
 _IGNORED = {"__pycache__", ".git", ".mypy_cache", ".pytest_cache"}
+MODEL_FOLDERS_NAME = "model-folders.json"  # folders on the server an administrator offers to validators
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,22 @@ class RunSummary:
     report_dir: Path
     results: dict[str, Any]
     report_seconds: float = 0.0  # writing the report (figures, HTML, JSON, checksums), after its own times
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """One run as the validator's overview shows it, from the audit log and the run's report (aggregates only)."""
+
+    run: str
+    kind: str  # dry_run | sealed_run
+    submission: str
+    who: str
+    time: str  # when the run ended (UTC)
+    outcome: str  # the entry command's status: completed | failed | timed_out
+    metrics: str  # the analysis status, e.g. "metrics computed"
+    auc: dict[str, float] | None  # value, low, high (DeLong 95% CI) when computed
+    released_by: str = ""
+    released_at: str = ""
 
 
 def _now() -> str:
@@ -332,6 +349,70 @@ class Workspace:
         audit.append(self.audit_path, "release", who, run=run, report_sha256sums=sums, to=str(target))
         return target
 
+    def runs(self) -> list[RunInfo]:
+        """Every finished run, newest first, with its release (who, when) and its AUC, from the checked audit
+        log (raises ValidationRunError if the log was edited) and the run's own report.json."""
+        events = self.events()
+        released = {e["run"]: e for e in events if e["event"] == "release"}
+        out = []
+        for event in reversed([e for e in events if e["event"] in ("dry_run", "sealed_run")]):
+            auc = None
+            report = self.root / "runs" / event["run"] / "report" / "report.json"
+            if report.is_file():
+                overall = json.loads(report.read_text()).get("results", {}).get("overall") or {}
+                auc = overall.get("auc") if (overall.get("auc") or {}).get("value") is not None else None
+            release = released.get(event["run"], {})
+            info = RunInfo(
+                event["run"], event["event"], event.get("submission", ""), event["who"], event["time"],
+                event.get("outcome", ""), event.get("metrics") or "", auc,
+                release.get("who", ""), release.get("time", ""),
+            )  # fmt: skip
+            out.append(info)
+        return out
+
+    def report_html(self, run: str) -> str:
+        """The vendor-facing report page of a run (aggregates only). Raises ValidationRunError for an unknown
+        run or one without a report."""
+        path = self.root / "runs" / run / "report" / "report.html"
+        if not run or "/" in run or run.startswith(".") or not path.is_file():
+            raise ValidationRunError(f"no run {run!r} with a report; `nccid validate runs` lists them")
+        return path.read_text(encoding="utf-8")
+
+    # -- model folders on the server, offered to the portal's validators -------------------------------
+    def model_folders(self) -> list[Path]:
+        """The submission folders on this server that an administrator has offered (absolute paths, sorted)."""
+        path = self.root / MODEL_FOLDERS_NAME
+        return [Path(p) for p in json.loads(path.read_text())] if path.exists() else []
+
+    def offer_model_folder(self, folder: Path) -> Manifest:
+        """Offer a submission folder on this server to validators (they submit it by choosing it; nothing is
+        uploaded through a browser). The folder must be an absolute path holding a valid manifest. Returns the
+        manifest; raises SubmissionError naming the folder and the problem."""
+        folder = Path(folder)
+        if not folder.is_absolute():
+            raise SubmissionError(f"{folder}: give the folder's absolute path on the server")
+        folder = folder.resolve()
+        manifest = load_manifest(folder)
+        folders = sorted({str(p) for p in self.model_folders()} | {str(folder)})
+        write_private(self.root / MODEL_FOLDERS_NAME, json.dumps(folders, indent=1) + "\n")
+        return manifest
+
+    def withdraw_model_folder(self, folder: Path) -> bool:
+        """Stop offering a folder. Returns whether it was offered."""
+        folders = [str(p) for p in self.model_folders()]
+        if str(folder) not in folders:
+            return False
+        folders.remove(str(folder))
+        write_private(self.root / MODEL_FOLDERS_NAME, json.dumps(folders, indent=1) + "\n")
+        return True
+
+    def submit_offered(self, folder: str, who: str) -> Submission:
+        """Submit one of the offered folders (see `offer_model_folder`). Raises SubmissionError for a folder
+        that is not offered, or whatever `submit` raises."""
+        if folder not in {str(p) for p in self.model_folders()}:
+            raise SubmissionError(f"{folder}: not a model folder offered on this server; an administrator offers them")
+        return self.submit(Path(folder), who)
+
     def events(self) -> list[dict[str, Any]]:
         """The audit log, checked (raises ValidationRunError if it was edited), oldest first."""
         audit.verify(self.audit_path)
@@ -376,4 +457,4 @@ def _synthetic_inputs(
     return cases, entries
 
 
-__all__ = ["MANIFEST_NAME", "Limits", "RunSummary", "Submission", "Workspace", "code_version", "model_hash"]
+__all__ = ["MANIFEST_NAME", "Limits", "RunInfo", "RunSummary", "Submission", "Workspace", "code_version", "model_hash"]
