@@ -218,3 +218,21 @@ def test_a_failed_image_write_leaves_no_temporary_file(tmp_path, site):
         assert [p.name for p in box.root.rglob("*") if p.is_file() and p.name != ".person"] == []
     ds = deidentify(pacs_image(person, rng, modality="CR", seed="w"), pseudonym=pseudonym, person=cipher, keys=keys)
     assert box.add_image(ds, pseudonym, cipher).held and [h.images for h in box.held_patients()] == [1]
+
+
+def test_clearing_a_process_s_temporary_files_leaves_other_writers_alone(tmp_path):
+    """What a killed writer left is deleted by its PID, read from the temporary file's name, never matched inside
+    a SOP Instance UID (which is dots and digits too): another process's write in progress is left alone."""
+    from nccid.site.outbox import partial_path
+
+    box, pid = Outbox(tmp_path / "outbox"), os.getpid()
+    mine = partial_path(box.image_path("Covid1", f"1.2.{pid}.5"))
+    others = [
+        box.held / "Covid2" / f".1.2.{pid}.9.dcm.{pid + 1}.7.part",  # this PID inside the UID, another writer
+        box.data / f".Covid1_data.json.{pid + 1}.3.part",
+    ]
+    for path in [mine, *others]:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"half")
+    assert box.discard_partial_writes(pid=pid) == 1 and not mine.exists() and all(p.exists() for p in others)
+    assert box.discard_partial_writes() == 2 and not any(p.exists() for p in others)  # after a crash: all

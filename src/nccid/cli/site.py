@@ -22,6 +22,7 @@ from nccid.cli._common import (
     fail,
     open_store_option,
     pseudonym_key,
+    vault_issuer,
 )
 from nccid.console import console, err_console, human_bytes, progress_bar
 from nccid.errors import UsageError
@@ -43,12 +44,6 @@ OutboxArgument = typer.Argument(
 )
 
 
-def _pseudonymiser(key_file: Path | None, vault: Path, actor: str):
-    from nccid.site.pseudonymiser import Pseudonymiser
-
-    return Pseudonymiser.with_vault(pseudonym_key(key_file), vault, actor)
-
-
 @app.command("deid")
 def site_deid(
     src: Path = typer.Argument(..., help="Folder of PACS exports (identifiable; never named on screen)."),
@@ -63,7 +58,7 @@ def site_deid(
 
     if not src.is_dir():
         raise UsageError("the PACS export folder does not exist or is not a folder")
-    pseudonymiser = _pseudonymiser(key_file, vault, actor)
+    pseudonymiser = vault_issuer(pseudonym_key(key_file), vault, actor)
     with progress_bar("de-identifying") as tick:
         result = deidentify_folder(src, out, pseudonymiser, progress=tick)
     console.print(
@@ -319,7 +314,7 @@ def site_clinical(
     filed = file_sheet(
         sheet,
         outbox,
-        _pseudonymiser(key_file, vault, actor),
+        vault_issuer(pseudonym_key(key_file), vault, actor),
         template=kind,
         centre=centre,
         aliases=alias,

@@ -7,7 +7,9 @@ access committee, the dashboard and validation), one layout, one set of security
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable
+from pathlib import Path
 from typing import TypeVar
 
 from fastapi import FastAPI
@@ -38,8 +40,10 @@ def _load_key(settings: PortalSettings):
 
 def create_app(settings: PortalSettings) -> FastAPI:
     """The portal for these settings. Creates the state folder (owner-only) and portal.sqlite if needed."""
-    from nccid.portal import routes_admin, routes_auth, routes_site
+    from nccid.portal import routes_admin, routes_auth, routes_site, routes_validation
     from nccid.portal.accounts import PortalDB
+    from nccid.portal.validation_jobs import ValidationRunner
+    from nccid.validation.service import Workspace
 
     settings.state_dir.mkdir(parents=True, exist_ok=True)
     PortalDB(settings.db_path).close()
@@ -50,6 +54,11 @@ def create_app(settings: PortalSettings) -> FastAPI:
     app.state.runner = LoadRunner(
         settings.store_url, settings.catalog_path, settings.db_path, workers=settings.load_workers
     )
+    # the validators' workspace: $NCCID_VALIDATION (shared with `nccid validate`), else beside the portal's state
+    app.state.validation = Workspace(
+        Path(os.environ.get("NCCID_VALIDATION") or settings.state_dir / "validation"), create=True
+    )
+    app.state.validation_runner = ValidationRunner(app.state.validation.root, settings.store_url, settings.db_path)
     app.state.catalog_problem = ""
     catalog_path = settings.catalog()
 
@@ -82,11 +91,15 @@ def create_app(settings: PortalSettings) -> FastAPI:
     app.include_router(routes_auth.router)
     app.include_router(routes_site.router)
     app.include_router(routes_admin.router)
+    app.include_router(routes_validation.router)
 
     @app.middleware("http")
     async def headers(request: Request, call_next: Callable) -> Response:
         response = await call_next(request)
+        own_policy = response.headers.get("Content-Security-Policy")  # a page with its own (stricter) policy
         security_headers(response, settings, request.url.path.startswith("/static/"))
+        if own_policy:
+            response.headers["Content-Security-Policy"] = own_policy
         return response
 
     @app.exception_handler(Redirect)

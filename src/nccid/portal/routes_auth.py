@@ -46,6 +46,8 @@ def home(request: Request) -> Response:
         return redirect("/site/guidance")
     if who.user.role in CENTRAL_ROLES:
         return redirect("/admin")
+    if who.user.can("validation.pages"):
+        return redirect("/validation")
     return redirect("/account")
 
 

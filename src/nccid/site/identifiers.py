@@ -64,7 +64,7 @@ def chi_birth_date(number: str) -> dt.date | None:
 def validate_chi(text: str) -> str:
     number = _digits(text, "CHI")
     if chi_birth_date(number) is None:
-        raise IdentifierError(f"CHI number does not start with a valid date of birth (DDMMYY): {number[:6]}")
+        raise IdentifierError("CHI number does not start with a valid date of birth (DDMMYY)")
     return number
 
 

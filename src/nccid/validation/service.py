@@ -24,6 +24,7 @@ import random
 import secrets
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -91,6 +92,13 @@ class RunInfo:
     auc: dict[str, float] | None  # value, low, high (DeLong 95% CI) when computed
     released_by: str = ""
     released_at: str = ""
+
+
+Progress = Callable[[str], None]
+
+
+def _quiet(phase: str) -> None:
+    """The progress callback of runs nobody watches."""
 
 
 def _now() -> str:
@@ -208,6 +216,7 @@ class Workspace:
         min_cell: int,
         times: dict[str, float],
         started: str,
+        progress: Progress,
     ) -> RunSummary:
         private = folder / "private"
         truth = Cohort(cases).ground_truth_json()
@@ -215,8 +224,10 @@ class Workspace:
         write_private(private / "ground_truth.json", json.dumps(truth, indent=1) + "\n")
         output = private / "output"
         prepare_output(output)
+        progress(f"running the model on {len(cases)} cases in the sandbox")
         result = run_sandboxed(sub.manifest.entry, sub.model_dir, private / "input", output, private / "logs", limits)
         times["model run"] = result.seconds
+        progress("analysing the predictions")
         clock = time.monotonic()
         predictions = read_predictions(output, {c.case for c in cases})
         results = analyse(truth, predictions, sub.manifest.intended_use.threshold, min_cell=min_cell)
@@ -254,6 +265,7 @@ class Workspace:
             "limits": limits.to_json(),
             "logs": {"stdout": result.stdout, "stderr": result.stderr} if dry else None,
         }
+        progress("writing the report")
         clock = time.monotonic()
         write_report(folder / "report", results, context, extra)
         report_seconds = round(time.monotonic() - clock, 3)
@@ -274,22 +286,32 @@ class Workspace:
         return RunSummary(run, kind, sub.id, result, folder / "report", results, report_seconds)
 
     def dry_run(
-        self, sub_id: str, who: str, *, limits: Limits | None = None, cases: int = 40, seed: int = 0
+        self,
+        sub_id: str,
+        who: str,
+        *,
+        limits: Limits | None = None,
+        cases: int = 40,
+        seed: int = 0,
+        progress: Progress | None = None,
     ) -> RunSummary:
         """Run the submission on `cases` synthetic radiographs (half positive, with the planted sign).
 
-        Returns the RunSummary; its report includes the logs and raw outputs, for the vendor.
+        Returns the RunSummary; its report includes the logs and raw outputs, for the vendor. `progress`, if
+        given, is called with a short phrase as each phase begins (for a status page).
         """
+        progress = progress or _quiet
         sub = self.submission(sub_id)
         run, folder = self._new_run("dry_run")
         write_private(folder / "private" / "who", who)
         started, clock = _now(), time.monotonic()
+        progress(f"making {cases} synthetic radiographs")
         try:
             chosen, manifest_entries = _synthetic_inputs(folder / "private" / "input", cases, seed, sub.manifest)
             times = {"cohort": round(time.monotonic() - clock, 3)}
             return self._execute(
                 "dry_run", sub, run, folder, chosen, {"cases": manifest_entries, "synthetic_seed": seed},
-                limits or Limits(), DEFAULT_MIN_CELL, times, started,
+                limits or Limits(), DEFAULT_MIN_CELL, times, started, progress,
             )  # fmt: skip
         finally:
             remove_tree(folder / "private" / "input")
@@ -303,12 +325,15 @@ class Workspace:
         limits: Limits | None = None,
         min_cell: int = DEFAULT_MIN_CELL,
         require_dry_run: bool = True,
+        progress: Progress | None = None,
     ) -> RunSummary:
         """Run the submission on the warehouse's validation cohort for its intended use.
 
         Returns the RunSummary. Raises ValidationRunError when the submission has no completed dry run
-        (unless `require_dry_run` is False), CohortError when no usable cohort exists.
+        (unless `require_dry_run` is False), CohortError when no usable cohort exists. `progress`, if given,
+        is called with a short phrase as each phase begins (for a status page).
         """
+        progress = progress or _quiet
         sub = self.submission(sub_id)
         if require_dry_run and not any(
             e["event"] == "dry_run" and e.get("submission") == sub_id and e.get("outcome") == "completed"
@@ -318,18 +343,21 @@ class Workspace:
                 f"submission {sub_id} has no completed dry run: run `nccid validate dry-run {sub_id}` first"
             )
         started, clock = _now(), time.monotonic()
+        progress("selecting the cohort of the intended use")
         cohort = select_cohort(store, sub.manifest.intended_use)
         times = {"cohort selection": round(time.monotonic() - clock, 3)}
         run, folder = self._new_run("sealed_run")
         write_private(folder / "private" / "who", who)
         clock = time.monotonic()
+        progress(f"preparing {len(cohort.cases)} cases for the sandbox")
         try:
             manifest = materialise(store, cohort, folder / "private" / "input")
             times["materialisation"] = round(time.monotonic() - clock, 3)
             manifest["patients_considered"] = cohort.patients_considered
             return self._execute(
-                "sealed_run", sub, run, folder, cohort.cases, manifest, limits or Limits(), min_cell, times, started
-            )
+                "sealed_run", sub, run, folder, cohort.cases, manifest, limits or Limits(), min_cell, times, started,
+                progress,
+            )  # fmt: skip
         finally:
             remove_tree(folder / "private" / "input")  # the sealed inputs do not outlive the run
 

@@ -1,0 +1,107 @@
+"""Validation runs started from the portal: one at a time, in a thread of the server, with their state for the
+status page. The runs themselves are nccid.validation's (`Workspace.dry_run`, `Workspace.sealed_run`); this
+module only schedules them and remembers how the last one ended."""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from nccid.errors import NccidError
+from nccid.portal.accounts import PortalDB
+
+_LOG = logging.getLogger("nccid.portal")
+KINDS = {"dry_run": "dry run on synthetic data", "sealed_run": "sealed run on the validation cohort"}
+
+
+@dataclass
+class ValidationJob:
+    """The one background validation run: what, by whom, since when, then its run id and outcome or error."""
+
+    kind: str = ""
+    submission: str = ""
+    started_by: str = ""
+    started: str = ""
+    running: bool = False
+    finished: str = ""
+    seconds: float = 0.0
+    run: str = ""
+    outcome: str = ""  # one line: the entry command's end and the headline metric
+    error: str = ""
+
+    @property
+    def title(self) -> str:
+        return KINDS.get(self.kind, self.kind)
+
+
+class ValidationRunner:
+    """Starts dry and sealed runs in a thread, one at a time, on the portal's workspace and store."""
+
+    def __init__(self, workspace_root: Path, store_url: str, db_path: Path) -> None:
+        self.workspace_root = workspace_root
+        self.store_url = store_url
+        self.db_path = db_path
+        self.lock = threading.Lock()
+        self.job = ValidationJob()
+        self.thread: threading.Thread | None = None
+        self._clock = 0.0
+
+    def elapsed(self) -> float:
+        """Seconds since the running job started (its total once finished)."""
+        return round(time.monotonic() - self._clock, 1) if self.job.running else self.job.seconds
+
+    def start(self, kind: str, submission: str, actor: str, db: PortalDB) -> bool:
+        """Start a run of `kind` (dry_run | sealed_run) unless one is running; returns whether it started."""
+        if kind not in KINDS:
+            return False
+        with self.lock:
+            if self.job.running:
+                return False
+            self.job = ValidationJob(kind, submission, actor, _now(), running=True)
+            self._clock = time.monotonic()
+            self.thread = threading.Thread(target=self._run, name="nccid-portal-validation", daemon=True)
+            self.thread.start()
+        db.audit(actor, f"validation.{kind}.start", submission)
+        return True
+
+    def _run(self) -> None:
+        from nccid.store import open_store
+        from nccid.validation.service import Workspace
+
+        job = self.job
+        try:
+            space = Workspace(self.workspace_root)
+            if job.kind == "dry_run":
+                summary = space.dry_run(job.submission, job.started_by)
+            else:
+                summary = space.sealed_run(job.submission, open_store(self.store_url), job.started_by)
+            job.run = summary.run
+            job.outcome = f"model {summary.sandbox.describe()}; {summary.results.get('status', '')}"
+        except NccidError as exc:
+            job.error = str(exc)
+        except Exception as exc:  # a thread must not die silently: the page says so, the log has the type
+            _LOG.error("validation run stopped: %s", type(exc).__name__)
+            job.error = f"the run stopped unexpectedly ({type(exc).__name__}); see the server log"
+        finally:
+            job.seconds = round(time.monotonic() - self._clock, 1)
+            job.finished, job.running = _now(), False
+            with PortalDB(self.db_path) as db:
+                db.audit(
+                    job.started_by,
+                    f"validation.{job.kind}.finish",
+                    job.error or f"run {job.run}: {job.outcome}",
+                    outcome="failed" if job.error else "ok",
+                )
+
+    def wait(self, timeout: float = 600) -> None:
+        deadline = time.monotonic() + timeout
+        while self.thread is not None and self.thread.is_alive() and time.monotonic() < deadline:
+            self.thread.join(0.1)
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
