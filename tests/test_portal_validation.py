@@ -79,7 +79,8 @@ def world(tmp_path_factory):
     with PortalDB(w.state / "portal.sqlite") as db:
         save_site(w.store, db, uploader="northfield", name="Northfield General", aliases=[], rule="split", actor="t")
         db.create_account("north-site", "site", site="northfield", actor="t", password=PASSWORD)
-        for name, role in [("dm-dana", "data_manager"), ("ada-admin", "admin"), ("vera-val", "validator"),
+        for name, role in [("dm-dana", "data_manager"), ("ada-admin", "admin"), ("ida-admin", "admin"),
+                           ("vera-val", "validator"),
                            ("otto-val", "validator")]:  # fmt: skip
             w.totp[name] = db.create_account(name, role, actor="t", password=PASSWORD).totp_secret
     port = _free_port()
@@ -198,6 +199,9 @@ def test_validator_submits_runs_views_and_releases_a_report(page, world, browser
     page.click(f"#submissions tr:has-text('{sub_id}') button:has-text('Start sealed run')")
     state = wait_for_run(page, world, seen)
     assert "finished" in state and "sealed run" in state and "metrics computed" in state
+    phases = page.locator("#job-phases li").all_inner_texts()
+    assert phases[0] == "selecting the cohort of the intended use" and phases[-1] == "writing the report"
+    assert re.fullmatch(r"running the model on \d+ cases in the sandbox", phases[2])
     shot(page, "v02-run-status")
 
     # the runs page lists both runs, and the audit log table holds what `nccid validate runs` prints
@@ -287,3 +291,26 @@ def test_validators_are_kept_to_their_pages_and_their_forms(page, world):
     assert not any(
         e["event"] == "submission" and e["who"] == "otto-val" for e in Workspace(world.state / "validation").events()
     )
+
+
+def test_administrators_offer_only_folders_holding_a_manifest_and_can_withdraw_them(page, world, tmp_path):
+    import shutil
+
+    empty = tmp_path / "no-manifest"
+    empty.mkdir()
+    model = tmp_path / "vendor-delivery"
+    shutil.copytree(COIN_FLIP, model)
+    login(page, world, "ida-admin")
+    page.goto(world.url + "/validation/folders")
+    page.fill("#offer input[name=folder]", str(empty))
+    page.click("#offer button")
+    assert page.inner_text(".error") == f"{empty / 'nccid-model.json'}: missing; every submission needs its manifest"
+    page.fill("#offer input[name=folder]", str(model))
+    page.click("#offer button")
+    assert str(model) in page.inner_text("#folders") and str(empty) not in page.inner_text("#folders")
+    page.click(f"#folders tr:has-text('{model}') button:has-text('Withdraw')")
+    assert "no longer offered" in page.inner_text(".done")
+    assert str(model) not in {str(f) for f in Workspace(world.state / "validation").model_folders()}
+    with PortalDB(world.state / "portal.sqlite") as db:
+        actions = [(e["actor"], e["action"], e["detail"]) for e in db.audit_log(50)]
+    assert ("ida-admin", "validation.folder.withdraw", str(model)) in actions

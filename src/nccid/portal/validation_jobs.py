@@ -8,7 +8,7 @@ import datetime as dt
 import logging
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from nccid.errors import NccidError
@@ -27,6 +27,7 @@ class ValidationJob:
     started_by: str = ""
     started: str = ""
     running: bool = False
+    phases: list[str] = field(default_factory=list)  # the phases begun so far, the current one last
     finished: str = ""
     seconds: float = 0.0
     run: str = ""
@@ -76,9 +77,10 @@ class ValidationRunner:
         try:
             space = Workspace(self.workspace_root)
             if job.kind == "dry_run":
-                summary = space.dry_run(job.submission, job.started_by)
+                summary = space.dry_run(job.submission, job.started_by, progress=job.phases.append)
             else:
-                summary = space.sealed_run(job.submission, open_store(self.store_url), job.started_by)
+                store = open_store(self.store_url)
+                summary = space.sealed_run(job.submission, store, job.started_by, progress=job.phases.append)
             job.run = summary.run
             job.outcome = f"model {summary.sandbox.describe()}; {summary.results.get('status', '')}"
         except NccidError as exc:
