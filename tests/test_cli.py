@@ -32,11 +32,11 @@ def test_demo_goes_from_identifiable_hospital_data_to_a_clean_warehouse(tmp_path
     assert "checked against the identifiers of all 40 patients" in out and "zero identifiers found" in out
     # the portal: one account per site and two for the central team, and the command that serves it
     assert all(f"{site}-uploader" in out for site in ("northfield", "riverside", "kingsbridge", "westcliff"))
-    assert out.count("TOTP secret") == 2 and f"nccid portal serve --store {store}" in out
+    assert out.count("TOTP secret") == 3 and f"nccid portal serve --store {store}" in out
     from nccid.portal.accounts import PortalDB
 
     with PortalDB(demo / "portal" / "portal.sqlite") as db:
-        assert {u.username for u in db.users()} >= {"admin", "datamanager", "northfield-uploader"}
+        assert {u.username for u in db.users()} >= {"admin", "datamanager", "validator", "northfield-uploader"}
 
     # the verdict is real: plant one identifier in the warehouse and the same check, as a command, finds it
     person = next(iter((demo / "hospitals" / "kingsbridge" / "pas-extract.csv").read_text().splitlines()[1:]))

@@ -134,69 +134,56 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def test_s3_server_gone_mid_load_then_rerun_equals_an_uninterrupted_load(tmp_path, seaweed):
+def test_s3_server_gone_mid_load_then_rerun_equals_an_uninterrupted_load(tmp_path, seaweed, monkeypatch):
     from nccid.s3server.seaweedfs import SeaweedFS
     from nccid.store.s3 import S3Store
 
-    server = SeaweedFS(tmp_path / "own-server", s3_port=_free_port())
+    server = SeaweedFS(tmp_path / "own-server", s3_port=_free_port())  # its own server: this one is killed
     state = server.start()
     try:
-        env = {**os.environ, **server.admin_env()}
-        endpoint = state.endpoint
+        for name, value in server.admin_env().items():
+            monkeypatch.setenv(name, value)  # restored after the test, whatever happens
+        env = dict(os.environ)
+        clean = S3Store("outage", prefix=f"clean-{uuid.uuid4().hex[:8]}", endpoint_url=state.endpoint)
+        victim = S3Store("outage", prefix=f"victim-{uuid.uuid4().hex[:8]}", endpoint_url=state.endpoint)
+        clean.create_bucket()
+        generate(clean, SPEC)
+        generate(victim, SPEC)
+        clean_cat = Catalog(tmp_path / "clean.sqlite")
+        load(clean, clean_cat, workers=2)
+        expected, expected_counts = _state(clean), clean_cat.outcome_counts()
+        clean_cat.close()
 
-        def store(prefix: str) -> S3Store:
-            made = S3Store("outage", prefix=prefix, endpoint_url=endpoint)
-            return made
-
-        clean, victim = store(f"clean-{uuid.uuid4().hex[:8]}"), store(f"victim-{uuid.uuid4().hex[:8]}")
-        saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
-        os.environ.update({k: v for k, v in server.admin_env().items() if k.startswith("AWS_")})
+        catalog_path = tmp_path / "victim.sqlite"
+        cmd = [sys.executable, "-m", "nccid.cli", "warehouse", "load", "--store", victim.url]
+        cmd += ["--catalog", str(catalog_path), "--workers", "2"]
+        proc = subprocess.Popen(
+            cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+        )
+        deadline = time.monotonic() + 120
+        while proc.poll() is None and time.monotonic() < deadline:
+            if sum(1 for _ in victim.list("training/")) >= 20:
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, "the load finished before the server could be stopped"
+        os.killpg(server.state().weed_pid, signal.SIGKILL)  # the server dies, as kill -9 of weed does
         try:
-            clean.create_bucket()
-            generate(clean, SPEC)
-            generate(victim, SPEC)
-            clean_cat = Catalog(tmp_path / "clean.sqlite")
-            load(clean, clean_cat, workers=2)
-            expected, expected_counts = _state(clean), clean_cat.outcome_counts()
-            clean_cat.close()
-
-            catalog_path = tmp_path / "victim.sqlite"
-            cmd = [sys.executable, "-m", "nccid.cli", "warehouse", "load", "--store", victim.url]
-            cmd += ["--catalog", str(catalog_path), "--workers", "2"]
-            proc = subprocess.Popen(
-                cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
-            )
-            deadline = time.monotonic() + 120
-            while proc.poll() is None and time.monotonic() < deadline:
-                if sum(1 for _ in victim.list("training/")) >= 20:
-                    break
-                time.sleep(0.05)
-            assert proc.poll() is None, "the load finished before the server could be stopped"
-            os.killpg(server.state().weed_pid, signal.SIGKILL)  # the server dies, as kill -9 of weed does
-            try:
-                _, err = proc.communicate(timeout=180)
-            finally:
-                if proc.poll() is None:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                    proc.wait()
-            assert proc.returncode != 0
-            lines = [line for line in err.splitlines() if line.strip()]
-            assert "Traceback" not in err
-            [message] = [line for line in lines if "run the same load again" in line]
-            assert "connect" in message.lower() or "stopped answering" in message, message
-
-            server.stop()
-            state = server.start()
-            cat = Catalog(catalog_path)
-            load(victim, cat, workers=2)
-            assert _state(victim) == expected
-            assert cat.outcome_counts() == expected_counts
-            cat.close()
+            _, err = proc.communicate(timeout=180)
         finally:
-            for name, value in saved.items():
-                if value is None:
-                    os.environ.pop(name, None)
-                else:
-                    os.environ[name] = value
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        assert proc.returncode != 0
+        assert "Traceback" not in err
+        [message] = [line for line in err.splitlines() if "run the same load again" in line]
+        assert "connect" in message.lower() or "stopped answering" in message, message
+
+        server.stop()
+        server.start()
+        cat = Catalog(catalog_path)
+        load(victim, cat, workers=2)
+        assert _state(victim) == expected
+        assert cat.outcome_counts() == expected_counts
+        cat.close()
     finally:
         server.stop()

@@ -125,7 +125,7 @@ def test_set_up_links_work_once_and_enrol_totp(db):
 def test_demo_accounts_come_with_passwords_once(db):
     made = create_demo_accounts(db, [Site("southgate", "Southgate Infirmary", (), "training")])
     roles = {m.role for m in made}
-    assert roles == {"site", "data_manager", "admin"}
+    assert roles == {"site", "data_manager", "validator", "admin"}
     for account in made:
         assert db.authenticate(account.username, account.password, "10.0.0.1").user is not None
         assert bool(account.totp_secret) == (account.role != "site")
@@ -282,7 +282,7 @@ def test_demo_portal_accounts_and_command(tmp_path):
     made, command = set_up_demo_portal(
         str(tmp_path / "store"), sites, key_file=tmp_path / "k", vault=tmp_path / "v.sqlite", state_dir=tmp_path / "s"
     )
-    assert [m.role for m in made] == ["site", "data_manager", "admin"] and all(m.password for m in made)
+    assert [m.role for m in made] == ["site", "data_manager", "validator", "admin"] and all(m.password for m in made)
     assert command.startswith("nccid portal serve --store ") and "--vault" in command
     again, _ = set_up_demo_portal(
         str(tmp_path / "store"), sites, key_file=tmp_path / "k", vault=tmp_path / "v.sqlite", state_dir=tmp_path / "s"

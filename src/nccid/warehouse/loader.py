@@ -25,12 +25,10 @@ import errno
 import json
 import multiprocessing
 import os
-import queue
 import re
 import secrets
 import signal
 import tempfile
-import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
@@ -291,50 +289,6 @@ def _executor(workers: int) -> cf.Executor | _InlineExecutor:
     )
 
 
-def _read_ahead(items: Iterable[list], depth: int = 2) -> Iterator[list]:
-    """Yield `items`, produced by a thread up to `depth` ahead (a bounded queue).
-
-    A local store's listing hashes each new file as it goes; in a thread (hashlib lets go of the GIL) that
-    overlaps with the workers' examining and filing instead of leaving them idle. The thread's exception is
-    raised here; leaving the loop early stops the thread.
-    """
-    ahead: queue.Queue = queue.Queue(maxsize=depth)
-    stop = threading.Event()
-    end = object()
-
-    def offer(entry: tuple[bool, object]) -> bool:
-        while not stop.is_set():
-            try:
-                ahead.put(entry, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def produce() -> None:
-        try:
-            for item in items:
-                if not offer((True, item)):
-                    return
-            offer((True, end))
-        except BaseException as exc:  # handed to the consumer, raised there
-            offer((False, exc))
-
-    thread = threading.Thread(target=produce, name="nccid-listing", daemon=True)
-    thread.start()
-    try:
-        while True:
-            ok, item = ahead.get()
-            if not ok:
-                raise item  # type: ignore[misc]
-            if item is end:
-                return
-            yield item  # type: ignore[misc]
-    finally:
-        stop.set()
-        thread.join()
-
-
 def _batches(items: Iterable, size: int = BATCH) -> Iterator[list]:
     it = iter(items)
     while batch := list(islice(it, size)):
@@ -531,7 +485,7 @@ class Loader:
         ahead: tuple[list[ObjectInfo], list[ObjectInfo], list[cf.Future]] | None = None
         for prefix in self.config.raw_prefixes:
             listing = (i for i in self.store.list(prefix) if not self._is_clinical_area(i.key))
-            for batch in _read_ahead(_batches(listing)):
+            for batch in _batches(listing):
                 todo = self._select_images(batch)
                 examining = self._start_examining(todo, pool)
                 if ahead is not None:
