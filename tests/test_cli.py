@@ -51,7 +51,7 @@ def test_demo_goes_from_identifiable_hospital_data_to_a_clean_warehouse(tmp_path
     assert nhs not in found.stderr + found.stdout
 
     # a second demo run starts fresh in its own folder, but refuses to delete someone else's
-    nccid("demo", "--dir", demo, "--patients", 12, "--scale", 0.03)
+    nccid("demo", "--dir", demo, "--patients", 16, "--scale", 0.03)
     (tmp_path / "mine").mkdir()
     refused = nccid("demo", "--dir", tmp_path / "mine", check=False)
     assert refused.returncode != 0 and (tmp_path / "mine").exists()

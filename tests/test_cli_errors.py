@@ -155,3 +155,12 @@ def test_servers_listen_with_the_same_option_and_stores_take_the_same_flag():
 def test_the_environment_store_is_used_when_no_flag_is_given(small_store):
     proc = run_cli("ls", "training/", env={**os.environ, "NCCID_STORE": str(small_store.root)}, check=True)
     assert "PRE training/data/" in proc.stdout
+
+
+def test_the_demo_makes_exactly_the_patients_asked_for_or_says_why_not(tmp_path):
+    from nccid.demo import patients_per_site
+
+    assert patients_per_site(41) == [11, 10, 10, 10] and sum(patients_per_site(300)) == 300
+    proc = run_cli("demo", "--dir", tmp_path / "demo", "--patients", 8)
+    assert proc.returncode == 2 and "the demo needs at least 16 patients (4 per hospital), not 8" in proc.stderr
+    assert not (tmp_path / "demo").exists()

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nccid.console import console, human_bytes, progress_bar
+from nccid.errors import UsageError
 from nccid.site.batch import deidentify_folder
 from nccid.site.check import Gate, check_files, people_by_pseudonym, read_identifiers, store_files
 from nccid.site.node import NodeConfig, SiteNode
@@ -189,9 +190,7 @@ def _demo_portal(store: ObjectStore, directory: Path):
     from nccid.portal.accounts import Site
     from nccid.portal.demo import set_up_demo_portal
 
-    sites = [
-        Site(d.hospital.uploader, d.hospital.centre, (), d.hospital.rule, (d.hospital.name,)) for d in SITES
-    ]
+    sites = [Site(d.hospital.uploader, d.hospital.centre, (), d.hospital.rule, (d.hospital.name,)) for d in SITES]
     url = str(store.root) if isinstance(store, LocalStore) else store.url
     return set_up_demo_portal(
         url,
@@ -203,11 +202,27 @@ def _demo_portal(store: ObjectStore, directory: Path):
     )
 
 
+MIN_PATIENTS_PER_SITE = 4  # a site's story (held rows, late sheets, burned-in annotation) needs a few patients
+
+
+def patients_per_site(patients: int) -> list[int]:
+    """`patients` spread over the demo's hospitals, exactly (the first take one more while some are left over).
+    Raises UsageError below MIN_PATIENTS_PER_SITE per hospital."""
+    least = MIN_PATIENTS_PER_SITE * len(SITES)
+    if patients < least:
+        raise UsageError(
+            f"the demo needs at least {least} patients ({MIN_PATIENTS_PER_SITE} per hospital), not {patients}"
+        )
+    base, extra = divmod(patients, len(SITES))
+    return [base + (1 if n < extra else 0) for n in range(len(SITES))]
+
+
 def run_demo(
     directory: Path, *, patients: int = 300, scale: float = 0.5, seed: int = 0, store_url: str | None = None
 ) -> None:
     from nccid.render import show_load_report, show_summary
 
+    patients_per_site(patients)  # refuse a count the demo cannot tell its story with, before touching anything
     directory = directory.resolve()
     _fresh(directory)
     store = _empty_store(store_url) if store_url else LocalStore(directory / "store")
@@ -220,12 +235,11 @@ def run_demo(
     console.rule("1. four hospitals hold identifiable data")
     start = time.perf_counter()
     sites = []
-    per_site = max(4, patients // len(SITES))
     for n, demo in enumerate(SITES):
         folder = directory / "hospitals" / demo.hospital.uploader
         site = hospital_site(
             str(folder),
-            patients=per_site,
+            patients=patients_per_site(patients)[n],
             seed=seed * 100 + n,
             template=demo.template,
             defects=demo.defects,
