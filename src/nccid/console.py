@@ -46,6 +46,7 @@ def progress_bar(description: str) -> Iterator[Callable[..., None]]:
 
 
 def human_bytes(n: float) -> str:
+    """A byte count in decimal units for people: 512 -> '512 B', 1_500_000 -> '1.5 MB' (TB at most)."""
     for unit in ("B", "KB", "MB", "GB", "TB"):
         if abs(n) < 1000 or unit == "TB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
@@ -54,6 +55,7 @@ def human_bytes(n: float) -> str:
 
 
 def table(title: str, columns: list[str], rows: list[list[object]]) -> Table:
+    """A rich Table for a summary: first column left-aligned (names), the rest right-aligned (numbers)."""
     out = Table(title=title, title_justify="left", header_style="bold")
     for i, column in enumerate(columns):
         out.add_column(column, justify="left" if i == 0 else "right")

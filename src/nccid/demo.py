@@ -45,6 +45,8 @@ PACS_SOP_CLASSES = (
 
 @dataclass(frozen=True)
 class DemoSite:
+    """One demo hospital: how its images reach the outbox, which clinical template it fills, and its quirks."""
+
     hospital: Hospital
     route: str  # "folder": a PACS export de-identified in a batch; "node": sent to the site DICOM node
     template: str
@@ -220,6 +222,12 @@ def patients_per_site(patients: int) -> list[int]:
 def run_demo(
     directory: Path, *, patients: int = 300, scale: float = 0.5, seed: int = 0, store_url: str | None = None
 ) -> None:
+    """Run the whole story end to end in `directory` (or against the empty store at `store_url`), printing
+    each step and where the results are, so a newcomer can see every stage work on synthetic data.
+
+    Raises UsageError for too few patients, and SystemExit when `directory` was not made by the demo, the
+    store is not empty, or the gate finds an identifier in the warehouse.
+    """
     from nccid.render import show_load_report, show_summary
 
     patients_per_site(patients)  # refuse a count the demo cannot tell its story with, before touching anything

@@ -16,6 +16,8 @@ _LOGGER = logging.getLogger("nccid")
 
 
 class JsonFormatter(logging.Formatter):
+    """One JSON object per record: time (UTC), level, event name and the event's fields, keys sorted."""
+
     def format(self, record: logging.LogRecord) -> str:
         doc = {
             "time": dt.datetime.fromtimestamp(record.created, dt.UTC).isoformat(timespec="milliseconds"),
@@ -27,6 +29,10 @@ class JsonFormatter(logging.Formatter):
 
 
 def configure(level: str | None = None) -> None:
+    """Send nccid events to standard error as JSON lines at `level` (default: $NCCID_LOG).
+
+    Does nothing when no level is set or logging is already configured, so calling it twice is harmless.
+    """
     level = level or os.environ.get("NCCID_LOG", "")
     if not level or _LOGGER.handlers:
         return

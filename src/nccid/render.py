@@ -10,6 +10,8 @@ from nccid.warehouse.loader import LoadReport
 
 
 def show_load_report(report: LoadReport, *, limit: int = 20) -> None:
+    """Print a load's outcome counts, throughput, the reasons objects were not filed (`limit` rows at most),
+    warnings, and where the full report is."""
     order = ["filed", "duplicate", "pending", "conflict", "quarantined", "held"]
     rows = [
         [o, report.counts.get(o, 0), report.outstanding.get(o, "") if o not in ("filed", "duplicate") else ""]
@@ -38,6 +40,7 @@ def show_load_report(report: LoadReport, *, limit: int = 20) -> None:
 
 
 def show_summary(summary: dict[str, dict]) -> None:
+    """Print the headline statistics (centres, patients, studies, images) for training, validation and all."""
     labels = [
         ("centres", "Centres with data"),
         ("patients", "Total patients"),
@@ -53,4 +56,3 @@ def show_summary(summary: dict[str, dict]) -> None:
     ]
     rows = [[label, *(summary[s][k] for s in ("training", "validation", "all"))] for k, label in labels]
     console.print(table("Summary", ["", "training", "validation", "all"], rows))
-

@@ -32,7 +32,11 @@ class Folder:
 
 
 class Warehouse:
-    """A read-mostly view of a warehouse store for researchers."""
+    """A read-only view of a warehouse store for researchers: list, read objects, DICOM headers, clinical
+    JSON and sync, the same whether the warehouse is a local folder or an S3 bucket.
+
+    Reads of a missing key raise ObjectNotFound. Use it as a context manager to close the store.
+    """
 
     def __init__(self, store: ObjectStore) -> None:
         self.store = store
@@ -51,6 +55,7 @@ class Warehouse:
         yield from self.store.list_level(prefix)
 
     def read(self, key: str) -> bytes:
+        """The whole object as bytes. Raises ObjectNotFound for a missing key."""
         return self.store.read(key)
 
     def dicom_header(self, key: str) -> Dataset:
@@ -84,6 +89,10 @@ class Warehouse:
     def sync(
         self, prefix: str, dest: str | os.PathLike[str], *, workers: int = 8, progress: Progress | None = None
     ) -> SyncResult:
+        """Mirror `prefix` into the local folder `dest` (see `nccid.access.sync.sync`); returns the counts.
+
+        Raises SyncError when `dest` is not a folder or some files could not be written.
+        """
         return sync(self.store, prefix, dest, workers=workers, progress=progress)
 
     def close(self) -> None:
@@ -97,5 +106,9 @@ class Warehouse:
 
 
 def open_warehouse(url: str | os.PathLike[str]) -> Warehouse:
-    """A path, `file:///path`, or `s3://bucket` (credentials and endpoint the standard AWS way)."""
+    """Open the warehouse researchers were given access to: a path, `file:///path`, or `s3://bucket`
+    (credentials and endpoint found the standard AWS way). Returns a `Warehouse`.
+
+    Raises StoreError for a URL of another scheme, a path that is a file, or when S3 support is not installed.
+    """
     return Warehouse(open_store(url))

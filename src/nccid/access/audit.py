@@ -15,6 +15,8 @@ from nccid.access.groups import ADMIN_NAME
 
 @dataclass(frozen=True)
 class AuditRow:
+    """One line of the access summary: how many requests one organisation made on one prefix, by action and outcome."""
+
     org: str
     group: str
     prefix: str
@@ -44,6 +46,10 @@ def prefix_of(key: str, depth: int = 2) -> str:
 
 
 def records(audit_dir: Path, since: dt.date | None = None) -> Iterator[dict]:
+    """The S3 server's request records from `access-<date>.jsonl` files, oldest day first, from `since` on.
+
+    Lines that are not JSON (a record cut short by a crash) are skipped rather than stopping the read.
+    """
     for path in sorted(audit_dir.glob("access-*.jsonl")):
         day = dt.date.fromisoformat(path.stem.removeprefix("access-"))
         if since and day < since:
@@ -59,6 +65,11 @@ def records(audit_dir: Path, since: dt.date | None = None) -> Iterator[dict]:
 def summarise(
     audit_dir: Path, grants: dict[str, Grant], *, org: str | None = None, since: dt.date | None = None
 ) -> list[AuditRow]:
+    """Count requests per organisation, group, prefix, action and outcome, so the central team can see who
+    touched what; access keys are named by the organisation their grant was issued to.
+
+    Only `org` (when given) is kept; 401/403 count as denied. Returns rows sorted by organisation.
+    """
     counts: Counter[tuple[str, str, str, str, str]] = Counter()
     for record in records(audit_dir, since):
         requester = record.get("requester") or ""

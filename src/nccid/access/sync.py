@@ -30,6 +30,8 @@ Progress = Callable[[int, int], None]  # (files, bytes)
 
 @dataclass
 class SyncResult:
+    """What a sync did: files fetched and skipped as unchanged, bytes moved, and where the manifest is."""
+
     prefix: str
     dest: Path
     fetched: int = 0

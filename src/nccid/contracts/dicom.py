@@ -144,6 +144,7 @@ def omitted_elements(ds: Dataset) -> dict[int, Omitted]:
 
 # -- reading --------------------------------------------------------------------------------------------
 def tag_name(tag: int) -> str:
+    """A tag as DICOM writes it, `(0010,0020)`, so error messages name the element a data manager can look up."""
     return f"({tag >> 16:04X},{tag & 0xFFFF:04X})"
 
 

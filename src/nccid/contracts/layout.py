@@ -38,6 +38,7 @@ def is_uid(value: str) -> bool:
 
 
 def is_upload_date(value: str) -> bool:
+    """True for a calendar date written exactly YYYY-MM-DD, the only form an upload folder may take."""
     try:
         return dt.date.fromisoformat(value).isoformat() == value
     except ValueError:
@@ -45,6 +46,10 @@ def is_upload_date(value: str) -> bool:
 
 
 def raw_prefix(uploader: str) -> str:
+    """The prefix a site uploads below, `raw-<uploader>/`.
+
+    Raises LayoutError for a name other than letters, digits, '.', '_' and '-' (it must be a safe key part).
+    """
     if not _UPLOADER.fullmatch(uploader):
         raise LayoutError(f"invalid uploader name {uploader!r}: letters, digits, '.', '_' and '-' only")
     return f"raw-{uploader}/"
@@ -62,6 +67,10 @@ class RawKey:
 
 
 def parse_raw_key(key: str) -> RawKey:
+    """Split an uploaded key into uploader prefix, upload date, area and path, so the loader knows what it holds.
+
+    Raises LayoutError naming the key and what is wrong (no raw prefix, bad date, unknown area, sub-folder in data/).
+    """
     parts = key.split("/")
     if len(parts) < 4 or not parts[0].startswith("raw-"):
         raise LayoutError(f"{key}: not in the raw layout raw-<uploader>/<YYYY-MM-DD>/{{data,images}}/<file>")
@@ -78,6 +87,8 @@ def parse_raw_key(key: str) -> RawKey:
 
 @dataclass(frozen=True, slots=True)
 class ClinicalName:
+    """The pseudonym and kind (data or status) read from a clinical file's name."""
+
     pseudonym: str
     kind: ClinicalKind
 
@@ -94,10 +105,12 @@ def parse_clinical_name(filename: str) -> ClinicalName:
 
 
 def clinical_key(group: str, pseudonym: str, kind: str, date: str) -> str:
+    """Where a clinical record is filed: <group>/data/<pseudonym>/<kind>_<date>.json (no validation here)."""
     return f"{group}/data/{pseudonym}/{kind}_{date}.json"
 
 
 def image_key(group: str, folder: str, patient: str, study: str, series: str, sop: str) -> str:
+    """Where an image is filed: <group>/<modality folder>/<patient>/<study>/<series>/<sop>.dcm (no validation)."""
     return f"{group}/{folder}/{patient}/{study}/{series}/{sop}.dcm"
 
 
@@ -109,6 +122,8 @@ def metadata_key(image_key_: str) -> str:
 
 @dataclass(frozen=True, slots=True)
 class ProcessedKey:
+    """The parts of a key in the processed layout; fields that do not apply to its kind are ''."""
+
     key: str
     group: str
     kind: Literal["image", "metadata", "clinical"]

@@ -13,6 +13,7 @@ from nccid.portal.settings import PortalSettings, default_state_dir
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Parse the portal options from `argv` (default: the command line) and serve until interrupted."""
     parser = argparse.ArgumentParser(prog="python -m nccid.portal", description=__doc__)
     parser.add_argument("--store", required=True)
     parser.add_argument("--state", type=Path)

@@ -30,6 +30,7 @@ def _db(request: Request) -> PortalDB:
 
 @router.get("")
 def overview(request: Request) -> Response:
+    """The central team's start page: sites, raw objects per outcome, the latest loads and any running job."""
     with _db(request) as db:
         who = current(request, db, request.app.state.settings, "admin.pages")
         sites = db.sites()
@@ -52,6 +53,7 @@ def overview(request: Request) -> Response:
 
 @router.get("/sites")
 def sites_page(request: Request, edit: str = "") -> Response:
+    """The list of submitting sites, with the form to add one or edit `edit` (permission admin.sites)."""
     with _db(request) as db:
         who = current(request, db, request.app.state.settings, "admin.sites")
         sites = db.sites()
@@ -61,6 +63,7 @@ def sites_page(request: Request, edit: str = "") -> Response:
 
 @router.post("/sites")
 async def sites_save(request: Request) -> Response:
+    """Add or change a site (also in config.json); a refusal is shown on the sites page with status 400."""
     form = await form_fields(request)
     with _db(request) as db:
         who = current(request, db, request.app.state.settings, "admin.sites")
@@ -93,6 +96,8 @@ async def sites_save(request: Request) -> Response:
 
 @router.get("/sites/{uploader}/summary")
 def site_summary_page(request: Request, uploader: str) -> Response:
+    """What one site has sent and what of it waits, as the site itself sees it; an unknown site goes back to
+    the sites page."""
     with _db(request) as db:
         who = current(request, db, request.app.state.settings, "admin.pages")
         site = db.site(uploader)
@@ -107,6 +112,7 @@ def site_summary_page(request: Request, uploader: str) -> Response:
 
 @router.get("/accounts")
 def accounts_page(request: Request) -> Response:
+    """Every account and the form to make one (administrators only: permission admin.accounts)."""
     with _db(request) as db:
         who = current(request, db, request.app.state.settings, "admin.accounts")
         return render(
@@ -116,6 +122,7 @@ def accounts_page(request: Request) -> Response:
 
 @router.post("/accounts")
 async def accounts_create(request: Request) -> Response:
+    """Make an account and show its one-time set-up link once; a refusal (bad name, role) is shown with 400."""
     form = await form_fields(request)
     with _db(request) as db:
         who = current(request, db, request.app.state.settings, "admin.accounts")
@@ -156,6 +163,7 @@ async def accounts_create(request: Request) -> Response:
 
 @router.post("/accounts/{username}/{action}")
 async def accounts_toggle(request: Request, username: str, action: str) -> Response:
+    """Enable or disable another account (never one's own, so an administrator cannot lock themselves out)."""
     form = await form_fields(request)
     with _db(request) as db:
         who = current(request, db, request.app.state.settings, "admin.accounts")
@@ -168,6 +176,7 @@ async def accounts_toggle(request: Request, username: str, action: str) -> Respo
 
 @router.get("/config")
 def config_page(request: Request) -> Response:
+    """The warehouse's config.json for editing; a config that cannot be read is shown as the error instead."""
     with _db(request) as db:
         who = current(request, db, request.app.state.settings, "admin.config")
     try:
@@ -180,6 +189,8 @@ def config_page(request: Request) -> Response:
 
 @router.post("/config")
 async def config_save(request: Request) -> Response:
+    """Save an edited config.json after checking it; invalid JSON or a refused config is shown with 400 and
+    audited."""
     form = await form_fields(request)
     with _db(request) as db:
         who = current(request, db, request.app.state.settings, "admin.config")
@@ -203,6 +214,7 @@ async def config_save(request: Request) -> Response:
 
 @router.get("/loads")
 def loads_page(request: Request) -> Response:
+    """The load runs with their counts per outcome, the running load if any, and a button to start one."""
     with _db(request) as db:
         who = current(request, db, request.app.state.settings, "admin.load")
     runs = request.app.state.read_catalog(lambda q: load_runs(q), [])
@@ -213,6 +225,7 @@ def loads_page(request: Request) -> Response:
 
 @router.post("/loads/start")
 async def loads_start(request: Request) -> Response:
+    """Start a warehouse load in the background (one at a time) and go back to the loads page."""
     form = await form_fields(request)
     with _db(request) as db:
         who = current(request, db, request.app.state.settings, "admin.load")
@@ -223,6 +236,7 @@ async def loads_start(request: Request) -> Response:
 
 @router.get("/loads/{run_id}")
 def load_report(request: Request, run_id: str) -> Response:
+    """One load's report from reports/load/<run_id>.json; a malformed or unknown run id goes back to the list."""
     with _db(request) as db:
         who = current(request, db, request.app.state.settings, "admin.load")
     if not _RUN_ID.fullmatch(run_id):
@@ -236,6 +250,7 @@ def load_report(request: Request, run_id: str) -> Response:
 
 @router.get("/queues")
 def queues_page(request: Request, outcome: str = "") -> Response:
+    """Everything waiting across all sites (held, quarantined, ...), optionally of one outcome, with reasons."""
     with _db(request) as db:
         who = current(request, db, request.app.state.settings, "admin.queues")
     outcome = outcome if outcome in WAITING_OUTCOMES else ""
@@ -247,6 +262,7 @@ def queues_page(request: Request, outcome: str = "") -> Response:
 
 @router.get("/queues.csv")
 def queues_csv(request: Request, outcome: str = "") -> Response:
+    """The same queues as a CSV download (up to 100,000 rows), for working through them in a spreadsheet."""
     with _db(request) as db:
         current(request, db, request.app.state.settings, "admin.queues")
     outcome = outcome if outcome in WAITING_OUTCOMES else ""
@@ -259,6 +275,7 @@ def queues_csv(request: Request, outcome: str = "") -> Response:
 
 @router.get("/audit")
 def audit_page(request: Request) -> Response:
+    """The latest 500 entries of the portal's audit log (administrators only: permission admin.audit)."""
     with _db(request) as db:
         who = current(request, db, request.app.state.settings, "admin.audit")
         return render(request, "admin_audit.html", who, page="audit", entries=db.audit_log(500))

@@ -40,6 +40,8 @@ def _pre_page(request: Request, name: str, status: int = 200, **context: object)
 
 @router.get("/")
 def home(request: Request) -> Response:
+    """Send each role to its own start page: sites to guidance, the central team to /admin, validators to
+    /validation, anyone else to their account; not logged in goes to the log-in page."""
     with _db(request) as db:
         who = current(request, db, request.app.state.settings)
     if who.user.role == "site":
@@ -53,6 +55,7 @@ def home(request: Request) -> Response:
 
 @router.get("/account")
 def account(request: Request) -> Response:
+    """The logged-in user's own account page."""
     with _db(request) as db:
         who = current(request, db, request.app.state.settings, "account.self")
     return render(request, "account.html", who)
@@ -60,12 +63,15 @@ def account(request: Request) -> Response:
 
 @router.get("/login")
 def login_page(request: Request, expired: int = 0, out: int = 0) -> Response:
+    """The log-in form with its pre-login CSRF cookie, saying why the user is here (session expired, logged out)."""
     message = "Your session expired: please log in again." if expired else ("You are logged out." if out else "")
     return _pre_page(request, "login.html", message=message)
 
 
 @router.post("/login")
 async def login(request: Request) -> Response:
+    """Check a user name and password (with lock-outs and a delay after a wrong guess) and start a session;
+    roles that need a second factor go on to /login/totp. 403 when the pre-login CSRF token is wrong."""
     settings = request.app.state.settings
     form = await form_fields(request)
     if not check_pre_csrf(request, form):
@@ -102,6 +108,7 @@ def _pending(request: Request, db: PortalDB):
 
 @router.get("/login/totp")
 def totp_page(request: Request) -> Response:
+    """The second-factor form for a session that has passed the password; without one, back to log-in."""
     with _db(request) as db:
         _, session = _pending(request, db)
     if session is None:
@@ -111,6 +118,7 @@ def totp_page(request: Request) -> Response:
 
 @router.post("/login/totp")
 async def totp(request: Request) -> Response:
+    """Check the second-factor code and, if right, mark the session as fully logged in; 401 after a delay if not."""
     form = await form_fields(request)
     with _db(request) as db:
         token, session = _pending(request, db)
@@ -134,6 +142,7 @@ async def totp(request: Request) -> Response:
 
 @router.post("/logout")
 async def logout(request: Request) -> Response:
+    """End the session on the server and delete its cookie."""
     settings = request.app.state.settings
     form = await form_fields(request)
     with _db(request) as db:
@@ -150,6 +159,7 @@ async def logout(request: Request) -> Response:
 
 @router.get("/account/password")
 def password_page(request: Request) -> Response:
+    """The form to change one's own password."""
     with _db(request) as db:
         who = current(request, db, request.app.state.settings, "account.self")
     return render(request, "password.html", who, page="password")
@@ -157,6 +167,7 @@ def password_page(request: Request) -> Response:
 
 @router.post("/account/password")
 async def change_password(request: Request) -> Response:
+    """Change one's password (the current one is needed) and end one's other sessions; a refusal is shown with 400."""
     form = await form_fields(request)
     with _db(request) as db:
         who = current(request, db, request.app.state.settings, "account.self")
@@ -179,6 +190,8 @@ async def change_password(request: Request) -> Response:
 
 @router.get("/setup/{token}")
 def setup_page(request: Request, token: str) -> Response:
+    """The one-time set-up form of a new account (choose a password, enrol TOTP where the role needs it);
+    404 with a plain message for a link used already or expired."""
     with _db(request) as db:
         found = db.setup_account(token)
     if found is None:
@@ -197,6 +210,8 @@ def setup_page(request: Request, token: str) -> Response:
 
 @router.post("/setup/{token}")
 async def setup(request: Request, token: str) -> Response:
+    """Complete a new account with a set-up link: choose the password (and confirm the TOTP code where needed);
+    404 for a link used or expired, 400 with the reason for a refused password or code."""
     form = await form_fields(request)
     if not check_pre_csrf(request, form):
         raise Forbidden()
@@ -245,6 +260,7 @@ def _otpauth(username: str, secret: str) -> str:
 
 @router.get("/account/totp")
 def totp_setup_page(request: Request) -> Response:
+    """Start enrolling a second factor: a fresh TOTP secret and its QR link; says so if it is already on."""
     with _db(request) as db:
         who = current(request, db, request.app.state.settings, "account.self")
         if who.user.totp_enabled:
@@ -257,6 +273,7 @@ def totp_setup_page(request: Request) -> Response:
 
 @router.post("/account/totp")
 async def totp_setup(request: Request) -> Response:
+    """Confirm the code of a second factor being enrolled, which turns it on for every later log-in."""
     form = await form_fields(request)
     with _db(request) as db:
         who = current(request, db, request.app.state.settings, "account.self")

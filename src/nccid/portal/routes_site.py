@@ -41,6 +41,7 @@ def _site_user(request: Request, db: PortalDB, permission: str = "site.pages") -
 
 @router.get("/guidance")
 def guidance(request: Request) -> Response:
+    """How the logged-in site takes part: what to send, how, and the template columns. 403 for a non-site account."""
     with PortalDB(request.app.state.settings.db_path) as db:
         who, site = _site_user(request, db)
     return render(request, "site_guidance.html", who, site=site, page="guidance")
@@ -48,6 +49,7 @@ def guidance(request: Request) -> Response:
 
 @router.get("/faq")
 def faq(request: Request) -> Response:
+    """Answers to the questions sites ask most, for the logged-in site."""
     with PortalDB(request.app.state.settings.db_path) as db:
         who, site = _site_user(request, db)
     return render(request, "site_faq.html", who, site=site, page="faq")
@@ -55,6 +57,7 @@ def faq(request: Request) -> Response:
 
 @router.get("/summary")
 def summary(request: Request) -> Response:
+    """What the logged-in site has sent, what of it waits and why, and its recent sheet uploads."""
     with PortalDB(request.app.state.settings.db_path) as db:
         who, site = _site_user(request, db)
         uploads = db.uploads(site.uploader)
@@ -64,6 +67,8 @@ def summary(request: Request) -> Response:
 
 @router.get("/upload/{template}")
 def upload_page(request: Request, template: str) -> Response:
+    """The upload form for one clinical template with this site's last ten uploads of it (permission
+    site.upload); an unknown template goes back to guidance."""
     if template not in TEMPLATE_NAMES:
         raise Redirect("/site/guidance")
     with PortalDB(request.app.state.settings.db_path) as db:
@@ -85,6 +90,9 @@ def upload_page(request: Request, template: str) -> Response:
 
 @router.post("/upload/{template}")
 async def upload(request: Request, template: str) -> Response:
+    """Take a filled clinical sheet from the logged-in site (parsed in memory; the sheet itself is not kept) and
+    file its valid rows, showing rows accepted, held and why. 413 past the size limit, 503 without the site key,
+    400 for a missing or unreadable sheet."""
     settings = request.app.state.settings
     if template not in TEMPLATE_NAMES:
         raise Redirect("/site/guidance")
@@ -138,6 +146,7 @@ async def upload(request: Request, template: str) -> Response:
 
 @router.get("/templates/{template}.{fmt}")
 def download_template(request: Request, template: str, fmt: str) -> Response:
+    """A blank template as an .xlsx or .csv download, so sites fill in exactly the columns the loader reads."""
     with PortalDB(request.app.state.settings.db_path) as db:
         _site_user(request, db)
     if template not in TEMPLATE_NAMES or fmt not in ("xlsx", "csv"):

@@ -63,6 +63,8 @@ def _overview(request: Request, who: Who, *, status: int = 200, **context: objec
 
 @router.get("")
 def overview(request: Request) -> Response:
+    """Submissions, runs, the audit events and the offered model folders, with the forms to submit and start runs;
+    an edited audit log is reported on the page instead of shown."""
     with _db(request) as db:
         who = current(request, db, request.app.state.settings, "validation.pages")
     return _overview(request, who)
@@ -70,6 +72,7 @@ def overview(request: Request) -> Response:
 
 @router.post("/submit")
 async def submit(request: Request) -> Response:
+    """Submit one of the offered model folders; the refusal, if any, is shown with 400 and audited."""
     form = await form_fields(request)
     with _db(request) as db:
         who = current(request, db, request.app.state.settings, "validation.pages")
@@ -85,6 +88,7 @@ async def submit(request: Request) -> Response:
 
 @router.post("/start")
 async def start(request: Request) -> Response:
+    """Start a dry or sealed run of a submission in the background; 409 while another run is in progress."""
     form = await form_fields(request)
     with _db(request) as db:
         who = current(request, db, request.app.state.settings, "validation.pages")
@@ -103,6 +107,7 @@ async def start(request: Request) -> Response:
 
 @router.get("/job")
 def job_page(request: Request) -> Response:
+    """The background run in progress (or the last one) and how long it has taken."""
     with _db(request) as db:
         who = current(request, db, request.app.state.settings, "validation.pages")
     runner = request.app.state.validation_runner
@@ -111,6 +116,7 @@ def job_page(request: Request) -> Response:
 
 @router.get("/runs/{run}")
 def run_page(request: Request, run: str) -> Response:
+    """One run's hashes, metrics and release state; 404 on the overview for an unknown run id."""
     with _db(request) as db:
         who = current(request, db, request.app.state.settings, "validation.pages")
     try:
@@ -142,6 +148,7 @@ def report_page(request: Request, run: str) -> Response:
 
 @router.post("/runs/{run}/release")
 async def release(request: Request, run: str) -> Response:
+    """Release a run's report to the vendor (audited); a refusal, such as a report released already, with 400."""
     form = await form_fields(request)
     with _db(request) as db:
         who = current(request, db, request.app.state.settings, "validation.pages")
@@ -157,6 +164,8 @@ async def release(request: Request, run: str) -> Response:
 
 @router.get("/folders")
 def folders_page(request: Request) -> Response:
+    """The model folders on the server that validators may submit, and the form to offer or withdraw one
+    (permission validation.folders: administrators)."""
     with _db(request) as db:
         who = current(request, db, request.app.state.settings, "validation.folders")
     return render(request, "validation/folders.html", who, page="folders", folders=_space(request).model_folders())
@@ -164,6 +173,7 @@ def folders_page(request: Request) -> Response:
 
 @router.post("/folders")
 async def folders_save(request: Request) -> Response:
+    """Offer a model folder on the server to validators, or withdraw one; refusals are shown with 400 and audited."""
     form = await form_fields(request)
     with _db(request) as db:
         who = current(request, db, request.app.state.settings, "validation.folders")

@@ -38,6 +38,9 @@ MAX_RATIO = 100  # uncompressed / compressed for any sizeable part: more is a zi
 
 @dataclass
 class UploadOutcome:
+    """What one sheet upload through the portal did: rows accepted and held (with row-level errors for this
+    answer only), clinical records written or unchanged, and ISARIC links made."""
+
     template: str
     accepted: int = 0
     held_rows: int = 0

@@ -54,10 +54,12 @@ class Who:
 
 
 def cookie_name(settings: PortalSettings) -> str:
+    """The session cookie's name: `__Host-` prefixed behind HTTPS, so browsers bind it to this exact origin."""
     return "__Host-nccid_session" if settings.secure_cookies else "nccid_session"
 
 
 def set_cookie(response: Response, settings: PortalSettings, name: str, value: str) -> None:
+    """Set a cookie scripts cannot read and other sites cannot send (HttpOnly, SameSite=Strict; Secure on HTTPS)."""
     response.set_cookie(
         name,
         value,
@@ -69,6 +71,8 @@ def set_cookie(response: Response, settings: PortalSettings, name: str, value: s
 
 
 def security_headers(response: Response, settings: PortalSettings, static: bool) -> None:
+    """Add the headers every answer carries: a strict CSP, no framing, no referrer, no caching of pages
+    (static files may be cached an hour), and HSTS when the portal is behind HTTPS."""
     headers = response.headers
     headers["Content-Security-Policy"] = CSP
     headers["X-Content-Type-Options"] = "nosniff"
@@ -83,6 +87,7 @@ def security_headers(response: Response, settings: PortalSettings, static: bool)
 
 
 def address(request: Request) -> str:
+    """The client's IP address for the audit log ('unknown' when the server does not know it)."""
     return request.client.host if request.client else "unknown"
 
 
@@ -127,6 +132,7 @@ def check_pre_csrf(request: Request, form: dict[str, str]) -> bool:
 
 
 def pre_token(request: Request) -> str:
+    """The CSRF token for forms shown before log-in: the pre-login cookie's, or a fresh one to set."""
     return request.cookies.get(PRE_COOKIE) or secrets.token_urlsafe(32)
 
 
@@ -206,9 +212,11 @@ def parse_multipart(body: bytes, content_type: str) -> tuple[dict[str, str], dic
 def render(
     request: Request, template_file: str, who: Who | None = None, status: int = 200, **context: object
 ) -> HTMLResponse:
+    """A page from templates/, given the user and their CSRF token besides `context`, with HTTP `status`."""
     context = {"who": who, "user": who.user if who else None, "csrf": who.session.csrf if who else "", **context}
     return TEMPLATES.TemplateResponse(request, template_file, context, status_code=status)
 
 
 def redirect(url: str) -> RedirectResponse:
+    """A 303 See Other, so the browser follows a posted form with a GET (no re-post on reload)."""
     return RedirectResponse(url, status_code=303)

@@ -52,6 +52,7 @@ def weed_binary() -> str:
 
 
 def free_port(bind: str = "127.0.0.1") -> int:
+    """A TCP port the OS says is free on `bind` now (another process may still take it before we do)."""
     with socket.socket() as sock:
         sock.bind((bind, 0))
         return sock.getsockname()[1]
@@ -59,6 +60,8 @@ def free_port(bind: str = "127.0.0.1") -> int:
 
 @dataclass
 class ServerState:
+    """What a running server needs to be found again (server.json in its home): address, ports and PIDs."""
+
     home: str
     bind: str
     s3_port: int
@@ -109,6 +112,7 @@ class AuditReceiver(threading.Thread):
                         self.write(record)
 
     def write(self, record: dict) -> None:
+        """Append one request record, stamped with its UTC time, to that day's access-<date>.jsonl."""
         when = dt.datetime.fromtimestamp(int(record.get("time") or time.time()), dt.UTC)
         record = {**record, "iso_time": when.isoformat()}
         path = self.log_dir / f"access-{when.date().isoformat()}.jsonl"
@@ -199,6 +203,11 @@ class SeaweedFS:
 
     # -- life cycle ------------------------------------------------------------------------------------
     def start(self, *, timeout: float = 60.0) -> ServerState:
+        """Start `weed server` with S3 and the audit log in the owner-only home, and wait until a write works.
+
+        Returns the state saved to server.json. Raises ServerError when a server from this home is already
+        running, SeaweedFS is not installed, it exits, or it is not ready within `timeout` seconds.
+        """
         running = self.state()
         if running and alive(running.weed_pid):
             raise ServerError(f"a server from {self.home} is already running (pid {running.weed_pid})")
@@ -264,6 +273,8 @@ class SeaweedFS:
         return state
 
     def wait_ready(self, state: ServerState, timeout: float) -> None:
+        """Return once a bucket can be created, written and deleted (the S3 gateway answers before the volumes
+        accept writes). Raises ServerError if the process exits or `timeout` seconds pass first."""
         import boto3
         from botocore.config import Config
         from botocore.exceptions import BotoCoreError, ClientError
@@ -342,6 +353,7 @@ class SeaweedFS:
 
 
 def alive(pid: int) -> bool:
+    """True when process `pid` exists and is not a zombie (so a stale server.json is not mistaken for a server)."""
     if pid <= 0:
         return False
     try:

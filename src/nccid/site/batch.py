@@ -160,14 +160,15 @@ def deidentify_folder(
     pseudonymise: Pseudonymise | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> BatchResult:
-    """De-identify every file under `src` into the outbox `out`, each output checked by the gate.
+    """De-identify every file under `src` (a PACS folder export) into the outbox `out`, each output checked by
+    the gate, so that only pseudonymised images are ever staged for upload.
 
     Images of patients with a clinical record in the outbox go to images/, the others to held/ (released when
     the record arrives); files that cannot be sent are listed in `held` with the reason; the site's age policy
     comes from the outbox's settings. `pseudonymiser` gives pseudonyms (or, as before, `key` and a
     `pseudonymise` issuer of ciphertexts). Returns a BatchResult whose `report` is the owner-only IDENTIFIABLE
-    list of inputs by path; raises UsageError on a malformed settings file and OSError if the outbox cannot be
-    written.
+    list of inputs by path; raises UsageError on a malformed settings file, TypeError when neither a
+    pseudonymiser nor `key` and `pseudonymise` are given, and OSError if the outbox cannot be written.
     """
     if pseudonymiser is None:
         if key is None or pseudonymise is None:

@@ -65,6 +65,8 @@ COLUMNS = {
 
 @dataclass
 class CheckReport:
+    """The gate's verdict over a set of files: how many of each kind were checked, and every finding."""
+
     dicom: int = 0
     clinical: int = 0
     other: int = 0
@@ -147,6 +149,9 @@ class Gate:
         return any(code in upper for code in self.codes)
 
     def check_dicom(self, ds: Dataset, name: str, pseudonym_hint: str) -> list[Finding]:
+        """Everything in one DICOM header that could identify a patient: a PatientID that is not a pseudonym,
+        PatientIdentityRemoved not YES, private tags, this person's known identifiers (found by its own or the
+        hinted pseudonym), any known NHS/CHI or hospital number, and valid NHS number patterns. Returns findings."""
         findings: list[Finding] = []
         pseudonym = str(ds.get("PatientID", ""))
         if not is_pseudonym(pseudonym):
@@ -176,6 +181,9 @@ class Gate:
         return findings
 
     def check_clinical(self, record: object, name: str) -> list[Finding]:
+        """Everything in one clinical record that could identify a patient: identifier fields, a Pseudonym that
+        is not one, known numbers, NHS number patterns, and this person's identifiers in free text. Returns
+        findings (one for the whole file when it is not a JSON object)."""
         if not isinstance(record, dict):
             return [Finding(name, "(whole file)", "not a clinical record (JSON object)")]
         findings = [Finding(name, f, "identifier field") for f in _BANNED_CLINICAL_FIELDS if f in record]

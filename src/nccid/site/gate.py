@@ -50,6 +50,8 @@ class KnownIdentifiers:
 
 @dataclass(frozen=True)
 class Finding:
+    """One identifier the gate found: which file, where in it (tag path or field), and what kind of thing."""
+
     file: str
     tag_path: str  # e.g. (0040,0275)[0]>(0040,1001)
     kind: str

@@ -62,6 +62,11 @@ def chi_birth_date(number: str) -> dt.date | None:
 
 
 def validate_chi(text: str) -> str:
+    """A Scottish CHI number as 10 digits, spaces and dashes removed.
+
+    Raises IdentifierError naming the reason: not 10 digits, a failed modulus 11 check, or no valid DDMMYY
+    date of birth at the start.
+    """
     number = _digits(text, "CHI")
     if chi_birth_date(number) is None:
         raise IdentifierError("CHI number does not start with a valid date of birth (DDMMYY)")

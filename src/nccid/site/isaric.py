@@ -48,6 +48,9 @@ def _key(header: object) -> str:
 
 @dataclass
 class IsaricSheet:
+    """An ISARIC linkage sheet checked: the valid (NHS number, subject ID) links with their rows, the rows held
+    and why, and warnings."""
+
     links: list[tuple[int, str, str, str]] = field(default_factory=list)  # (row, NHS number, subject ID, date)
     errors: list[CellError] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)

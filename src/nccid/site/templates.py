@@ -167,6 +167,8 @@ def field_of(header: str) -> str | None:
 
 @dataclass(frozen=True)
 class CellError:
+    """One bad cell, by spreadsheet row and column, with the reason a data manager can act on."""
+
     row: int  # as the spreadsheet numbers it (the header is row 1)
     column: str
     reason: str
@@ -177,6 +179,9 @@ class CellError:
 
 @dataclass
 class SheetResult:
+    """A sheet checked: valid rows as records (NHS number kept apart), errors by cell, held rows, warnings and
+    every conversion made."""
+
     records: list[tuple[int, str, dict]] = field(default_factory=list)  # (row, NHS number, record without it)
     errors: list[CellError] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
@@ -307,12 +312,14 @@ def validate_sheet(
     hospitals: Collection[str] | None = None,
     age_policy: str = "keep",
 ) -> SheetResult:
-    """Validate a sheet's rows (the header first) against `template` (positive or negative).
+    """Validate a sheet's rows (the header first) against `template` (positive or negative), so a site sees
+    every problem of a sheet at once rather than one at a time. Pure: nothing is read or written.
 
     Returns a SheetResult: valid rows as records with dates in ISO form, errors by row and column (their rows
     held), warnings for left-out columns, known header typos and every conversion. With `hospitals` (this
     site's hospital names), a row whose Hospital names another hospital is held with the reason; a blank
     Hospital is this site's. `age_policy` `cap` writes ages over 89 as 90 (with a warning).
+    Bad cells never raise; an unknown `template` raises KeyError (callers check it with `check_template`).
     """
     spec = TEMPLATES[template]
     result = SheetResult()
@@ -441,6 +448,8 @@ def blank_template(template: str, path: str | Path) -> Path:
 
 @dataclass
 class FiledSheet:
+    """What filing a sheet did: its check result, the clinical JSON files written, and held images released."""
+
     result: SheetResult
     written: list[Path]
     released: int  # held images of these patients moved to images/
@@ -456,11 +465,15 @@ def file_sheet(
     aliases: Collection[str] = (),
     strict: bool = False,
 ) -> FiledSheet:
-    """Validate a filled sheet; valid rows go to the outbox as data/<Pseudonym>_{data,status}.json, labelled
-    with `centre`, and images held for those patients are released. Rows whose Hospital is neither `centre`
+    """File a filled clinical sheet at the site: validate it, then write valid rows to the outbox as
+    data/<Pseudonym>_{data,status}.json labelled with `centre` (NHS numbers replaced by pseudonyms, so they
+    never leave the site), and release images held for those patients. Rows whose Hospital is neither `centre`
     nor one of this site's hospitals (`aliases`, and the outbox settings' `hospitals`) are held. The site's age
-    policy comes from the outbox's settings. With `strict`, any invalid row means nothing is written. Raises
-    SheetError if the sheet cannot be read and UsageError for an unknown template."""
+    policy comes from the outbox's settings. With `strict`, any invalid row means nothing is written; a sheet
+    with no valid row writes nothing either.
+
+    Returns a FiledSheet (the check result, files written, images released). Raises SheetError if the sheet
+    cannot be read and UsageError for an unknown template."""
     spec = check_template(template)
     box = Outbox(outbox)
     settings = box.settings()

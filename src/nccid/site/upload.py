@@ -30,6 +30,9 @@ AREAS = UPLOADED_AREAS
 
 @dataclass
 class UploadResult:
+    """What an upload did: its batch date, files sent and skipped as already sent, bytes, files the gate
+    passed, held images released, and the patients whose images stay held."""
+
     date: str
     uploaded: int = 0
     skipped: int = 0  # verified by an earlier, interrupted run
@@ -64,8 +67,12 @@ def upload(
 ) -> UploadResult:
     """Upload the outbox's data/ and images/ to raw-<uploader>/<date>/ after the gate passes over every file
     (with `gate`'s knowledge of the site's patients, or with the structural, warehouse and NHS-number-pattern
-    checks alone). Held images whose record has arrived are released first; the others stay held. Returns what
-    was sent; raises UploadError (nothing sent on a gate finding; resumable after a failed write)."""
+    checks alone), so nothing identifiable leaves the site. Held images whose record has arrived are released
+    first; the others stay held. A journal in the outbox makes a re-run resume the same batch (same date).
+
+    Returns an UploadResult (what was sent, skipped, released, held). Raises UploadError when the gate finds
+    anything (nothing sent), the outbox is mid-upload for another uploader or store, or the store holds other
+    bytes than were sent; LayoutError for a bad uploader name. After any failed write, re-run to resume."""
     box = Outbox(outbox)
     outbox = box.root
     released = box.release()

@@ -18,6 +18,8 @@ WAITING_OUTCOMES = ("pending", "held", "conflict", "quarantined")
 
 @dataclass(frozen=True)
 class WaitingItem:
+    """One object of a site's that is not filed yet: its raw key, what it is, its outcome and why."""
+
     key: str  # the raw key, below the site's own prefix
     kind: str  # clinical | image | other
     outcome: str  # pending | held | conflict | quarantined
@@ -26,6 +28,9 @@ class WaitingItem:
 
 @dataclass
 class SiteSummary:
+    """What one site has sent and what became of it: patients, records and images filed, studies, a row per
+    upload date, the split between training and validation, and what waits (counts, and the first items)."""
+
     prefix: str
     centres: tuple[str, ...]
     patients: int = 0

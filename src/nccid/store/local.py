@@ -149,6 +149,7 @@ class LocalStore(ObjectStore):
 
     # -- reading ---------------------------------------------------------------------------------------
     def stat(self, key: str) -> ObjectInfo | None:
+        """Size, MD5 and time of one object; None when absent or when a folder stands at that key."""
         path = self._path(key)
         try:
             st = os.stat(path)
@@ -200,6 +201,9 @@ class LocalStore(ObjectStore):
                 os.unlink(tmp)
 
     def write(self, key: str, data: bytes | BinaryIO, *, overwrite: bool = True) -> ObjectInfo:
+        """Write to a temporary file, then rename (or hard-link, create-only) it into place, so a reader never
+        sees half an object. Raises ObjectExists with `overwrite=False` on an existing key, and StoreError
+        naming the key and cause (a full disk, ...) when the write fails; no temporary file is left."""
         path = self._path(key)
         if not overwrite and os.path.exists(path):
             raise ObjectExists(f"object {key!r} already exists in {self.url}")
@@ -221,6 +225,8 @@ class LocalStore(ObjectStore):
         return self._info(key, path, os.stat(path))
 
     def copy(self, src: str, dst: str, *, overwrite: bool = True) -> None:
+        """Copy an object atomically like `write`, keeping its cached MD5. Raises ObjectNotFound for a missing
+        `src`, ObjectExists with `overwrite=False` on an existing `dst`, StoreError when the write fails."""
         src_path, dst_path = self._path(src), self._path(dst)
         if not os.path.isfile(src_path):
             raise ObjectNotFound(f"no object {src!r} in {self.url}")
@@ -243,6 +249,7 @@ class LocalStore(ObjectStore):
         return StoreError(f"{self.url}: cannot write {key!r}: {cause}; fix that, then run the same command again")
 
     def delete(self, key: str) -> None:
+        """Remove one object (absent is fine) and the folders it leaves empty, as S3 leaves no folders behind."""
         path = self._path(key)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)

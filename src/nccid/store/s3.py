@@ -74,6 +74,7 @@ class RangedReader(io.RawIOBase):
         return self.pos
 
     def readinto(self, buffer) -> int:
+        """Fill `buffer` from the current position with one ranged GET; returns the bytes read (0 at the end)."""
         if self.pos >= self.size:
             return 0
         want = min(len(buffer), self.size - self.pos)
@@ -293,6 +294,10 @@ class S3Store(ObjectStore):
 
     # -- writing ---------------------------------------------------------------------------------------
     def write(self, key: str, data: bytes | BinaryIO, *, overwrite: bool = True) -> ObjectInfo:
+        """PutObject for bytes (create-only by `If-None-Match: *` with `overwrite=False`), a managed upload
+        (multipart above MULTIPART bytes) for a file object; S3 makes either visible whole or not at all.
+        Returns the stored object's info; raises ObjectExists on an existing key with `overwrite=False`, and
+        StoreError naming the key and the server's error code for any other refusal."""
         full = self._key(key)
         extra = {} if overwrite else {"IfNoneMatch": "*"}
         try:

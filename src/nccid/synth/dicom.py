@@ -73,11 +73,15 @@ def xray_base(rows: int, cols: int) -> np.ndarray:
 
 @functools.cache
 def ct_base(size: int) -> np.ndarray:
+    """pydicom's real CT slice (signed 16-bit) resampled to `size` x `size`, cached: every synthetic CT starts
+    from it. Raises RuntimeError when pydicom-data is not installed."""
     return _resample(_template("693_UNCR.dcm"), size, size).astype(np.int16)
 
 
 @functools.cache
 def mr_base(size: int) -> np.ndarray:
+    """pydicom's real MR slice (unsigned 16-bit) resampled to `size` x `size`, cached: every synthetic MR starts
+    from it. Raises RuntimeError when pydicom-data is not installed."""
     return _resample(_template("MR2_UNCR.dcm"), size, size).astype(np.uint16)
 
 
@@ -146,6 +150,7 @@ def _set_pixels(ds: Dataset, pixels: np.ndarray, photometric: str, bits_stored: 
 
 
 def encode(ds: Dataset) -> bytes:
+    """The data set as the bytes of a DICOM Part 10 file (preamble, DICM, file meta), as a store would hold it."""
     buffer = io.BytesIO()
     pydicom.dcmwrite(buffer, ds, enforce_file_format=True)
     return buffer.getvalue()
@@ -254,6 +259,8 @@ def xray(
 def ct_slices(
     subject: Subject, rng: np.random.Generator, *, slices: int, scale: float = 1.0, series_uid: str, uid_seed: str
 ) -> list[Dataset]:
+    """A synthetic axial CT series of `slices` slices for `subject` (in HU, 512 x 512 at scale 1), each with its
+    own SOP UID derived from `uid_seed`: the same `rng` state and `uid_seed` always make the same series."""
     size = max(16, int(512 * scale))
     base = ct_base(size)
     devices = DEVICES["CT"]
@@ -280,6 +287,8 @@ def ct_slices(
 def mr_slices(
     subject: Subject, rng: np.random.Generator, *, slices: int, scale: float = 1.0, series_uid: str, uid_seed: str
 ) -> list[Dataset]:
+    """A synthetic MR series of `slices` slices for `subject` (256 x 256 at scale 1), each with its own SOP UID
+    derived from `uid_seed`: the same `rng` state and `uid_seed` always make the same series."""
     size = max(16, int(256 * scale))
     base = mr_base(size)
     devices = DEVICES["MR"]

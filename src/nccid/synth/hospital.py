@@ -37,6 +37,8 @@ def nhs_number(rng: random.Random, valid: bool = True) -> str:
 
 @dataclass(frozen=True)
 class HospitalPatient:
+    """A synthetic person as the hospital knows them, identifiers and all: what de-identification must remove."""
+
     nhs: str
     hospital_number: str
     family: str
@@ -58,6 +60,7 @@ class HospitalPatient:
 
 
 def hospital_patient(rng: random.Random) -> HospitalPatient:
+    """A made-up person with a valid NHS number, hospital number, name, birth date and address, from `rng`."""
     return HospitalPatient(
         nhs=nhs_number(rng),
         hospital_number=f"RX{rng.randrange(10**6):06d}",

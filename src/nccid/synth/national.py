@@ -26,6 +26,8 @@ from nccid.warehouse.config import WarehouseConfig, save_config
 
 @dataclass(frozen=True)
 class Hospital:
+    """A synthetic sending hospital: its centre and hospital names, uploader name, split rule and export style."""
+
     centre: str  # the clinical SubmittingCentre
     name: str  # the clinical Hospital field
     uploader: str  # writes to raw-<uploader>/
@@ -63,6 +65,9 @@ AWKWARD_CASES = (
 
 @dataclass(frozen=True)
 class SynthSpec:
+    """What to generate: how many patients, hospitals and upload days, image size and mix, whether to plant
+    the awkward cases, and the seed that makes it all repeatable."""
+
     seed: int = 0
     patients: int = 300
     hospitals: int = 5
@@ -82,6 +87,9 @@ class SynthSpec:
 
 @dataclass
 class SynthPatient:
+    """One modelled person before writing out: pseudonym, hospital, COVID status, demographics, and on which
+    upload day their first clinical record arrives (None: never)."""
+
     pseudonym: str
     hospital: Hospital
     positive: bool
@@ -93,6 +101,9 @@ class SynthPatient:
 
 @dataclass
 class SynthResult:
+    """What `generate` wrote: counts of patients, records, images and bytes, the config, the upload dates, and
+    which pseudonyms or keys carry each awkward case (so tests can check the loader handled them)."""
+
     spec: SynthSpec
     config: WarehouseConfig
     upload_dates: list[str]
@@ -104,6 +115,7 @@ class SynthResult:
     cases: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
 
     def to_json(self) -> dict:
+        """The result as plain JSON types, for the manifest  can write."""
         return {
             "seed": self.spec.seed,
             "patients": self.patients,
@@ -170,7 +182,11 @@ def upload_dates(spec: SynthSpec) -> list[str]:
 
 
 def generate(store: ObjectStore, spec: SynthSpec, progress: Callable[[int], None] | None = None) -> SynthResult:
-    """Write config.json and the raw uploads of `spec` into `store`."""
+    """Write config.json and the raw uploads of `spec` into `store`: a national dataset without real patients,
+    for demos, tests and benchmarks. The same spec always writes the same objects.
+
+    Returns a SynthResult with counts and the awkward cases planted. Store failures raise StoreError.
+    """
     rng = random.Random(spec.seed)
     nprng = np.random.default_rng(spec.seed)
     hospitals = HOSPITALS[: max(1, min(spec.hospitals, len(HOSPITALS)))]

@@ -133,6 +133,7 @@ def age_of(record: dict) -> int | None:
 
 
 def age_band(age: int | None) -> str:
+    """The subgroup label of an age ('under 18', '18-39', ... '80+'), or 'unknown': bands, not ages, are reported."""
     if age is None:
         return UNKNOWN
     return next((label for low, high, label in AGE_BANDS if low <= age <= high), UNKNOWN)
@@ -147,6 +148,8 @@ def sex_of(record: dict) -> str:
 
 
 def ethnicity_group(record: dict) -> str:
+    """The census high-level group (White, Mixed, Asian, Black, Other) of a record's NHS ethnic category code or
+    of words naming it; 'unknown' for anything else."""
     value = record.get("Ethnicity")
     if not isinstance(value, str):
         return UNKNOWN

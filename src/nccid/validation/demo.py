@@ -29,6 +29,8 @@ def default_models_dir() -> Path:
 
 @dataclass(frozen=True)
 class DemoModel:
+    """One example model through the demo: its submission id, the dry and sealed runs, and the released report."""
+
     name: str
     submission: str
     dry: RunSummary
@@ -38,6 +40,8 @@ class DemoModel:
 
 @dataclass(frozen=True)
 class DemoResult:
+    """What the validation demo did: the baseline's training output, each model's runs, and the audit log's path."""
+
     training: str  # what train.py printed
     models: list[DemoModel]
     audit: Path

@@ -133,6 +133,8 @@ def roc_with_band(
 
 @dataclass(frozen=True)
 class OperatingPoint:
+    """The confusion counts at one threshold, with sensitivity and specificity and their Wilson 95% intervals."""
+
     threshold: float
     tp: int
     fp: int

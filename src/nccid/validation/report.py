@@ -45,6 +45,8 @@ def _figure(width: float = 5.0, height: float = 4.2):
 
 
 def roc_figure(results: dict) -> tuple[dict, str]:
+    """The ROC curve with its 95% band, the chosen operating point and the AUC: returns the figure's data (for
+    its JSON file) and the SVG. Raises KeyError if `results` lacks roc, overall or operating_point."""
     roc, auc = results["roc"], results["overall"]["auc"]
     fig, ax = _figure()
     band = roc["band"]
@@ -62,6 +64,8 @@ def roc_figure(results: dict) -> tuple[dict, str]:
 
 
 def calibration_figure(results: dict) -> tuple[dict, str]:
+    """Observed fraction positive against mean score per bin (Wilson 95% error bars) and the Brier score:
+    returns the figure's data and the SVG."""
     cal = results["calibration"]
     fig, ax = _figure()
     ax.plot([0, 1], [0, 1], ls=":", color="grey", label="perfect")
@@ -79,6 +83,8 @@ def calibration_figure(results: dict) -> tuple[dict, str]:
 
 
 def forest_figure(results: dict) -> tuple[dict, str]:
+    """AUC (or sensitivity, where AUC cannot be computed) with 95% CI for every subgroup and robustness level
+    not suppressed as too small, against the overall AUC: returns the figure's data and the SVG."""
     rows = []
     for section in ("subgroups", "robustness"):
         for table in results[section]:
@@ -108,6 +114,8 @@ def forest_figure(results: dict) -> tuple[dict, str]:
 
 
 def operating_point_data(results: dict) -> dict:
+    """What the report's inline operating-point view needs: the threshold, the score histogram, the prevalences
+    and the predictive values at the threshold."""
     return {
         "threshold": results["threshold"],
         "histogram": results["histogram"],
@@ -117,6 +125,7 @@ def operating_point_data(results: dict) -> dict:
 
 
 def roc_csv(results: dict) -> str:
+    """The ROC points as CSV text (fpr, tpr, threshold), for vendors who want to plot or check them."""
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(["fpr", "tpr", "threshold"])

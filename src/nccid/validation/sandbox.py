@@ -61,6 +61,7 @@ class SandboxResult:
     stderr: str
 
     def describe(self) -> str:
+        """How the run ended, in words for a log or a report: completed, timed out, killed by a signal, or failed."""
         if self.status == "completed":
             return f"completed in {self.seconds:.1f} s"
         if self.status == "timed_out":

@@ -59,6 +59,8 @@ MODEL_FOLDERS_NAME = "model-folders.json"  # folders on the server an administra
 
 @dataclass(frozen=True)
 class Submission:
+    """A model submitted to the workspace: its id, its manifest, the SHA-256 of its files and where the copy is."""
+
     id: str
     manifest: Manifest
     model_hash: str
@@ -123,7 +125,11 @@ def model_hash(folder: Path) -> str:
 
 
 class Workspace:
-    """A validator's workspace folder (see the module docstring)."""
+    """A validator's workspace folder, where submissions, runs, releases and the audit log live, so every step
+    of validating a vendor's model is recorded and can be reproduced (layout in the module docstring).
+
+    Methods raise SubmissionError or ValidationRunError with a one-line reason.
+    """
 
     def __init__(self, root: Path, *, create: bool = False) -> None:
         """Open the workspace at `root`; with `create`, make it (owner-only) if it is not there. Raises
@@ -176,6 +182,7 @@ class Workspace:
         return Submission(sub_id, load_manifest(folder / "model"), record["model_hash"], folder / "model")
 
     def submissions(self) -> list[str]:
+        """The ids of the stored submissions, sorted; empty in a new workspace."""
         base = self.root / "submissions"
         return sorted(p.name for p in base.iterdir() if not p.name.startswith(".")) if base.exists() else []
 
@@ -298,7 +305,8 @@ class Workspace:
         """Run the submission on `cases` synthetic radiographs (half positive, with the planted sign).
 
         Returns the RunSummary; its report includes the logs and raw outputs, for the vendor. `progress`, if
-        given, is called with a short phrase as each phase begins (for a status page).
+        given, is called with a short phrase as each phase begins (for a status page). Raises
+        ValidationRunError for an unknown submission.
         """
         progress = progress or _quiet
         sub = self.submission(sub_id)
@@ -329,8 +337,8 @@ class Workspace:
     ) -> RunSummary:
         """Run the submission on the warehouse's validation cohort for its intended use.
 
-        Returns the RunSummary. Raises ValidationRunError when the submission has no completed dry run
-        (unless `require_dry_run` is False), CohortError when no usable cohort exists. `progress`, if given,
+        Returns the RunSummary. Raises ValidationRunError for an unknown submission or one with no completed dry
+        run (unless `require_dry_run` is False), CohortError when no usable cohort exists. `progress`, if given,
         is called with a short phrase as each phase begins (for a status page).
         """
         progress = progress or _quiet
