@@ -371,3 +371,10 @@ def test_rows_of_another_hospital_are_held_as_at_the_site(tmp_path, db):
         )
     assert (outcome.accepted, outcome.held_rows) == (2, 1)
     assert [(row, column) for row, column, _ in outcome.errors] == [(3, "Hospital")]
+
+
+def test_a_site_is_read_back_with_its_hospitals_so_its_own_rows_are_accepted(db):
+    db.save_site(Site("northfield", "Northfield Trust", ("NTH",), "split", ("Northfield General Hospital",)), actor="t")
+    site = db.site("northfield")
+    assert site.hospitals == ("Northfield General Hospital",) and site.aliases == ("NTH",)
+    assert db.sites() == [site]

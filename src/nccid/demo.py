@@ -16,14 +16,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nccid.console import console, human_bytes, progress_bar
-from nccid.errors import UsageError
+from nccid.errors import DemoFailed, UsageError
 from nccid.site.batch import deidentify_folder
 from nccid.site.check import Gate, check_files, people_by_pseudonym, read_identifiers, store_files
 from nccid.site.node import NodeConfig, SiteNode
 from nccid.site.outbox import Outbox
 from nccid.site.pseudonymiser import Pseudonymiser
 from nccid.site.templates import file_sheet
-from nccid.site.upload import UploadError, upload
+from nccid.site.upload import upload
 from nccid.site.vault import PseudonymKey, Vault
 from nccid.stats.summary import compute, publish
 from nccid.store import LocalStore, ObjectStore, open_store
@@ -66,7 +66,8 @@ def _fresh(directory: Path) -> None:
     """Start clean, but only ever delete a folder an earlier demo made."""
     if directory.exists():
         if not (directory / MARKER).exists():
-            raise SystemExit(f"{directory} exists and was not made by `nccid demo`; choose another --dir")
+            raise UsageError(f"{directory} exists and was not made by `nccid demo`: choose another folder")
+        console.print(f"replacing the earlier demo in {directory}")
         shutil.rmtree(directory)
     directory.mkdir(parents=True)
     (directory / MARKER).write_text("made by nccid demo; deleted and remade by the next demo run\n")
@@ -78,7 +79,7 @@ def _empty_store(url: str) -> ObjectStore:
     if isinstance(store, S3Store):
         store.create_bucket()
     if next(iter(store.list()), None) is not None:
-        raise SystemExit(
+        raise UsageError(
             f"{store.url} is not empty: give the demo an empty bucket or prefix, e.g. s3://nccid-demo/run-1"
         )
     return store
@@ -111,7 +112,7 @@ def _send_from_pacs(site: HospitalSite, port: int, associations: int = 2) -> Non
     for thread in threads:
         thread.join()
     if failures:
-        raise SystemExit(f"the PACS could not send everything to the node: {failures[:5]}")
+        raise DemoFailed(f"the PACS could not send everything to the node: {failures[:5]}")
 
 
 def _file_sheets(demo: DemoSite, outbox: Path, pseudonymiser: Pseudonymiser, sheets) -> None:
@@ -150,7 +151,7 @@ def _site_round(
         for ref, reason in result.held[:3]:
             console.print(f"    not sent: {ref}: {reason}")
         if not result.clean:
-            raise SystemExit(f"the gate stopped the batch: {result.findings[0]}")
+            raise DemoFailed(f"the gate stopped the batch: {result.findings[0]}")
     else:
         _file_sheets(demo, outbox.root, sheets, site.sheets[:1])
         node = SiteNode(
@@ -171,10 +172,7 @@ def _site_round(
         finally:
             node.stop()
     gate = Gate(people_by_pseudonym(read_identifiers(site.identifiers), vault.lookup, key.encrypt))
-    try:
-        uploaded = upload(outbox.root, store, demo.hospital.uploader, gate=gate)  # the gate runs first
-    except UploadError as exc:
-        raise SystemExit(str(exc)) from exc
+    uploaded = upload(outbox.root, store, demo.hospital.uploader, gate=gate)  # the gate runs first
     console.print(
         f"  gate: {uploaded.checked} file(s) checked against {len(gate.people)} patients' identifiers: "
         "no identifiers found"
@@ -225,8 +223,8 @@ def run_demo(
     """Run the whole story end to end in `directory` (or against the empty store at `store_url`), printing
     each step and where the results are, so a newcomer can see every stage work on synthetic data.
 
-    Raises UsageError for too few patients, and SystemExit when `directory` was not made by the demo, the
-    store is not empty, or the gate finds an identifier in the warehouse.
+    Raises UsageError for too few patients, a `directory` the demo did not make or a store that is not empty,
+    and DemoFailed when a stage fails (the PACS cannot send, the gate finds an identifier in the warehouse).
     """
     from nccid.render import show_load_report, show_summary
 
@@ -301,7 +299,7 @@ def run_demo(
     if not verdict.clean:
         for finding in verdict.findings[:20]:
             console.print(f"[red]gate:[/] {finding}")
-        raise SystemExit(f"the gate found {len(verdict.findings)} identifier(s) in the warehouse")
+        raise DemoFailed(f"the gate found {len(verdict.findings)} identifier(s) in the warehouse")
     console.print("[bold green]gate verdict: zero identifiers found[/]")
 
     console.rule("7. the portal: accounts for the sites and the central team")

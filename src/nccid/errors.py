@@ -130,6 +130,11 @@ class SheetError(NccidError, ValueError):
     message names the file. Save it again from the template and retry."""
 
 
+class DemoFailed(NccidError):
+    """A stage of `nccid demo` did not end as the demo expects (the PACS could not send, the gate found an
+    identifier); the message names the stage. Nothing outside the demo's own folder was touched."""
+
+
 class UsageError(NccidError):
     """The options given do not fit together or a value is out of range; the message names the option's
     value. Nothing was changed."""

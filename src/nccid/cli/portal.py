@@ -49,9 +49,16 @@ def serve(
     settings = _settings(
         store, state, vault_path=vault, key_file=key_file, catalog_path=catalog, secure_cookies=secure_cookies or https
     )
-    scheme = "https" if https else "http"
-    console.print(f"portal on {scheme}://{host}:{port}/ for {store} (state in {settings.state_dir}); Ctrl-C stops")
-    run(settings, host=host, port=port, ssl_keyfile=ssl_keyfile, ssl_certfile=ssl_certfile)
+    run(
+        settings,
+        host=host,
+        port=port,
+        ssl_keyfile=ssl_keyfile,
+        ssl_certfile=ssl_certfile,
+        ready=lambda url: console.print(
+            f"portal on {url} for {store} (state in {settings.state_dir}); Ctrl-C stops", highlight=False
+        ),
+    )
 
 
 @app.command("add-user")

@@ -23,10 +23,12 @@ app = typer.Typer(
 # -- synthetic data -------------------------------------------------------------------------------------
 def synth(
     store: str = StoreOption,
-    patients: int = typer.Option(300, help="Number of patients."),
-    hospitals: int = typer.Option(5, help="Number of configured hospitals (1-7)."),
-    days: int = typer.Option(4, help="Number of weekly upload dates."),
-    scale: float = typer.Option(1.0, help="Image size multiplier: 1.0 realistic (~2000x2500 radiographs)."),
+    patients: int = typer.Option(300, min=1, help="Number of patients."),
+    hospitals: int = typer.Option(5, min=1, max=7, help="Number of configured hospitals (1-7)."),
+    days: int = typer.Option(4, min=1, help="Number of weekly upload dates."),
+    scale: float = typer.Option(
+        1.0, min=0.01, max=2.0, help="Image size multiplier: 1.0 realistic (~2000x2500 radiographs)."
+    ),
     imaged: float = typer.Option(0.3, help="Share of patients with images."),
     seed: int = typer.Option(0, help="Random seed: the same seed gives the same bytes."),
     awkward: bool = typer.Option(True, help="Include the awkward cases (duplicates, truncated files, ...)."),
@@ -66,7 +68,7 @@ def warehouse_load(
     store: str = StoreOption,
     catalog: Path | None = CatalogOption,
     dry_run: bool = typer.Option(False, "--dry-run", help="Say what would happen; write nothing."),
-    workers: int = typer.Option(os.cpu_count() or 1, help="Worker processes for reading headers and copying."),
+    workers: int = typer.Option(os.cpu_count() or 1, min=1, help="Worker processes for reading headers and copying."),
     as_json: bool = typer.Option(False, "--json", help="Print the run report as JSON."),
 ) -> None:
     """File new raw uploads into the processed layout (incremental, idempotent, safe to interrupt)."""
@@ -89,7 +91,7 @@ def warehouse_load(
 def warehouse_rebuild(
     store: str = StoreOption,
     catalog: Path | None = CatalogOption,
-    workers: int = typer.Option(os.cpu_count() or 1, help="Worker processes."),
+    workers: int = typer.Option(os.cpu_count() or 1, min=1, help="Worker processes."),
 ) -> None:
     """Recreate the catalog from the store alone (the store is the truth)."""
     from nccid.warehouse.rebuild import rebuild_catalog

@@ -17,7 +17,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.staticfiles import StaticFiles
 
-from nccid.errors import NccidError
+from nccid.errors import NccidError, PortalError
 from nccid.portal.accounts import Site
 from nccid.portal.central import LoadRunner
 from nccid.portal.settings import PortalSettings
@@ -149,19 +149,37 @@ def serve(
     port: int = 8080,
     ssl_keyfile: str | None = None,
     ssl_certfile: str | None = None,
+    ready: Callable[[str], None] | None = None,
 ) -> None:
     """Run the portal with uvicorn until interrupted. Behind a TLS reverse proxy keep host 127.0.0.1 and set
-    `secure_cookies`; or give uvicorn the key and certificate directly."""
+    `secure_cookies`; or give uvicorn the key and certificate directly.
+
+    The socket is bound here first, so that `ready` receives the address really served (port 0 picks a free
+    one). Raises PortalError when a key file was named but cannot be read (uploads would all be refused), and
+    OSError when the address cannot be bound."""
+    import socket
+
     import uvicorn
 
-    uvicorn.run(
-        create_app(settings),
-        host=host,
-        port=port,
-        ssl_keyfile=ssl_keyfile,
-        ssl_certfile=ssl_certfile,
-        log_level="warning",
-        access_log=False,
-        server_header=False,
-        proxy_headers=False,
+    if settings.key_file is not None and _load_key(settings) is None:
+        raise PortalError(f"cannot read the pseudonym key {settings.key_file}: uploads would all be refused")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    bound = sock.getsockname()[1]
+    scheme = "https" if ssl_keyfile and ssl_certfile else "http"
+    if ready is not None:
+        ready(f"{scheme}://{host}:{bound}/")
+    server = uvicorn.Server(
+        uvicorn.Config(
+            create_app(settings),
+            ssl_keyfile=ssl_keyfile,
+            ssl_certfile=ssl_certfile,
+            log_level="warning",
+            access_log=False,
+            server_header=False,
+            proxy_headers=False,
+        )
     )
+    server.run(sockets=[sock])

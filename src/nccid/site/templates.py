@@ -354,8 +354,8 @@ def validate_sheet(
                 CellError(
                     number,
                     "Hospital",
-                    f"{str(hospital).strip()!r} is not this site's hospital: held (if it is yours, name it as one "
-                    "of this site's hospitals, e.g. --alias)",
+                    f"{str(hospital).strip()!r} is not this site's hospital: held (if it is yours, add it to the "
+                    "site's hospital names)",
                 )
             )
         nhs = ""
