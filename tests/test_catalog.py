@@ -354,3 +354,17 @@ def test_rebuild_replaces_a_damaged_catalog(local_store, tmp_path):
     rebuilt = catalog_for(local_store, path)
     assert rebuilt.outcome_counts() == {"filed": 3}
     rebuilt.close()
+
+
+def test_the_stats_command_refuses_an_empty_catalog_in_one_line_and_writes_nothing(local_store, tmp_path):
+    from helpers import run_cli
+
+    small_upload(local_store)
+    cat = catalog_for(local_store, writing=True)
+    load(local_store, cat, workers=1)
+    cat.close()
+    done = run_cli("stats", "--store", local_store.root, "--catalog", tmp_path / "new.sqlite", check=False)
+    assert done.returncode != 0
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "rebuild-catalog" in lines[0] and "Traceback" not in done.stderr
+    assert not any(k.startswith("stats/") for k in listing(local_store))

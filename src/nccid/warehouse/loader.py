@@ -13,13 +13,17 @@ outcome, recorded in the catalog and the run report:
 
 Crash safety: every processed object is written atomically and never overwritten; the catalog is updated
 after the objects exist. A run killed at any moment leaves at worst objects the catalog does not know of;
-the next run finds them already present with the same checksum and records them.
+the next run finds them already present with the same checksum and records them. Worker processes die with
+the loader (even on kill -9); one load holds the catalog at a time (CatalogBusy names the other run).
+
+The decisions are the pure rules of `nccid.warehouse.rules`; this module is the pipeline around them:
+list -> examine (workers read headers, the next batch while this one is filed) -> decide -> file -> record.
 """
 
 from __future__ import annotations
 
 import concurrent.futures as cf
-import ctypes
+import contextlib
 import datetime as dt
 import errno
 import json
@@ -46,7 +50,7 @@ from nccid.contracts.layout import (
     metadata_key,
     parse_raw_key,
 )
-from nccid.errors import NccidError, StoreError
+from nccid.errors import CatalogError, NccidError, StoreError
 from nccid.log import event
 from nccid.store import LocalStore, ObjectExists, ObjectInfo, ObjectStore
 from nccid.warehouse import rules
@@ -269,6 +273,8 @@ def _die_with_parent(parent: int) -> None:
 
     Without this a killed loader leaves its workers blocked on their pipe forever (issue 13.6).
     """
+    import ctypes  # here, in the worker: the loader's own start-up stays light
+
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
@@ -347,7 +353,6 @@ class Loader:
                 self.store.clean_temp()
         try:
             with _executor(self.workers) as pool, self.io:
-                pool.submit(os.getpid).result()  # fork the workers now, light, before any thread of ours runs
                 self.load_clinical()
                 self.load_images(pool)
             self._finish(time.perf_counter() - start)
@@ -363,7 +368,8 @@ class Loader:
                 raise
             raise failure from exc
         finally:
-            self.catalog.release()
+            with contextlib.suppress(CatalogError):  # a catalog that failed has said so already
+                self.catalog.release()
         return self.report
 
     # .. clinical records .................................................................................
