@@ -55,7 +55,7 @@ from nccid.log import event
 from nccid.store import LocalStore, ObjectExists, ObjectInfo, ObjectStore
 from nccid.warehouse import rules
 from nccid.warehouse.catalog import Catalog, ClinicalRow, Instance, RawRow, StagedRecord, bind
-from nccid.warehouse.clinical import ClinicalRecord, ClinicalRejected, check_clinical
+from nccid.warehouse.clinical import ClinicalRecord, ClinicalRejected, check_clinical, clinical_size_reason
 from nccid.warehouse.config import WarehouseConfig, group_for, load_config
 from nccid.warehouse.rules import Outcome
 
@@ -154,14 +154,16 @@ def examine_image(store: ObjectStore, key: str, size: int) -> Examined:
     reader = None
     try:
         with store.open(key, size) as reader:
-            ds = read_header(reader, size)
+            ds = read_header(reader, size, bounded=True)  # large values are skipped, never held in memory
             facts = image_facts(ds)
             metadata = metadata_json(ds)
     except ImageRejected as exc:
         return Examined(key, reason=exc.reason, bytes_read=_fetched(reader))
     except StoreError:
         raise
-    except Exception as exc:  # see the docstring
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as exc:  # see the docstring; a decoder's Rust panic is a BaseException, not an Exception
         return Examined(key, reason=rules.unexpected(exc), bytes_read=_fetched(reader))
     return Examined(key, facts=facts, metadata=metadata, bytes_read=_fetched(reader))
 
@@ -419,6 +421,9 @@ class Loader:
         A store failure propagates (the load stops, to be re-run); any other failure while checking ONE record
         holds that record with the reason, never stops the load.
         """
+        too_big = clinical_size_reason(info.size)
+        if too_big:  # held by its listed size: a huge object is never read
+            return ClinicalRejected(too_big)
         try:
             return check_clinical(parse_raw_key(info.key), self.store.read(info.key))
         except LayoutError as exc:
@@ -427,7 +432,9 @@ class Loader:
             return exc
         except StoreError:
             raise
-        except Exception as exc:  # defence in depth: one bad record must not stop every load
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as exc:  # defence in depth: one bad record must not stop every load
             return ClinicalRejected(rules.unexpected(exc))
 
     def _decide_groups(self) -> None:
