@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 from helpers import configure, put_clinical, put_image, run_cli
 
@@ -37,6 +38,14 @@ def test_demo_goes_from_identifiable_hospital_data_to_a_clean_warehouse(tmp_path
 
     with PortalDB(demo / "portal" / "portal.sqlite") as db:
         assert {u.username for u in db.users()} >= {"admin", "datamanager", "validator", "northfield-uploader"}
+
+    # the demo's own "try:" commands find the demo's catalog through the store alone (no --catalog)
+    assert f"nccid stats --store {store}" in out
+    again_stats = nccid("stats", "--store", store).stdout
+    total = re.compile(r"Total patients\s*│\s*\d+\s*│\s*\d+\s*│\s*([1-9]\d*)\s*│")
+    assert total.search(again_stats) and total.search(again_stats)[1] == total.search(out)[1], again_stats
+    status = nccid("warehouse", "status", "--store", store).stdout
+    assert re.search(r"filed\s*│\s*[1-9]\d*\s*│", status), status
 
     # the verdict is real: plant one identifier in the warehouse and the same check, as a command, finds it
     person = next(iter((demo / "hospitals" / "kingsbridge" / "pas-extract.csv").read_text().splitlines()[1:]))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import click
 import pytest
@@ -164,3 +165,22 @@ def test_the_demo_makes_exactly_the_patients_asked_for_or_says_why_not(tmp_path)
     proc = run_cli("demo", "--dir", tmp_path / "demo", "--patients", 8)
     assert proc.returncode == 2 and "the demo needs at least 16 patients (4 per hospital), not 8" in proc.stderr
     assert not (tmp_path / "demo").exists()
+
+
+def test_a_statistics_date_that_is_not_a_date_writes_nothing(small_store, tmp_path):
+    proc = run_cli("stats", "--store", small_store.root, "--catalog", tmp_path / "c.sqlite", "--date", "notadate")
+    assert proc.returncode == 2 and "statistics date 'notadate' is not a date as YYYY-MM-DD" in proc.stderr
+    assert not small_store.exists("stats/latest.json") and not list(small_store.list("stats/"))
+
+
+def test_the_store_leads_to_its_catalog_without_a_catalog_option(tmp_path):
+    store = LocalStore(tmp_path / "store")
+    configure(store)
+    put_clinical(store, "Covid1")
+    put_image(store, "Covid1", "1.2", "1.2.3", "1.2.3.4")
+    run_cli("warehouse", "load", "--store", store.root, check=True)
+    assert (tmp_path / "store.catalog.sqlite").exists()
+    status = run_cli("warehouse", "status", "--store", store.root, check=True).stdout
+    assert re.search(r"filed\s*│\s*2\s*│", status), status  # the record and the image, not an empty catalog
+    stats = run_cli("stats", "--store", store.root, check=True).stdout
+    assert re.search(r"Total patients\s*│\s*\d+\s*│\s*\d+\s*│\s*1\s*│", stats), stats

@@ -30,7 +30,7 @@ from nccid.store import LocalStore, ObjectStore, open_store
 from nccid.store.s3 import S3Store
 from nccid.synth.hospital import HospitalSite, hospital_site
 from nccid.synth.national import HOSPITALS, Hospital, SynthSpec, make_config
-from nccid.warehouse.catalog import Catalog
+from nccid.warehouse.catalog import catalog_for, default_catalog_path
 from nccid.warehouse.config import save_config
 from nccid.warehouse.loader import load
 
@@ -185,7 +185,7 @@ def _site_round(
     return site.images, uploaded.uploaded
 
 
-def _demo_portal(store: ObjectStore, directory: Path):
+def _demo_portal(store: ObjectStore, directory: Path, catalog: Path):
     """The demo's sites and accounts in the portal; returns the new accounts and the command that serves it."""
     from nccid.portal.accounts import Site
     from nccid.portal.demo import set_up_demo_portal
@@ -197,7 +197,7 @@ def _demo_portal(store: ObjectStore, directory: Path):
         sites,
         key_file=directory / "site.key",
         vault=directory / "vault.sqlite",
-        catalog=directory / "catalog.sqlite",
+        catalog=None if isinstance(store, LocalStore) else catalog,  # a local store's is found by the default rule
         state_dir=directory / "portal",
     )
 
@@ -232,7 +232,10 @@ def run_demo(
     directory = directory.resolve()
     _fresh(directory)
     store = _empty_store(store_url) if store_url else LocalStore(directory / "store")
-    catalog = Catalog(directory / "catalog.sqlite")
+    # the one default rule (beside a local store), so that `nccid stats --store ...` finds it; an S3 demo keeps
+    # its catalog in the demo's folder, as the store is new each run
+    catalog_path = default_catalog_path(store.url) if isinstance(store, LocalStore) else directory / "catalog.sqlite"
+    catalog = catalog_for(store, catalog_path, writing=True)
     key = PseudonymKey.generate()
     key.save(directory / "site.key")
     vault = Vault(directory / "vault.sqlite")
@@ -303,7 +306,7 @@ def run_demo(
     console.print("[bold green]gate verdict: zero identifiers found[/]")
 
     console.rule("7. the portal: accounts for the sites and the central team")
-    accounts, serve_command = _demo_portal(store, directory)
+    accounts, serve_command = _demo_portal(store, directory, catalog_path)
     for account in accounts:
         second_factor = f", TOTP secret {account.totp_secret}" if account.totp_secret else ""
         who = f"{account.role} of {account.site}" if account.site else account.role
@@ -315,12 +318,14 @@ def run_demo(
     base = where.rstrip("/") + "/"
     console.print(f"hospitals:   {directory / 'hospitals'}   (identifiable inputs, outboxes, node records)")
     console.print(f"store:       {where}   (processed layout under training/ and validation/)")
-    console.print(f"catalog:     {directory / 'catalog.sqlite'}")
+    console.print(f"catalog:     {catalog_path}")
     console.print(f"load report: {base}{first.report_key}")
     console.print(f"statistics:  {base}{prefix}")
     console.print(f"portal:      {serve_command}   (then open http://127.0.0.1:8080/)")
     console.print("try:")
     console.print(f"  nccid ls training/ --store {where}")
+    console.print(f"  nccid warehouse status --store {where}")
+    console.print(f"  nccid stats --store {where}")
     console.print(f"  nccid sync training/data/ ./clinical --store {where}")
     console.print(f"  nccid site status {directory / 'hospitals' / SITES[-1].hospital.uploader / 'outbox'}")
     console.print(

@@ -14,7 +14,7 @@ import typer
 
 from nccid.errors import NccidError, UsageError
 from nccid.store import ObjectStore, open_store
-from nccid.warehouse.catalog import Catalog, default_catalog_path
+from nccid.warehouse.catalog import Catalog, catalog_for
 
 if TYPE_CHECKING:  # imported where used: `nccid --help` does not load the site's crypto
     from nccid.site.pseudonymiser import Pseudonymiser
@@ -25,7 +25,7 @@ StoreOption = typer.Option(None, "--store", "-s", help=STORE_HELP, envvar="NCCID
 CatalogOption = typer.Option(
     None,
     "--catalog",
-    help="Catalog file (default: beside a local store, or under ~/.local/state/nccid).",
+    help="Catalog file (default: <store>.catalog.sqlite beside a local store, or under ~/.local/state/nccid).",
     envvar="NCCID_CATALOG",
 )
 HomeOption = typer.Option(
@@ -57,9 +57,11 @@ def open_store_option(url: str | None, *, create: bool = False) -> ObjectStore:
     return open_store(url, must_exist=not create)
 
 
-def open_catalog(store: ObjectStore, path: Path | None) -> Catalog:
-    """The catalog for `store`: `path` if given, else the store's default catalog."""
-    return Catalog(path or default_catalog_path(store.url))
+def open_catalog(store: ObjectStore, path: Path | None, *, writing: bool = False) -> Catalog:
+    """The store's catalog by the one default rule (`catalog_for`), or `path`; checked to belong to the store.
+    Raises CatalogError (saying how to rebuild it) for another store's catalog, or for a missing or empty one
+    while the store holds processed data."""
+    return catalog_for(store, path, writing=writing)
 
 
 def server(home: Path):

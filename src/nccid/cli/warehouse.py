@@ -12,7 +12,7 @@ from nccid.cli._common import CatalogOption, StoreOption, open_catalog, open_sto
 from nccid.console import console, human_bytes, progress_bar, table
 from nccid.render import show_load_report, show_summary
 from nccid.warehouse.catalog import Catalog, default_catalog_path
-from nccid.warehouse.config import load_config
+from nccid.warehouse.config import centre_rows, load_config
 
 app = typer.Typer(
     help="Central data team: load raw uploads, rebuild the catalog, inspect centres and outstanding objects.",
@@ -75,7 +75,7 @@ def warehouse_load(
     from nccid.warehouse.loader import load
 
     target = open_store_option(store)
-    cat = open_catalog(target, catalog)
+    cat = open_catalog(target, catalog, writing=not dry_run)
     try:
         with progress_bar("loading") as tick:
             report = load(target, cat, dry_run=dry_run, workers=workers, progress=tick)
@@ -101,11 +101,11 @@ def warehouse_rebuild(
     with progress_bar("rebuilding") as tick:
         report = rebuild_catalog(target, path, workers=workers, progress=tick)
     cat = Catalog(path)
-    counts = cat.outcome_counts()
-    patients = cat.query("SELECT COUNT(*) FROM patients")[0][0]
-    instances = cat.query("SELECT COUNT(*) FROM instances")[0][0]
+    sizes, counts = cat.sizes(), cat.outcome_counts()
     cat.close()
-    console.print(f"rebuilt {path}: {patients} patients, {instances} images, raw objects by outcome: {counts}")
+    console.print(
+        f"rebuilt {path}: {sizes['patients']} patients, {sizes['instances']} images, raw objects by outcome: {counts}"
+    )
     for warning in report.warnings[:20]:
         console.print(f"[yellow]warning:[/] {warning}")
 
@@ -116,23 +116,16 @@ def warehouse_centres(store: str = StoreOption, catalog: Path | None = CatalogOp
     target = open_store_option(store)
     config = load_config(target)
     cat = open_catalog(target, catalog)
-    seen = {centre: (records, filed) for centre, records, filed in cat.centres()}
+    rows = centre_rows(config, cat.centres())
     cat.close()
-    rows = []
-    for centre in sorted(set(seen) | config.sites):
-        rule = (
-            "split"
-            if centre in config.split_sites
-            else "training"
-            if centre in config.training_sites
-            else "validation"
-            if centre in config.validation_sites
-            else "NOT CONFIGURED"
+    console.print(
+        table(
+            "Submitting centres",
+            ["SubmittingCentre", "rule", "records seen", "filed"],
+            [[r.centre, r.rule or "NOT CONFIGURED", r.records, r.filed] for r in rows],
         )
-        records, filed = seen.get(centre, (0, 0))
-        rows.append([centre, rule, records, filed])
-    console.print(table("Submitting centres", ["SubmittingCentre", "rule", "records seen", "filed"], rows))
-    missing = [r[0] for r in rows if r[1] == "NOT CONFIGURED"]
+    )
+    missing = [r.centre for r in rows if not r.rule]
     if missing:
         console.print(f"{len(missing)} centre(s) not configured: add them to config.json 'sites' and load again")
 
@@ -146,9 +139,9 @@ def warehouse_status(
     """Everything not filed: pending, held, conflicting and quarantined objects with their reasons."""
     target = open_store_option(store)
     cat = open_catalog(target, catalog)
-    counts = cat.outcome_counts()
-    items = [[r.key, r.outcome, r.reason] for _, r in zip(range(limit), cat.outstanding(), strict=False)]
+    counts, outstanding = cat.status(limit)
     cat.close()
+    items = [[r.key, r.outcome, r.reason] for r in outstanding]
     console.print(table("Raw objects by outcome", ["outcome", "objects"], sorted(counts.items())))
     if items:
         console.print(table("Outstanding", ["raw key", "outcome", "reason"], items))

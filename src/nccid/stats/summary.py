@@ -18,7 +18,8 @@ import io
 import json
 from dataclasses import dataclass, field
 
-from nccid.contracts.layout import GROUPS, MODALITY_FOLDERS
+from nccid.contracts.layout import GROUPS, MODALITY_FOLDERS, is_upload_date
+from nccid.errors import UsageError
 from nccid.store import ObjectStore
 from nccid.warehouse.catalog import Catalog, bind
 
@@ -178,7 +179,10 @@ def compute(store: ObjectStore, catalog: Catalog, date: str | None = None) -> St
     Reads the catalog through its read-only contract and the latest clinical record of each patient from the
     store. Refuses (raises :class:`~nccid.errors.CatalogError`, saying how to rebuild) a catalog that belongs
     to another store, or an empty catalog for a store that holds processed data: zeros are never published.
+    Raises UsageError for a `date` that is not a real YYYY-MM-DD date (it names the folder `stats/<date>/`).
     """
+    if date is not None and not is_upload_date(date):
+        raise UsageError(f"statistics date {date!r} is not a date as YYYY-MM-DD: nothing was written")
     bind(store, catalog, writing=False)
     patients = patient_table(store, catalog)
     studies = study_tables(catalog)
