@@ -10,7 +10,7 @@ import time
 
 import psutil
 import pytest
-from conftest import SPLIT_SITE, configure, listing, put_clinical, put_image
+from helpers import SPLIT_SITE, configure, listing, put_clinical, put_image
 
 from nccid.errors import CatalogBusy, CatalogError
 from nccid.stats.summary import compute, publish

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import SPLIT_SITE, clinical, configure, listing
+from helpers import SPLIT_SITE, clinical, configure, listing
 from hypothesis import given, settings
 from hypothesis import strategies as st
 

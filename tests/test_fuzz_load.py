@@ -19,7 +19,7 @@ import zlib
 
 import psutil
 import pydicom
-from conftest import SPLIT_SITE, clinical, configure, image, listing
+from helpers import SPLIT_SITE, clinical, configure, image, listing
 from pydicom.dataset import Dataset
 from pydicom.uid import (
     DeflatedExplicitVRLittleEndian,

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from conftest import configure, image, listing, put_clinical
+from helpers import configure, image, listing, put_clinical
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydicom.dataset import Dataset

@@ -17,7 +17,7 @@ import time
 import uuid
 
 import pytest
-from conftest import listing
+from helpers import listing
 
 from nccid.errors import CatalogError, StoreError
 from nccid.store import LocalStore

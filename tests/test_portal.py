@@ -9,20 +9,16 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import random
 import re
-import signal
-import socket
 import sqlite3
-import subprocess
-import sys
 import time
-import urllib.request
 from pathlib import Path
 
+import portal_helpers
 import pyotp
 import pytest
+from portal_helpers import PASSWORD, login, running_portal, shot
 
 from nccid.portal.accounts import PortalDB
 from nccid.portal.central import save_site
@@ -31,19 +27,7 @@ from nccid.store import LocalStore
 from nccid.synth.hospital import filled_template, hospital_patient
 
 playwright_api = pytest.importorskip("playwright.sync_api")
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
-SHOTS = Path(os.environ.get("NCCID_TEST_OUTPUT", Path(__file__).parent / "output")) / "portal"
-PASSWORD = "Quiet-Harbour-Lantern-7"
+browser, page = portal_helpers.browser, portal_helpers.page  # the shared fixtures, used by name
 SITE_MENU = [
     "Guidance And Documentation",
     "FAQ",
@@ -68,7 +52,6 @@ class Portal:
         self.url = ""
         self.totp: dict[str, str] = {}
         self.people: list = []
-        self.process: subprocess.Popen | None = None
 
     def sheet(
         self, name: str, count: int, *, kind: str = "positive", defects: bool = False, seed: int = 0, hospital: str = ""
@@ -87,12 +70,6 @@ class Portal:
             with path.open("w", newline="") as handle:
                 csv.writer(handle).writerows(rows)
         return path
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -123,76 +100,8 @@ def portal(tmp_path_factory) -> Portal:
         p.totp["dm-config"] = db.create_account(
             "dm-config", "data_manager", actor="test", password=PASSWORD
         ).totp_secret
-    port = _free_port()
-    p.url = f"http://127.0.0.1:{port}"
-    with open(p.log, "wb") as log:
-        p.process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "nccid.portal",
-                "--store",
-                str(p.store_dir),
-                "--state",
-                str(p.state),
-                "--key-file",
-                str(key_file),
-                "--port",
-                str(port),
-                "--failure-delay",
-                "0.01",
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            urllib.request.urlopen(p.url + "/login", timeout=2).close()
-            break
-        except OSError:
-            if p.process.poll() is not None or time.monotonic() > deadline:
-                p.process.kill()
-                pytest.fail(f"the portal did not start: {p.log.read_text()[-2000:]}")
-            time.sleep(0.1)
-    yield p
-    os.kill(p.process.pid, signal.SIGTERM)
-    try:
-        p.process.wait(10)
-    except subprocess.TimeoutExpired:
-        p.process.kill()
-        p.process.wait()
-
-
-@pytest.fixture(scope="module")
-def browser():
-    with playwright_api.sync_playwright() as pw:
-        chromium = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        yield chromium
-        chromium.close()
-
-
-@pytest.fixture
-def page(browser):
-    context = browser.new_context(viewport={"width": 1280, "height": 900})
-    yield context.new_page()
-    context.close()
-
-
-def shot(page, name: str) -> None:
-    SHOTS.mkdir(parents=True, exist_ok=True)
-    page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
-
-
-def login(page, portal: Portal, username: str, password: str = PASSWORD, *, code: bool = True) -> None:
-    page.goto(portal.url + "/login")
-    page.fill("input[name=username]", username)
-    page.fill("input[name=password]", password)
-    page.click("form button[type=submit]")
-    if code and username in portal.totp:
-        page.wait_for_url("**/login/totp")
-        page.fill("input[name=code]", pyotp.TOTP(portal.totp[username]).now())
-        page.click("form button[type=submit]")
+    with running_portal(["--store", p.store_dir, "--state", p.state, "--key-file", key_file], p.log) as p.url:
+        yield p
 
 
 def upload(page, portal: Portal, template: str, sheet: Path) -> None:

@@ -218,6 +218,16 @@ def test_uploads_are_pseudonymised_filed_once_and_summarised(tmp_path, db):
     assert not any(p.nhs.replace(" ", "") in dump.replace(" ", "") for p in people)
 
 
+def _upload_form_token(client, username: str) -> str:
+    """Log `username` in through the app's login form and open the positive-sheet upload form; returns the
+    form's CSRF token."""
+    page = client.get("/login")
+    token = re.search(r'name="csrf" value="([^"]+)"', page.text).group(1)
+    client.post("/login", data={"username": username, "password": PASSWORD, "csrf": token})
+    form = client.get("/site/upload/positive")
+    return re.search(r'name="csrf" value="([^"]+)"', form.text).group(1)
+
+
 def test_the_app_uploads_to_an_s3_store_and_loads_it(tmp_path, make_store):
     from fastapi.testclient import TestClient
 
@@ -248,11 +258,7 @@ def test_the_app_uploads_to_an_s3_store_and_loads_it(tmp_path, make_store):
     sheet = filled_template(people, str(tmp_path / "s.csv"), defects=False)
     app = create_app(settings)
     with TestClient(app) as client:
-        page = client.get("/login")
-        token = re.search(r'name="csrf" value="([^"]+)"', page.text).group(1)
-        client.post("/login", data={"username": "north-a", "password": PASSWORD, "csrf": token})
-        form = client.get("/site/upload/positive")
-        csrf = re.search(r'name="csrf" value="([^"]+)"', form.text).group(1)
+        csrf = _upload_form_token(client, "north-a")
         answer = client.post(
             "/site/upload/positive",
             data={"csrf": csrf},
@@ -305,11 +311,7 @@ def test_uploads_past_the_size_limit_are_refused_with_a_message(tmp_path):
         store_url=str(store.root), state_dir=state, key_file=key_file, failure_delay_s=0.01, max_upload_bytes=4096
     )
     with TestClient(create_app(settings)) as client:
-        page = client.get("/login")
-        token = re.search(r'name="csrf" value="([^"]+)"', page.text).group(1)
-        client.post("/login", data={"username": "north-a", "password": PASSWORD, "csrf": token})
-        form = client.get("/site/upload/positive")
-        csrf = re.search(r'name="csrf" value="([^"]+)"', form.text).group(1)
+        csrf = _upload_form_token(client, "north-a")
         answer = client.post(
             "/site/upload/positive", data={"csrf": csrf}, files={"sheet": ("big.csv", b"a,b\n" * 50_000, "text/csv")}
         )
@@ -378,3 +380,33 @@ def test_a_site_is_read_back_with_its_hospitals_so_its_own_rows_are_accepted(db)
     site = db.site("northfield")
     assert site.hospitals == ("Northfield General Hospital",) and site.aliases == ("NTH",)
     assert db.sites() == [site]
+
+
+def test_a_background_runner_runs_one_job_at_a_time():
+    import threading
+    from dataclasses import dataclass
+
+    from nccid.portal.background import OneAtATimeRunner
+
+    @dataclass
+    class Job:
+        name: str
+        running: bool = True
+
+    release = threading.Event()
+
+    class Runner(OneAtATimeRunner[Job]):
+        def _run(self) -> None:
+            release.wait(60)
+            self.job.running = False
+
+    runner = Runner(Job("idle", running=False), "nccid-test-runner")
+    assert runner.begin(Job("first"))
+    assert not runner.begin(Job("second"))  # refused while the first runs
+    assert runner.job.name == "first" and runner.job.running
+    release.set()
+    runner.wait()
+    assert not runner.job.running
+    assert runner.begin(Job("third"))  # free again once the first ended
+    runner.wait()
+    assert runner.job.name == "third" and not runner.job.running

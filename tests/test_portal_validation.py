@@ -12,17 +12,13 @@ from __future__ import annotations
 
 import os
 import re
-import signal
-import socket
-import subprocess
-import sys
 import time
-import urllib.request
 from pathlib import Path
 
+import portal_helpers
 import pydicom
-import pyotp
 import pytest
+from portal_helpers import PASSWORD, login, running_portal, shot
 
 from nccid.portal.accounts import PortalDB
 from nccid.portal.central import save_site
@@ -33,11 +29,7 @@ from nccid.validation.service import Workspace
 from nccid.warehouse.catalog import Catalog
 from nccid.warehouse.loader import load
 
-playwright_api = pytest.importorskip("playwright.sync_api")
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking"]
-SHOTS = Path(os.environ.get("NCCID_TEST_OUTPUT", Path(__file__).parent / "output")) / "portal"
-PASSWORD = "Quiet-Harbour-Lantern-7"
+browser, page = portal_helpers.browser, portal_helpers.page  # the shared fixtures, used by name
 COIN_FLIP = default_models_dir() / "coin-flip"
 VALIDATION_URLS = ["/validation", "/validation/job", "/validation/folders", "/validation/runs/x/report.html"]
 PSEUDONYM = re.compile(r"Covid\d+")
@@ -51,12 +43,6 @@ class World:
         self.url = ""
         self.totp: dict[str, str] = {}
         self.identifiers: set[str] = set()
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -83,65 +69,10 @@ def world(tmp_path_factory):
                            ("vera-val", "validator"),
                            ("otto-val", "validator")]:  # fmt: skip
             w.totp[name] = db.create_account(name, role, actor="t", password=PASSWORD).totp_secret
-    port = _free_port()
-    w.url = f"http://127.0.0.1:{port}"
     env = {k: v for k, v in os.environ.items() if k != "NCCID_VALIDATION"}
-    log = w.root / "server.log"
-    with open(log, "wb") as out:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "nccid.portal", "--store", str(w.store.root), "--state", str(w.state),
-             "--catalog", str(w.root / "catalog.sqlite"), "--port", str(port), "--failure-delay", "0.01"],
-            stdout=out, stderr=subprocess.STDOUT, env=env,
-        )  # fmt: skip
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            urllib.request.urlopen(w.url + "/login", timeout=2).close()
-            break
-        except OSError:
-            if process.poll() is not None or time.monotonic() > deadline:
-                process.kill()
-                pytest.fail(f"the portal did not start: {log.read_text()[-2000:]}")
-            time.sleep(0.1)
-    yield w
-    os.kill(process.pid, signal.SIGTERM)
-    try:
-        process.wait(10)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
-
-
-@pytest.fixture(scope="module")
-def browser():
-    with playwright_api.sync_playwright() as pw:
-        chromium = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        yield chromium
-        chromium.close()
-
-
-@pytest.fixture
-def page(browser):
-    context = browser.new_context(viewport={"width": 1280, "height": 900})
-    yield context.new_page()
-    context.close()
-
-
-def shot(page, name: str) -> None:
-    SHOTS.mkdir(parents=True, exist_ok=True)
-    page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
-
-
-def login(page, world: World, username: str) -> None:
-    page.goto(world.url + "/login")
-    page.fill("input[name=username]", username)
-    page.fill("input[name=password]", PASSWORD)
-    page.click("main form button[type=submit]")
-    if username in world.totp:
-        page.wait_for_url("**/login/totp")
-        page.fill("input[name=code]", pyotp.TOTP(world.totp[username]).now())
-        page.click("main form button[type=submit]")
-    page.wait_for_load_state()
+    args = ["--store", w.store.root, "--state", w.state, "--catalog", w.root / "catalog.sqlite"]
+    with running_portal(args, w.root / "server.log", env=env) as w.url:
+        yield w
 
 
 def menu(page) -> list[str]:

@@ -6,7 +6,7 @@ import csv
 import io
 import json
 
-from conftest import TRAINING_SITE, VALIDATION_SITE, configure, image, put_clinical, put_image
+from helpers import TRAINING_SITE, VALIDATION_SITE, configure, image, put_clinical, put_image
 
 from nccid.stats.summary import LATEST_KEY, compute, publish
 from nccid.synth.dicom import encode

@@ -11,7 +11,7 @@ import sys
 import time
 
 import pytest
-from conftest import configure, put_clinical, put_image
+from helpers import configure, put_clinical, put_image
 
 import nccid
 from nccid.access.api import Folder

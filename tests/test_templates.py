@@ -5,11 +5,10 @@ from __future__ import annotations
 import csv
 import datetime as dt
 import json
-import subprocess
-import sys
 
 import openpyxl
 import pytest
+from helpers import run_cli
 
 from nccid.site.templates import (
     NEGATIVE_COLUMNS,
@@ -117,9 +116,6 @@ def test_clinical_command_writes_valid_rows_and_strict_refuses_the_sheet(tmp_pat
         csv.writer(handle).writerows(rows(GOOD, ["123", "RX9", "Northfield", 40, 1, "04/03/2020", 0, 1, ""]))
     key_file = PseudonymKey.generate().save(tmp_path / "k.key")
     base = [
-        sys.executable,
-        "-m",
-        "nccid.cli",
         "site",
         "clinical",
         str(tmp_path / "sheet.csv"),
@@ -135,10 +131,10 @@ def test_clinical_command_writes_valid_rows_and_strict_refuses_the_sheet(tmp_pat
         "--vault",
         str(tmp_path / "v.sqlite"),
     ]
-    strict = subprocess.run([*base, "--strict"], capture_output=True, text=True)
+    strict = run_cli(*base, "--strict")
     assert strict.returncode == 1 and "row 3, column 'NHS/CHI Number'" in strict.stderr
     assert not (tmp_path / "out").exists()
-    ok = subprocess.run(base, capture_output=True, text=True)
+    ok = run_cli(*base)
     assert ok.returncode == 0, ok.stderr
     assert "1 record(s) written" in ok.stdout and "1 row(s) held back" in ok.stdout
     (written,) = (tmp_path / "out" / "data").iterdir()

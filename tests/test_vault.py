@@ -4,10 +4,9 @@ and an audit log that never holds a number."""
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 
 import pytest
+from helpers import run_cli
 
 from nccid.site.identifiers import IdentifierError, check_digit, validate_chi, validate_nhs
 from nccid.site.vault import KEY_ENV, PseudonymKey, Vault, VaultError, encrypt_batch
@@ -136,9 +135,6 @@ def test_reveal_from_the_command_line(key, vault, tmp_path):
     vault.add_manager("dm.alice")
     key_file = key.save(tmp_path / "k.key")
     base = [
-        sys.executable,
-        "-m",
-        "nccid.cli",
         "vault",
         "reveal",
         pseudonym,
@@ -147,8 +143,8 @@ def test_reveal_from_the_command_line(key, vault, tmp_path):
         "--key-file",
         str(key_file),
     ]
-    ok = subprocess.run([*base, "--as", "dm.alice"], capture_output=True, text=True)
+    ok = run_cli(*base, "--as", "dm.alice")
     assert ok.returncode == 0 and ok.stdout.strip() == "9434765919"
-    refused = subprocess.run([*base, "--as", "mallory"], capture_output=True, text=True)
+    refused = run_cli(*base, "--as", "mallory")
     assert refused.returncode == 1 and "not a named data manager" in refused.stderr
     assert "9434765919" not in refused.stdout + refused.stderr

@@ -8,15 +8,13 @@ the portal can never save a configuration the loader would refuse.
 from __future__ import annotations
 
 import copy
-import datetime as dt
 import json
-import threading
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from nccid.errors import ConfigError, NccidError
 from nccid.portal.accounts import SPLIT_RULES, PortalDB, PortalError, Site, check_uploader
+from nccid.portal.background import OneAtATimeRunner, now
 from nccid.store import ObjectNotFound, ObjectStore
 from nccid.warehouse.config import CONFIG_KEY, WarehouseConfig
 
@@ -112,26 +110,20 @@ class LoadJob:
     error: str = ""
 
 
-class LoadRunner:
+class LoadRunner(OneAtATimeRunner[LoadJob]):
     """Runs `nccid.warehouse.loader.load` in a thread, one at a time, and keeps its progress for the page."""
 
     def __init__(self, store_url: str, catalog_path: Path | None, db_path: Path, *, workers: int = 1) -> None:
+        super().__init__(LoadJob(), "nccid-portal-load")
         self.store_url = store_url
         self.db_path = db_path
         self.catalog_path = catalog_path
         self.workers = workers
-        self.lock = threading.Lock()
-        self.job = LoadJob()
-        self.thread: threading.Thread | None = None
 
     def start(self, actor: str, db: PortalDB) -> bool:
         """Start a load unless one runs; returns whether it started."""
-        with self.lock:
-            if self.job.running:
-                return False
-            self.job = LoadJob(started_by=actor, started=_now(), phase="starting", running=True)
-            self.thread = threading.Thread(target=self._run, name="nccid-portal-load", daemon=True)
-            self.thread.start()
+        if not self.begin(LoadJob(started_by=actor, started=now(), phase="starting", running=True)):
+            return False
         db.audit(actor, "load.start")
         return True
 
@@ -164,13 +156,4 @@ class LoadRunner:
             job.error = f"the load stopped unexpectedly ({type(exc).__name__}); see the server log"
             db.audit(job.started_by, "load.finish", job.error, outcome="failed")
         finally:
-            job.finished, job.running, job.phase = _now(), False, "finished"
-
-    def wait(self, timeout: float = 600) -> None:
-        deadline = time.monotonic() + timeout
-        while self.thread is not None and self.thread.is_alive() and time.monotonic() < deadline:
-            self.thread.join(0.1)
-
-
-def _now() -> str:
-    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+            job.finished, job.running, job.phase = now(), False, "finished"

@@ -188,6 +188,17 @@ async def change_password(request: Request) -> Response:
     )
 
 
+def _invalid_setup_link(request: Request) -> Response:
+    """The 404 page for a set-up link used already or expired, saying how to get a new one."""
+    return render(
+        request,
+        "message.html",
+        status=404,
+        title="Set-up link not valid",
+        message="This set-up link was used already or has expired: ask an administrator for a new one.",
+    )
+
+
 @router.get("/setup/{token}")
 def setup_page(request: Request, token: str) -> Response:
     """The one-time set-up form of a new account (choose a password, enrol TOTP where the role needs it);
@@ -195,13 +206,7 @@ def setup_page(request: Request, token: str) -> Response:
     with _db(request) as db:
         found = db.setup_account(token)
     if found is None:
-        return render(
-            request,
-            "message.html",
-            status=404,
-            title="Set-up link not valid",
-            message="This set-up link was used already or has expired: ask an administrator for a new one.",
-        )
+        return _invalid_setup_link(request)
     user, secret = found
     return _pre_page(
         request, "setup.html", account=user, secret=secret, token=token, otpauth=_otpauth(user.username, secret)
@@ -218,13 +223,7 @@ async def setup(request: Request, token: str) -> Response:
     with _db(request) as db:
         found = db.setup_account(token)
         if found is None:
-            return render(
-                request,
-                "message.html",
-                status=404,
-                title="Set-up link not valid",
-                message="This set-up link was used already or has expired.",
-            )
+            return _invalid_setup_link(request)
         user, secret = found
         try:
             if form.get("password", "") != form.get("confirm", ""):

@@ -106,17 +106,11 @@ async def upload(request: Request, template: str) -> Response:
         "max_mb": f"{settings.max_upload_bytes / 1048576:g}",
         "uploads": [],
     }
+    too_large = f"The file is larger than {context['max_mb']} MiB: split the sheet into several uploads."
     try:
         body = await read_body(request, settings.max_upload_bytes + 64 * 1024)
     except TooLarge:
-        return render(
-            request,
-            "site_upload.html",
-            who,
-            status=413,
-            **context,
-            error=f"The file is larger than {context['max_mb']} MiB: split the sheet into several uploads.",
-        )
+        return render(request, "site_upload.html", who, status=413, **context, error=too_large)
     fields, files = parse_multipart(body, request.headers.get("content-type", ""))
     del body
     with PortalDB(settings.db_path) as db:
@@ -125,14 +119,7 @@ async def upload(request: Request, template: str) -> Response:
     if not data:
         return render(request, "site_upload.html", who, status=400, **context, error="Choose a sheet to upload.")
     if len(data) > settings.max_upload_bytes:
-        return render(
-            request,
-            "site_upload.html",
-            who,
-            status=413,
-            **context,
-            error=f"The file is larger than {context['max_mb']} MiB: split the sheet into several uploads.",
-        )
+        return render(request, "site_upload.html", who, status=413, **context, error=too_large)
     if request.app.state.key is None:
         return render(request, "site_upload.html", who, status=503, **context, key_missing=True)
     try:

@@ -4,15 +4,13 @@ module only schedules them and remembers how the last one ended."""
 
 from __future__ import annotations
 
-import datetime as dt
 import logging
-import threading
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from nccid.errors import NccidError
 from nccid.portal.accounts import PortalDB
+from nccid.portal.background import OneAtATimeRunner, now
 
 _LOG = logging.getLogger("nccid.portal")
 KINDS = {"dry_run": "dry run on synthetic data", "sealed_run": "sealed run on the validation cohort"}
@@ -39,33 +37,23 @@ class ValidationJob:
         return KINDS.get(self.kind, self.kind)
 
 
-class ValidationRunner:
+class ValidationRunner(OneAtATimeRunner[ValidationJob]):
     """Starts dry and sealed runs in a thread, one at a time, on the portal's workspace and store."""
 
     def __init__(self, workspace_root: Path, store_url: str, db_path: Path) -> None:
+        super().__init__(ValidationJob(), "nccid-portal-validation")
         self.workspace_root = workspace_root
         self.store_url = store_url
         self.db_path = db_path
-        self.lock = threading.Lock()
-        self.job = ValidationJob()
-        self.thread: threading.Thread | None = None
-        self._clock = 0.0
 
     def elapsed(self) -> float:
         """Seconds since the running job started (its total once finished)."""
-        return round(time.monotonic() - self._clock, 1) if self.job.running else self.job.seconds
+        return self._seconds() if self.job.running else self.job.seconds
 
     def start(self, kind: str, submission: str, actor: str, db: PortalDB) -> bool:
         """Start a run of `kind` (dry_run | sealed_run) unless one is running; returns whether it started."""
-        if kind not in KINDS:
+        if kind not in KINDS or not self.begin(ValidationJob(kind, submission, actor, now(), running=True)):
             return False
-        with self.lock:
-            if self.job.running:
-                return False
-            self.job = ValidationJob(kind, submission, actor, _now(), running=True)
-            self._clock = time.monotonic()
-            self.thread = threading.Thread(target=self._run, name="nccid-portal-validation", daemon=True)
-            self.thread.start()
         db.audit(actor, f"validation.{kind}.start", submission)
         return True
 
@@ -89,8 +77,8 @@ class ValidationRunner:
             _LOG.error("validation run stopped: %s", type(exc).__name__)
             job.error = f"the run stopped unexpectedly ({type(exc).__name__}); see the server log"
         finally:
-            job.seconds = round(time.monotonic() - self._clock, 1)
-            job.finished, job.running = _now(), False
+            job.seconds = self._seconds()
+            job.finished, job.running = now(), False
             with PortalDB(self.db_path) as db:
                 db.audit(
                     job.started_by,
@@ -98,12 +86,3 @@ class ValidationRunner:
                     job.error or f"run {job.run}: {job.outcome}",
                     outcome="failed" if job.error else "ok",
                 )
-
-    def wait(self, timeout: float = 600) -> None:
-        deadline = time.monotonic() + timeout
-        while self.thread is not None and self.thread.is_alive() and time.monotonic() < deadline:
-            self.thread.join(0.1)
-
-
-def _now() -> str:
-    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")

@@ -1,0 +1,122 @@
+"""Raw data as a site's upload arrives (no cached checksums): the listing reads no bytes, the workers hash each
+raw file once, and the catalog, duplicates, conflicts and the no-op re-run are exactly as with cached checksums."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+from pathlib import Path
+
+import pytest
+from helpers import configure, listing, put_clinical, put_image
+
+from nccid.store import LocalStore, ObjectNotFound
+from nccid.warehouse.catalog import Catalog
+from nccid.warehouse.loader import load
+
+S1, SE1, I1 = "1.2.826.1", "1.2.826.1.1", "1.2.826.1.1.1"
+CHECKSUM_XATTR = "user.nccid.md5"
+
+
+def md5(path: Path) -> str:
+    return hashlib.md5(path.read_bytes(), usedforsecurity=False).hexdigest()
+
+
+def as_arrived(store: LocalStore, *keys: str) -> list[Path]:
+    """Forget the cached checksum of these raw files (default: all), as for files copied in by `cp` or rsync."""
+    files = [store.root / k for k in keys] or [p for p in store.root.glob("raw-*/**/*") if p.is_file()]
+    for path in files:
+        with contextlib.suppress(OSError):  # none cached already
+            os.removexattr(path, CHECKSUM_XATTR)
+        with pytest.raises(OSError):
+            os.getxattr(path, CHECKSUM_XATTR)
+    return files
+
+
+def test_a_listing_without_hashing_reads_no_bytes_of_a_file_it_has_no_checksum_for(local_store):
+    path = local_store.root / "raw-site" / "a.bin"
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"first bytes")  # written by something else than the store: no cached checksum
+
+    assert [(i.key, i.size, i.checksum) for i in local_store.list_unhashed()] == [("raw-site/a.bin", 11, "")]
+    assert local_store.checksum("raw-site/a.bin") == md5(path)
+    # computed once, cached: now the listing knows it without reading
+    assert [i.checksum for i in local_store.list_unhashed()] == [md5(path)]
+
+    path.write_bytes(b"other bytes, longer")  # changed behind the store's back: the cache no longer counts
+    assert [i.checksum for i in local_store.list_unhashed()] == [""]
+    assert [i.checksum for i in local_store.list()] == [md5(path)]  # the hashing listing still hashes
+    with pytest.raises(ObjectNotFound):
+        local_store.checksum("raw-site/missing.bin")
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_raw_data_as_it_arrives_gets_its_true_checksums_duplicates_and_conflicts(local_store, catalog, workers):
+    store = local_store
+    configure(store)
+    put_clinical(store, "Covid1")
+    first = put_image(store, "Covid1", S1, SE1, I1, date="2020-04-01")
+    quarantined = "raw-site/2020-04-01/images/notes.dcm"
+    store.write(quarantined, b"not DICOM at all")
+    as_arrived(store)
+
+    report = load(store, catalog, workers=workers)
+    assert report.counts == {"filed": 2, "quarantined": 1}
+    raw = {str(p.relative_to(store.root)): md5(p) for p in store.root.glob("raw-site/**/*") if p.is_file()}
+    rows = catalog.raw_rows(list(raw))
+    assert {key: row.checksum for key, row in rows.items()} == raw  # each raw object's real MD5, bad ones too
+    filed = f"training/xray/Covid1/{S1}/{SE1}/{I1}.dcm"
+    assert (store.root / filed).read_bytes() == (store.root / first).read_bytes()
+    assert listing(store)[filed] == (rows[first].size, raw[first])
+
+    again = put_image(store, "Covid1", S1, SE1, I1, date="2020-04-08", name="again.dcm")
+    changed = put_image(store, "Covid1", S1, SE1, I1, date="2020-04-08", name="changed.dcm", seed=99)
+    as_arrived(store, again, changed)
+    report = load(store, catalog, workers=workers)
+    assert {i["key"]: i["outcome"] for i in report.items} == {again: "duplicate", changed: "conflict"}
+    assert report.images_examined == 2  # only the new files: the first run cached what it hashed
+
+    # the no-op re-run examines (and so hashes) nothing
+    rerun = load(store, catalog, workers=workers)
+    assert rerun.counts == {} and rerun.images_examined == 0 and rerun.unchanged == 5
+
+
+def test_a_raw_file_changed_in_place_is_hashed_again_and_held_as_a_conflict(local_store, catalog):
+    store = local_store
+    configure(store)
+    put_clinical(store, "Covid1")
+    first = put_image(store, "Covid1", S1, SE1, I1)
+    as_arrived(store)
+    load(store, catalog, workers=1)
+    path = store.root / first
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF  # same size, other bytes, a later mtime
+    path.write_bytes(bytes(data))
+    stamp = path.stat()
+    os.utime(path, ns=(stamp.st_atime_ns, stamp.st_mtime_ns + 2_000_000_000))
+
+    report = load(store, catalog, workers=1)
+    assert {i["key"]: i["outcome"] for i in report.items} == {first: "conflict"}
+    assert catalog.raw_rows([first])[first].checksum == md5(path)
+
+
+def test_without_any_cached_checksum_a_rerun_hashes_again_but_changes_nothing(local_store, tmp_path):
+    store = local_store
+    configure(store)
+    put_clinical(store, "Covid1")
+    put_image(store, "Covid1", S1, SE1, I1)
+    put_image(store, "Covid77", "1.2.826.2", "1.2.826.2.1", "1.2.826.2.1.1")  # pending: no clinical record
+    catalog = Catalog(tmp_path / "c.sqlite")
+    try:
+        load(store, catalog, workers=1)
+        before = {k: v for k, v in listing(store).items() if not k.startswith("reports/")}
+        as_arrived(store)  # as on a filesystem without extended attributes
+
+        rerun = load(store, catalog, workers=1)
+        assert rerun.counts == {} and rerun.images_filed == 0 and rerun.unchanged == 3
+        assert rerun.images_examined == 2  # hashed again, found to be what the catalog recorded
+        after = {k: v for k, v in listing(store).items() if not k.startswith("reports/")}
+        assert after == before
+    finally:
+        catalog.close()
