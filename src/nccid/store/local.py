@@ -4,7 +4,8 @@ Writes go to a temporary file inside the store's own `.nccid-tmp/` folder (same 
 renamed or hard-linked into place, so a reader never sees half an object and a no-overwrite write is a
 single atomic `link()` that fails if the key exists. The MD5 checksum of each object is cached in an extended
 attribute, stamped with the file's size and mtime, so listings are cheap and a file changed behind our back
-is re-hashed rather than trusted.
+is re-hashed rather than trusted. `list_unhashed` reads no bytes at all: a file without a current cached
+checksum is listed with '' and hashed by whoever reads it (the loader's workers, in parallel).
 """
 
 from __future__ import annotations
@@ -43,16 +44,21 @@ def _stamp(st: os.stat_result) -> str:
 def cached_checksum(path: str, st: os.stat_result | None = None) -> str:
     """The file's MD5, from the xattr cache when it still matches size and mtime, else computed and cached."""
     st = st or os.stat(path)
-    try:
-        cached = os.getxattr(path, _XATTR).decode()
-        digest, stamp = cached.split(":", 1)
-        if stamp == _stamp(st):
-            return digest
-    except (OSError, ValueError):
-        pass
+    digest = known_checksum(path, st)
+    if digest:
+        return digest
     digest = md5_file(path)
     _remember_checksum(path, digest, st)
     return digest
+
+
+def known_checksum(path: str, st: os.stat_result) -> str:
+    """The file's MD5 from the xattr cache when it still matches size and mtime, else '' (nothing is read)."""
+    try:
+        digest, stamp = os.getxattr(path, _XATTR).decode().split(":", 1)
+    except (OSError, ValueError):
+        return ""
+    return digest if stamp == _stamp(st) else ""
 
 
 def _remember_checksum(path: str, digest: str, st: os.stat_result | None = None) -> None:
@@ -104,8 +110,10 @@ class LocalStore(ObjectStore):
         self._tmp.mkdir(exist_ok=True)
         return os.path.join(self._tmp, f"{uuid.uuid4().hex}.part")
 
-    def _info(self, key: str, path: str, st: os.stat_result) -> ObjectInfo:
-        return ObjectInfo(key=key, size=st.st_size, checksum=cached_checksum(path, st), mtime=st.st_mtime)
+    def _info(self, key: str, path: str, st: os.stat_result, *, hashed: bool = True) -> ObjectInfo:
+        """`hashed=False` gives '' for a checksum not cached (see `list_unhashed`) instead of reading the file."""
+        digest = cached_checksum(path, st) if hashed else known_checksum(path, st)
+        return ObjectInfo(key=key, size=st.st_size, checksum=digest, mtime=st.st_mtime)
 
     # -- listing ---------------------------------------------------------------------------------------
     def _entries(self, prefix: str) -> tuple[str, list[os.DirEntry]]:
@@ -122,9 +130,25 @@ class LocalStore(ObjectStore):
 
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
         base, entries = self._entries(prefix)
-        yield from self._walk(base, entries)
+        yield from self._walk(base, entries, hashed=True)
 
-    def _walk(self, base: str, entries: list[os.DirEntry]) -> Iterator[ObjectInfo]:
+    def list_unhashed(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        """Like `list`, with '' for a checksum the xattr cache does not hold for the file's current size and
+        mtime (a file copied in by `cp`, rsync or a sync): the listing reads no file's bytes."""
+        base, entries = self._entries(prefix)
+        yield from self._walk(base, entries, hashed=False)
+
+    def checksum(self, key: str) -> str:
+        """The object's MD5, from the cache or read now and cached for the next listing. Raises ObjectNotFound."""
+        path = self._path(key)
+        try:
+            if os.path.isfile(path):
+                return cached_checksum(path)
+        except (FileNotFoundError, NotADirectoryError):
+            pass
+        raise ObjectNotFound(f"no object {key!r} in {self.url}")
+
+    def _walk(self, base: str, entries: list[os.DirEntry], *, hashed: bool) -> Iterator[ObjectInfo]:
         # S3 order: a folder sorts as its name followed by '/', so 'a-b' comes before everything in 'a/'.
         entries.sort(key=lambda e: e.name + "/" if e.is_dir(follow_symlinks=False) else e.name)
         for entry in entries:
@@ -134,9 +158,9 @@ class LocalStore(ObjectStore):
                         children = list(it)
                 except (FileNotFoundError, NotADirectoryError):
                     continue  # removed by another writer while we listed
-                yield from self._walk(f"{base}{entry.name}/", children)
+                yield from self._walk(f"{base}{entry.name}/", children, hashed=hashed)
             elif entry.is_file(follow_symlinks=False):
-                yield self._info(base + entry.name, entry.path, entry.stat(follow_symlinks=False))
+                yield self._info(base + entry.name, entry.path, entry.stat(follow_symlinks=False), hashed=hashed)
 
     def list_level(self, prefix: str = "") -> Iterator[ObjectInfo]:
         base, entries = self._entries(prefix)

@@ -142,15 +142,20 @@ class Examined:
     metadata: bytes = b""
     reason: str = ""
     bytes_read: int = 0  # fetched from a remote store to read the header (0 where not measured)
+    checksum: str = ""  # the raw object's MD5 (the listing's, or computed here when the listing had none)
 
 
-def examine_image(store: ObjectStore, key: str, size: int) -> Examined:
+def examine_image(store: ObjectStore, key: str, size: int, checksum: str = "") -> Examined:
     """Read only the header of a raw image, decide whether it can be filed, and prepare its metadata JSON.
 
-    Returns the facts and metadata, or the reason the image is quarantined. A store failure propagates (the
-    load stops, to be re-run); any other failure while examining this ONE object becomes its quarantine reason
-    (defence in depth: one bad file must never stop every load).
+    An empty `checksum` (a raw file the listing did not hash: see `ObjectStore.list_unhashed`) is computed
+    here, in a worker, so that each raw byte is read once and files are hashed in parallel; the header read
+    that follows finds the bytes in the page cache. Returns the facts and metadata, or the reason the image is
+    quarantined, with the checksum. A store failure (or an unreadable file) propagates: the load stops, to be
+    re-run; any other failure while examining this ONE object becomes its quarantine reason (defence in depth:
+    one bad file must never stop every load).
     """
+    checksum = checksum or store.checksum(key)
     reader = None
     try:
         with store.open(key, size) as reader:
@@ -158,14 +163,14 @@ def examine_image(store: ObjectStore, key: str, size: int) -> Examined:
             facts = image_facts(ds)
             metadata = metadata_json(ds)
     except ImageRejected as exc:
-        return Examined(key, reason=exc.reason, bytes_read=_fetched(reader))
+        return Examined(key, reason=exc.reason, bytes_read=_fetched(reader), checksum=checksum)
     except StoreError:
         raise
     except (KeyboardInterrupt, SystemExit):
         raise
     except BaseException as exc:  # see the docstring; a decoder's Rust panic is a BaseException, not an Exception
-        return Examined(key, reason=rules.unexpected(exc), bytes_read=_fetched(reader))
-    return Examined(key, facts=facts, metadata=metadata, bytes_read=_fetched(reader))
+        return Examined(key, reason=rules.unexpected(exc), bytes_read=_fetched(reader), checksum=checksum)
+    return Examined(key, facts=facts, metadata=metadata, bytes_read=_fetched(reader), checksum=checksum)
 
 
 def _fetched(reader: object) -> int:
@@ -222,9 +227,10 @@ def _threaded(fn: Callable, items: list, threads: int) -> list:
         return list(pool.map(lambda item: fn(*item), items))
 
 
-def examine_many(store: ObjectStore, items: list[tuple[str, int]], threads: int) -> list[Examined]:
-    """One worker process's share of a batch; threads overlap the round trips of a remote store."""
-    return _threaded(lambda key, size: examine_image(store, key, size), items, threads)
+def examine_many(store: ObjectStore, items: list[tuple[str, int, str]], threads: int) -> list[Examined]:
+    """One worker process's share of a batch of (key, size, listed checksum or ''); threads overlap the round
+    trips of a remote store."""
+    return _threaded(lambda key, size, checksum: examine_image(store, key, size, checksum), items, threads)
 
 
 def file_many(store: ObjectStore, plans: list[ImagePlan], write: bool, threads: int) -> list[str]:
@@ -497,7 +503,8 @@ class Loader:
         """
         ahead: tuple[list[ObjectInfo], list[ObjectInfo], list[cf.Future]] | None = None
         for prefix in self.config.raw_prefixes:
-            listing = (i for i in self.store.list(prefix) if not self._is_clinical_area(i.key))
+            # unhashed: a raw file without a cached checksum is hashed by a worker, not here one after another
+            listing = (i for i in self.store.list_unhashed(prefix) if not self._is_clinical_area(i.key))
             for batch in _batches(listing):
                 todo = self._select_images(batch)
                 examining = self._start_examining(todo, pool)
@@ -518,6 +525,7 @@ class Loader:
             examined = [e for future in examining for e in future.result()]
             self.report.images_examined += len(examined)
             self.report.header_bytes_read += sum(e.bytes_read for e in examined)
+            todo, examined = self._drop_unchanged(todo, examined)
             rows, plans = self._decide_images(todo, examined)
             rows += self._file_images(plans, pool)
             self._record(rows)
@@ -543,15 +551,37 @@ class Loader:
             try:
                 parse_raw_key(info.key)
             except LayoutError as exc:
-                stray.append(RawRow(info.key, info.size, info.checksum, "other", Outcome.HELD, str(exc)))
+                checksum = info.checksum or self.store.checksum(info.key)  # a stray file: rare, hashed here
+                stray.append(RawRow(info.key, info.size, checksum, "other", Outcome.HELD, str(exc)))
                 continue
             todo.append(info)
         self._record(stray)
         return todo
 
+    def _drop_unchanged(
+        self, todo: list[ObjectInfo], examined: list[Examined]
+    ) -> tuple[list[ObjectInfo], list[Examined]]:
+        """Give each listed image the checksum its worker computed; those listed without one (no cached checksum,
+        say on a filesystem without xattrs) that turn out to be what the catalog recorded are unchanged."""
+        unhashed = [i.key for i in todo if not i.checksum]
+        if not unhashed:
+            return todo, examined
+        known = self.catalog.raw_rows(unhashed)
+        pending = {r.patient for r in known.values() if r.outcome == Outcome.PENDING}
+        grouped = self.catalog.patient_groups(pending) if pending else {}
+        kept: list[tuple[ObjectInfo, Examined]] = []
+        for info, exam in zip(todo, examined, strict=True):
+            if not info.checksum:
+                info = replace(info, checksum=exam.checksum)
+                if not rules.image_needs_examining(known.get(info.key), info.size, info.checksum, grouped):
+                    self.report.unchanged += 1
+                    continue
+            kept.append((info, exam))
+        return [i for i, _ in kept], [e for _, e in kept]
+
     def _start_examining(self, todo: list[ObjectInfo], pool: cf.Executor | _InlineExecutor) -> list[cf.Future]:
         """Hand the batch's headers to the workers; the futures give lists of Examined, in order."""
-        chunks = _chunks([(i.key, i.size) for i in todo], self.workers, self.threads)
+        chunks = _chunks([(i.key, i.size, i.checksum) for i in todo], self.workers, self.threads)
         return [pool.submit(examine_many, self.store, chunk, self.threads) for chunk in chunks]
 
     def _decide_images(
