@@ -21,8 +21,6 @@ from nccid.warehouse.clinical import (
 )
 from nccid.warehouse.loader import load
 
-# Hypothesis keeps caches (constants, unicode data) in its home folder, which defaults to the working tree:
-# a temporary folder instead, removed at exit (tests leave no file behind).
 
 
 RAW = parse_raw_key("raw-site/2020-04-01/data/Covid1_data.json")
@@ -159,3 +157,10 @@ def test_the_loader_holds_each_malformed_record_and_files_the_good_one(tmp_path)
     assert [k for k in listing(store) if k.startswith(("training/", "validation/"))] == [
         "training/data/Covid1/data_2020-04-01.json"
     ]
+
+
+def test_a_pseudonym_field_holding_something_else_is_never_quoted():
+    """Reasons are kept centrally: an NHS number typed into the Pseudonym field must not reach the catalog."""
+    with pytest.raises(ClinicalRejected) as refused:
+        check_clinical(RAW, json.dumps({**GOOD, "Pseudonym": "9434765919"}).encode())
+    assert "9434765919" not in refused.value.reason and "is not a pseudonym" in refused.value.reason

@@ -40,8 +40,6 @@ from nccid.synth.dicom import encode
 from nccid.warehouse.catalog import Catalog
 from nccid.warehouse.loader import load
 
-# Hypothesis keeps caches (constants, unicode data) in its home folder, which defaults to the working tree:
-# a temporary folder instead, removed at exit (tests leave no file behind).
 
 
 STUDY, SERIES, SOP = "1.2.826.7", "1.2.826.7.1", "1.2.826.7.1.1"

@@ -35,6 +35,7 @@ way `metadata_json` leaves such values out like bulk data and lists them, so a m
 from __future__ import annotations
 
 import json
+import re
 import struct
 import tempfile
 import warnings
@@ -794,14 +795,15 @@ def image_facts(ds: Dataset) -> ImageFacts:
         if not value:
             raise ImageRejected(f"missing {keyword} {tag}")
         if not is_uid(value):
-            raise ImageRejected(f"invalid {keyword} {tag}: {value[:80]!r} is not a DICOM UID")
+            raise ImageRejected(f"invalid {keyword} {tag}: not a DICOM UID (value not shown)")
         uids[keyword] = value
     modality = _identifying(ds, "Modality", "(0008,0060)").upper()
     if not modality:
         raise ImageRejected("missing Modality (0008,0060)")
     folder = MODALITY_FOLDER.get(modality)
     if folder is None:
-        raise ImageRejected(f"unsupported Modality (0008,0060) {modality[:16]!r}: only CR, DX, CT and MR are filed")
+        shown = repr(modality) if re.fullmatch(r"[A-Z]{2,4}", modality) else "(not a modality code)"
+        raise ImageRejected(f"unsupported Modality (0008,0060) {shown}: only CR, DX, CT and MR are filed")
     return ImageFacts(
         patient=patient,
         study=uids["StudyInstanceUID"],

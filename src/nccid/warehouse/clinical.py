@@ -28,7 +28,7 @@ import math
 import re
 from dataclasses import dataclass
 
-from nccid.contracts.layout import LayoutError, RawKey, parse_clinical_name
+from nccid.contracts.layout import LayoutError, RawKey, is_pseudonym, parse_clinical_name
 from nccid.errors import ClinicalRejected
 
 #: the largest clinical record filed; larger ones are held with a reason and need not be read at all
@@ -83,7 +83,9 @@ def check_clinical(raw: RawKey, content: bytes) -> ClinicalRecord:
     if pseudonym in (None, ""):
         raise ClinicalRejected("missing field 'Pseudonym'")
     if pseudonym != name.pseudonym:
-        raise ClinicalRejected(f"file name says {name.pseudonym} but field 'Pseudonym' is {str(pseudonym)[:40]!r}")
+        # a pseudonym may be named centrally; anything else in the field (an NHS number, a name) never is
+        shown = repr(pseudonym) if isinstance(pseudonym, str) and is_pseudonym(pseudonym) else "not a pseudonym"
+        raise ClinicalRejected(f"file name says {name.pseudonym} but field 'Pseudonym' is {shown}")
     centre = doc.get("SubmittingCentre")
     if not isinstance(centre, str) or not centre.strip():
         raise ClinicalRejected("missing field 'SubmittingCentre'")

@@ -13,6 +13,8 @@ listing, reading, filing and recording around them.
 
 from __future__ import annotations
 
+import os
+import traceback
 from collections.abc import Container, Sequence
 from dataclasses import dataclass, replace
 from enum import StrEnum
@@ -180,6 +182,11 @@ def placed(base: RawRow, status: str, dest: str, rebuilding: bool) -> RawRow:
 
 
 def unexpected(exc: BaseException) -> str:
-    """The reason recorded for an object whose examination failed in a way no rule foresaw (defence in depth)."""
-    text = " ".join(str(exc).split())[:200]
-    return f"could not be read: unexpected {type(exc).__name__}" + (f": {text}" if text else "")
+    """The reason recorded for an object whose examination failed in a way no rule foresaw (defence in depth).
+
+    It names the exception's type and where it was raised (file and line), never its message: a message may
+    quote a value of the object, and reasons are kept centrally (catalog, load reports, the portal's queues).
+    """
+    frames = traceback.extract_tb(exc.__traceback__) if exc.__traceback__ is not None else []
+    where = f" in {os.path.basename(frames[-1].filename)}:{frames[-1].lineno}" if frames else ""
+    return f"could not be read: unexpected {type(exc).__name__}{where}"
