@@ -21,8 +21,6 @@ from nccid.warehouse.clinical import (
 )
 from nccid.warehouse.loader import load
 
-
-
 RAW = parse_raw_key("raw-site/2020-04-01/data/Covid1_data.json")
 GOOD = {"Pseudonym": "Covid1", "SubmittingCentre": SPLIT_SITE, "Age": 60, "Sex": 1}
 

@@ -40,8 +40,6 @@ from nccid.synth.dicom import encode
 from nccid.warehouse.catalog import Catalog
 from nccid.warehouse.loader import load
 
-
-
 STUDY, SERIES, SOP = "1.2.826.7", "1.2.826.7.1", "1.2.826.7.1.1"
 
 
