@@ -68,6 +68,10 @@ def test_a_valid_row_becomes_clinical_json_without_identifiers():
         ({4: 2}, "Sex", "not a code from 0 to 1"),
         ({7: 4}, "CXR severity", "not a code from 1 to 3"),
         ({6: "yes"}, "PMH hypertension", "not a code from 0 to 2"),
+        ({3: "inf"}, "Age", "'inf' is not a code from 0 to 120"),
+        ({3: "1e400"}, "Age", "'1e400' is not a code from 0 to 120"),
+        ({3: float("inf")}, "Age", "inf is not a code from 0 to 120"),
+        ({7: "nan"}, "CXR severity", "not a code from 1 to 3"),
     ],
 )
 def test_each_kind_of_error_is_named_by_row_and_column(change, column, reason):

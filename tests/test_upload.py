@@ -62,6 +62,35 @@ def test_an_interrupted_upload_resumes_under_the_same_date_without_duplicates_or
     assert sorted(i.key for i in local_store.list()) == sorted(f"raw-northfield/2020-04-06/{r}" for r in files)
 
 
+@pytest.mark.parametrize(
+    ("cut", "sent", "skipped"),
+    [(25, 6, 3), (1, 5, 4)],  # the 4th object's line half-written (never confirmed), or only its newline lost
+)
+def test_a_journal_line_torn_by_a_power_cut_is_resent_and_the_journal_stays_readable(
+    local_store, tmp_path, cut, sent, skipped
+):
+    make_outbox(tmp_path / "outbox")
+    with pytest.raises(StoreError, match="connection reset"):
+        upload(tmp_path / "outbox", BreaksAfter(local_store, 4), "northfield", date="2020-04-06")
+    journal = tmp_path / "outbox" / JOURNAL
+    journal.write_bytes(journal.read_bytes()[:-cut])
+    resumed = upload(tmp_path / "outbox", local_store, "northfield")
+    assert (resumed.uploaded, resumed.skipped, resumed.date) == (sent, skipped, "2020-04-06")
+    again = upload(tmp_path / "outbox", local_store, "northfield")
+    assert (again.uploaded, again.skipped) == (0, 9)
+
+
+def test_a_journal_broken_before_its_last_line_is_an_error_naming_it(local_store, tmp_path):
+    make_outbox(tmp_path / "outbox")
+    upload(tmp_path / "outbox", local_store, "northfield", date="2020-04-06")
+    journal = tmp_path / "outbox" / JOURNAL
+    lines = journal.read_text().splitlines(keepends=True)
+    journal.write_text("".join([*lines[:2], lines[2][:30] + "\n", *lines[3:]]))
+    with pytest.raises(UploadError, match=re.escape(f"{journal}: line 3 is not a journal entry")) as caught:
+        upload(tmp_path / "outbox", local_store, "northfield")
+    assert len(str(caught.value).splitlines()) == 1
+
+
 def test_an_object_that_arrives_altered_is_an_error_naming_the_file(local_store, tmp_path):
     make_outbox(tmp_path / "outbox", n_images=1)
 

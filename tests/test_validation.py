@@ -19,6 +19,8 @@ from nccid.store import LocalStore
 from nccid.synth.national import SynthSpec, generate
 from nccid.validation import audit
 from nccid.validation.demo import default_models_dir, train_baseline
+from nccid.validation.manifest import MANIFEST_NAME, load_manifest
+from nccid.validation.predictions import PREDICTIONS_NAME, read_predictions
 from nccid.validation.sandbox import Limits
 from nccid.validation.service import Workspace
 from nccid.warehouse.catalog import Catalog
@@ -302,6 +304,28 @@ def test_submission_refuses_bad_manifests_and_symlinks(space, tmp_path):
     result = run_cli("validate", "submit", bad, "--workspace", space.root)
     assert result.returncode == 1 and "field 'intended_use.unit' = 'image'" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("task", [["covid19"], {"name": "covid19"}, 19])
+def test_a_task_that_is_not_a_string_is_refused_naming_file_and_field(tmp_path, task):
+    folder = _model(tmp_path, "odd-task", "", task=task)
+    with pytest.raises(SubmissionError) as caught:
+        load_manifest(folder)
+    message = str(caught.value)
+    assert message.startswith(str(folder / MANIFEST_NAME)) and "field 'intended_use.task'" in message
+    assert len(message.splitlines()) == 1
+
+
+def test_predictions_with_a_field_too_long_for_csv_are_counted_unreadable(tmp_path):
+    cases = {"case-1", "case-2"}
+    (tmp_path / PREDICTIONS_NAME).write_text("case,score\ncase-1,0.5\ncase-2," + "9" * 200_000 + "\n")
+    got = read_predictions(tmp_path, cases)
+    assert got.to_json() == {
+        "expected": 2,
+        "valid": 0,
+        "missing": 2,
+        "problems": {"predictions.csv unreadable as CSV": 1},
+    }
 
 
 def test_intended_use_without_a_cohort_is_refused(space, warehouse, tmp_path):

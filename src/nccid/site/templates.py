@@ -21,6 +21,7 @@ from __future__ import annotations
 import csv
 import datetime as dt
 import io
+import math
 import re
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
@@ -280,9 +281,10 @@ def read_code(value: object, name: str, low: int, high: int) -> tuple[int, str]:
     letters = LETTER_CODES.get(name, {})
     if isinstance(value, str) and value.strip().upper() in letters:
         return letters[value.strip().upper()], f"the letter code of {name}"
-    code = int(float(str(value)))
-    if code != float(str(value)) or not low <= code <= high:
-        raise ValueError(value)
+    number = float(str(value))
+    if not math.isfinite(number) or number != int(number) or not low <= number <= high:
+        raise ValueError(value)  # inf, 1e400 and nan included: int() of them would raise OverflowError
+    code = int(number)
     return code, ""
 
 

@@ -42,17 +42,46 @@ class UploadResult:
     held: list[HeldPatient] | None = None  # patients whose images stay held (not uploaded): no record yet
 
 
+def _journal_entry(line: bytes, first: bool) -> dict | None:
+    """One journal line as its dict, or None when it is not JSON or lacks the fields its place needs."""
+    try:
+        entry = json.loads(line)
+    except ValueError:
+        return None
+    needed = ("uploader", "store", "date") if first else ("path", "size", "md5")
+    if not isinstance(entry, dict) or any(name not in entry for name in needed):
+        return None
+    return entry
+
+
 def _journal(outbox: Path) -> tuple[dict, dict[str, dict]]:
+    """The journal's head (uploader, store, date) and its verified objects by path ({} and {} when none).
+
+    An unparsable LAST line is a write torn by a power cut, never confirmed: it is cut off the file so the
+    next append starts on a fresh line. Raises UploadError naming the journal for a broken line elsewhere."""
     head: dict = {}
     done: dict[str, dict] = {}
     path = outbox / JOURNAL
-    if path.exists():
-        for n, line in enumerate(path.read_text().splitlines()):
-            entry = json.loads(line)
-            if n == 0:
-                head = entry
-            else:
-                done[entry["path"]] = entry
+    if not path.exists():
+        return head, done
+    lines = path.read_bytes().splitlines(keepends=True)
+    kept = 0
+    for n, line in enumerate(lines):
+        entry = _journal_entry(line, first=n == 0)
+        if entry is None:
+            if n < len(lines) - 1:
+                raise UploadError(f"{path}: line {n + 1} is not a journal entry; move the file aside to start over")
+            with open(path, "r+b") as log:
+                log.truncate(kept)
+            return head, done
+        kept += len(line)
+        if n == 0:
+            head = entry
+        else:
+            done[entry["path"]] = entry
+    if lines and not lines[-1].endswith(b"\n"):
+        with open(path, "ab") as log:  # torn just before its newline: end the line so appends start afresh
+            log.write(b"\n")
     return head, done
 
 

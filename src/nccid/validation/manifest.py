@@ -112,7 +112,7 @@ def parse_manifest(data: object, where: str = MANIFEST_NAME) -> Manifest:
     if not isinstance(use, dict):
         raise _fail(where, "field 'intended_use' must be an object (task, input, unit, population, output)")
     task = use.get("task")
-    if task not in TASKS:
+    if not isinstance(task, str) or task not in TASKS:
         raise _fail(where, f"field 'intended_use.task' = {task!r}: must be one of {', '.join(TASKS)}")
     given = use.get("input")
     if not isinstance(given, dict):

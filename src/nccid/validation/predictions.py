@@ -38,13 +38,18 @@ class Predictions:
 def parse_predictions(text: str, cases: set[str]) -> Predictions:
     """Check the CSV text against the cohort's `cases`. Returns the valid scores and counted problems."""
     result = Predictions(expected=len(cases))
-    rows = csv.reader(io.StringIO(text))
-    header = next(rows, None)
+    try:
+        table = list(csv.reader(io.StringIO(text)))
+    except csv.Error:  # a field over the csv module's limit, a NUL byte, ...: nothing in it can be trusted
+        result.problems["predictions.csv unreadable as CSV"] += 1
+        result.missing = len(cases)
+        return result
+    header = table[0] if table else None
     if header is None or [h.strip().lower() for h in header[:2]] != ["case", "score"]:
         result.problems["no 'case,score' header"] += 1
         result.missing = len(cases)
         return result
-    for row in rows:
+    for row in table[1:]:
         if not row or all(not cell.strip() for cell in row):
             continue
         if len(row) < 2:
