@@ -410,3 +410,76 @@ def test_a_background_runner_runs_one_job_at_a_time():
     assert runner.begin(Job("third"))  # free again once the first ended
     runner.wait()
     assert runner.job.name == "third" and not runner.job.running
+
+
+def test_totp_failures_lock_the_account_and_a_right_password_does_not_clear_them(db):
+    made = db.create_account("boss", "admin", actor="test", password=PASSWORD)
+    for _ in range(2):
+        assert db.verify_totp("boss", "000000", "10.0.0.1", account_limit=3) is False
+    assert db.authenticate("boss", PASSWORD, "10.0.0.1", account_limit=3).user is not None
+    assert db.verify_totp("boss", "000000", "10.0.0.1", account_limit=3) is False  # the third in a row
+    right = pyotp.TOTP(made.totp_secret).now()
+    assert db.verify_totp("boss", right, "10.0.0.1", account_limit=3) is None  # locked: not even checked
+    assert "locked" in db.authenticate("boss", PASSWORD, "10.0.0.1", account_limit=3).reason
+
+
+def _portal_client(tmp_path, **overrides):
+    """A TestClient on a portal with one site (northfield, uploader north-a) and one admin (boss, with TOTP);
+    returns (client, boss's TOTP secret)."""
+    from fastapi.testclient import TestClient
+
+    from nccid.portal import PortalSettings, create_app
+
+    store = LocalStore(tmp_path / "store")
+    state = tmp_path / "state"
+    with PortalDB(state / "portal.sqlite") as portal_db:
+        save_site(store, portal_db, uploader="northfield", name="Northfield", aliases=[], rule="split", actor="t")
+        portal_db.create_account("north-a", "site", site="northfield", actor="t", password=PASSWORD)
+        secret = portal_db.create_account("boss", "admin", actor="t", password=PASSWORD).totp_secret
+    key_file = PseudonymKey.generate().save(tmp_path / "key")
+    settings = PortalSettings(
+        store_url=str(store.root), state_dir=state, key_file=key_file, failure_delay_s=0.01, **overrides
+    )
+    return TestClient(create_app(settings), raise_server_exceptions=False), secret
+
+
+def test_the_totp_form_refuses_even_the_right_code_after_too_many_wrong_ones(tmp_path):
+    client, secret = _portal_client(tmp_path, account_lock_after=3)
+    with client:
+        page = client.get("/login")
+        token = re.search(r'name="csrf" value="([^"]+)"', page.text).group(1)
+        client.post("/login", data={"username": "boss", "password": PASSWORD, "csrf": token})
+        form = client.get("/login/totp")
+        csrf = re.search(r'name="csrf" value="([^"]+)"', form.text).group(1)
+        for _ in range(3):
+            assert client.post("/login/totp", data={"csrf": csrf, "code": "000000"}).status_code == 401
+        answer = client.post("/login/totp", data={"csrf": csrf, "code": pyotp.TOTP(secret).now()})
+        assert answer.status_code == 401 and "locked" in answer.text
+        assert client.get("/admin").url.path == "/login"  # not logged in
+        assert client.get("/login/totp").url.path == "/login"  # and the pending session is gone
+
+
+def test_a_broken_multipart_upload_gets_a_400_with_one_line(tmp_path):
+    client, _ = _portal_client(tmp_path)
+    with client:
+        _upload_form_token(client, "north-a")
+        answer = client.post(
+            "/site/upload/positive",
+            content=b"--xyz\r\nthis is not a part header",
+            headers={"content-type": "multipart/form-data; boundary=xyz"},
+        )
+    assert answer.status_code == 400 and "not valid multipart/form-data" in answer.text
+    assert "Traceback" not in answer.text
+
+
+def test_a_server_error_logs_the_route_template_not_the_secret_in_the_path(tmp_path, caplog):
+    client, _ = _portal_client(tmp_path)
+
+    def explode(token: str) -> None:
+        raise RuntimeError("boom")
+
+    client.app.add_api_route("/explode/{token}", explode)
+    with client, caplog.at_level("ERROR", logger="nccid.portal"):
+        answer = client.get("/explode/one-time-secret-123")
+    assert answer.status_code == 500
+    assert "/explode/{token}" in caplog.text and "one-time-secret-123" not in caplog.text

@@ -201,8 +201,12 @@ def test_site_uploaders_and_data_managers_are_refused_every_validation_page(page
         assert response.status == 403, url
         assert "Not allowed" in page.inner_text("h1")
     shot(page, f"v06-refused-{username}")
+    page.goto(world.url + "/")  # the account's own start page: its forms carry the session's real CSRF token
+    token = page.locator("input[name=csrf]").first.get_attribute("value")
+    assert token
     for url in ("/validation/submit", "/validation/start", "/validation/folders", "/validation/runs/x/release"):
-        assert page.request.post(world.url + url, form={"csrf": "x", "folder": str(COIN_FLIP)}).status == 403
+        form = {"csrf": token, "folder": str(COIN_FLIP), "kind": "dry_run"}
+        assert page.request.post(world.url + url, form=form).status == 403, url  # refused by role, not by token
 
 
 def test_validators_are_kept_to_their_pages_and_their_forms(page, world):

@@ -21,7 +21,7 @@ from nccid.errors import NccidError, PortalError
 from nccid.portal.accounts import Site
 from nccid.portal.central import LoadRunner
 from nccid.portal.settings import PortalSettings
-from nccid.portal.web import HERE, Forbidden, Redirect, TooLarge, redirect, render, security_headers
+from nccid.portal.web import HERE, BadRequest, Forbidden, Redirect, TooLarge, redirect, render, security_headers
 from nccid.stats.site_summary import SiteSummary, catalog_reader, site_summary
 from nccid.store import ObjectStore, open_store
 
@@ -116,6 +116,10 @@ def create_app(settings: PortalSettings) -> FastAPI:
             message="Your account may not open this page, or the form had expired: go back and reload.",
         )
 
+    @app.exception_handler(BadRequest)
+    async def on_bad_request(request: Request, exc: BadRequest) -> Response:
+        return render(request, "message.html", status=400, title="Bad request", message=str(exc))
+
     @app.exception_handler(TooLarge)
     async def on_too_large(request: Request, exc: TooLarge) -> Response:
         return render(request, "message.html", status=413, title="Too large", message="The request is too large.")
@@ -126,7 +130,9 @@ def create_app(settings: PortalSettings) -> FastAPI:
 
     @app.exception_handler(Exception)
     async def on_error(request: Request, exc: Exception) -> Response:
-        _LOG.error("portal error %s on %s %s", type(exc).__name__, request.method, request.url.path)
+        route = request.scope.get("route")  # the template (/setup/{token}), never the path with its secrets
+        where = getattr(route, "path", None) or "(no route)"
+        _LOG.error("portal error %s on %s %s", type(exc).__name__, request.method, where)
         return render(
             request,
             "message.html",

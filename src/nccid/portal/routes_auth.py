@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import secrets
 
 from fastapi import APIRouter
 from starlette.requests import Request
@@ -124,10 +125,28 @@ async def totp(request: Request) -> Response:
         token, session = _pending(request, db)
         if session is None:
             return redirect("/login")
-        if form.get("csrf", "") != session.csrf:
+        if not secrets.compare_digest(form.get("csrf", ""), session.csrf):
             db.audit(session.username, "csrf", "POST /login/totp", outcome="refused", address=address(request))
             raise Forbidden()
-        if not db.verify_totp(session.username, form.get("code", ""), address(request)):
+        settings = request.app.state.settings
+        verdict = db.verify_totp(
+            session.username,
+            form.get("code", ""),
+            address(request),
+            account_limit=settings.account_lock_after,
+            window_s=settings.lock_window_s,
+            lock_s=settings.lock_s,
+        )
+        if verdict is None:
+            db.end_session(token)
+            response = _pre_page(
+                request, "login.html", status=401, error="too many wrong codes: the account is locked, try later"
+            )
+            response.delete_cookie(
+                cookie_name(settings), path="/", secure=settings.secure_cookies, httponly=True, samesite="strict"
+            )
+            return response
+        if not verdict:
             await asyncio.sleep(request.app.state.settings.failure_delay_s)
             return render(
                 request,

@@ -14,9 +14,9 @@ from starlette.templating import Jinja2Templates
 from nccid.portal.accounts import PortalDB, Session, User
 
 try:  # python-multipart >= 0.0.13 names its module python_multipart; older releases called it multipart
-    from python_multipart.multipart import MultipartParser, parse_options_header
+    from python_multipart.multipart import MultipartParseError, MultipartParser, parse_options_header
 except ImportError:  # pragma: no cover - depends on the installed release
-    from multipart.multipart import MultipartParser, parse_options_header
+    from multipart.multipart import MultipartParseError, MultipartParser, parse_options_header
 from nccid.portal.settings import PortalSettings
 
 HERE = Path(__file__).parent
@@ -42,6 +42,10 @@ class Forbidden(Exception):
 
 class TooLarge(Exception):
     """Answer 413: the request body is larger than the portal accepts."""
+
+
+class BadRequest(Exception):
+    """Answer 400 with a one-line reason: the request body could not be read (e.g. a broken multipart form)."""
 
 
 @dataclass(frozen=True)
@@ -159,7 +163,8 @@ async def form_fields(request: Request, limit: int = 64 * 1024) -> dict[str, str
 
 
 def parse_multipart(body: bytes, content_type: str) -> tuple[dict[str, str], dict[str, tuple[str, bytes]]]:
-    """Fields and files of a multipart/form-data body, entirely in memory: (fields, {name: (filename, bytes)})."""
+    """Fields and files of a multipart/form-data body, entirely in memory: (fields, {name: (filename, bytes)}).
+    Raises BadRequest (a 400) when the body is not well-formed multipart."""
     kind, options = parse_options_header(content_type)
     boundary = options.get(b"boundary")
     if kind != b"multipart/form-data" or not boundary:
@@ -204,8 +209,11 @@ def parse_multipart(body: bytes, content_type: str) -> tuple[dict[str, str], dic
             "on_part_end": on_part_end,
         },
     )
-    parser.write(body)
-    parser.finalize()
+    try:
+        parser.write(body)
+        parser.finalize()
+    except MultipartParseError as exc:
+        raise BadRequest(f"the uploaded form is not valid multipart/form-data: {exc}") from None
     return fields, files
 
 
