@@ -184,3 +184,8 @@ def test_the_store_leads_to_its_catalog_without_a_catalog_option(tmp_path):
     assert re.search(r"filed\s*│\s*2\s*│", status), status  # the record and the image, not an empty catalog
     stats = run_cli("stats", "--store", store.root, check=True).stdout
     assert re.search(r"Total patients\s*│\s*\d+\s*│\s*\d+\s*│\s*1\s*│", stats), stats
+
+
+def test_an_error_message_is_printed_as_text_not_as_terminal_markup(small_store):
+    proc = run_cli("cat", "training/[bold]notes.json", "--store", small_store.root)
+    assert proc.returncode == 1 and "training/[bold]notes.json" in proc.stderr

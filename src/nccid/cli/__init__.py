@@ -12,6 +12,7 @@ import sys
 
 import click
 import typer
+from rich.markup import escape
 from typer.core import TyperGroup
 
 from nccid.console import err_console
@@ -30,10 +31,10 @@ class NccidGroup(TyperGroup):
         try:
             return super().invoke(ctx)
         except NccidError as exc:
-            err_console.print(f"[red]error:[/] {exc}", markup=True, highlight=False)
+            err_console.print(f"[red]error:[/] {escape(str(exc))}", highlight=False)  # a message is text, not markup
             raise typer.Exit(exc.exit_code) from None
         except OSError as exc:
-            err_console.print(f"[red]error:[/] {_os_message(exc)}", highlight=False)
+            err_console.print(f"[red]error:[/] {escape(_os_message(exc))}", highlight=False)
             raise typer.Exit(1) from None
 
 
