@@ -167,3 +167,18 @@ def test_synthetic_filled_sheets_carry_defects_the_validator_finds(tmp_path, kin
     assert result.held_rows == set(sheet.invalid_numbers + sheet.duplicate_rows)
     assert len(result.records) == sheet.rows - len(result.held_rows) == 7  # 8 people + 1 duplicate, 2 held
     assert all(f"column {t!r} read as" in " ".join(result.warnings) for t in sheet.header_typos)
+
+
+def test_a_cell_that_looks_like_terminal_markup_is_reported_as_written(tmp_path):
+    """Sheet values reach the console in error lines: '[/b]' is text to show, not a style tag to choke on."""
+    with open(tmp_path / "sheet.csv", "w", newline="") as handle:
+        bad_age = ["450 557 7104", "RX2", "Northfield", "[/b]", 1, "04/03/2020", 0, 1, ""]
+        csv.writer(handle).writerows(rows(GOOD, bad_age))
+    key_file = PseudonymKey.generate().save(tmp_path / "k.key")
+    proc = run_cli(
+        "site", "clinical", tmp_path / "sheet.csv", tmp_path / "out", "--template", "positive",
+        "--centre", "Northfield Trust", "--alias", "Northfield",
+        "--key-file", key_file, "--vault", tmp_path / "v.sqlite",
+    )  # fmt: skip
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+    assert "row 3, column 'Age'" in proc.stderr and "[/b]" in proc.stderr

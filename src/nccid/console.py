@@ -7,6 +7,7 @@ import sys
 from collections.abc import Callable, Iterator
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, DownloadColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -60,5 +61,5 @@ def table(title: str, columns: list[str], rows: list[list[object]]) -> Table:
     for i, column in enumerate(columns):
         out.add_column(column, justify="left" if i == 0 else "right")
     for row in rows:
-        out.add_row(*[str(v) for v in row])
+        out.add_row(*[escape(str(v)) for v in row])  # cells are data (keys, reasons): never terminal markup
     return out

@@ -15,6 +15,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from rich.markup import escape
+
 from nccid.console import console, human_bytes, progress_bar
 from nccid.errors import DemoFailed, UsageError
 from nccid.site.batch import deidentify_folder
@@ -301,7 +303,7 @@ def run_demo(
     )
     if not verdict.clean:
         for finding in verdict.findings[:20]:
-            console.print(f"[red]gate:[/] {finding}")
+            console.print(f"[red]gate:[/] {escape(str(finding))}")
         raise DemoFailed(f"the gate found {len(verdict.findings)} identifier(s) in the warehouse")
     console.print("[bold green]gate verdict: zero identifiers found[/]")
 

@@ -5,6 +5,8 @@ Rendering only: every number comes from the library's report objects.
 
 from __future__ import annotations
 
+from rich.markup import escape
+
 from nccid.console import console, human_bytes, table
 from nccid.warehouse.loader import LoadReport
 
@@ -34,7 +36,7 @@ def show_load_report(report: LoadReport, *, limit: int = 20) -> None:
         if len(rows) > limit:
             console.print(f"... and {len(rows) - limit} more reasons in the report")
     for warning in report.warnings[:limit]:
-        console.print(f"[yellow]warning:[/] {warning}")
+        console.print(f"[yellow]warning:[/] {escape(warning)}")
     if report.report_key:
         console.print(f"report: {report.store.rstrip('/')}/{report.report_key}")
 

@@ -12,6 +12,7 @@ from collections import Counter
 from pathlib import Path
 
 import typer
+from rich.markup import escape
 
 from nccid.cli._common import (
     STORE_HELP,
@@ -67,12 +68,12 @@ def site_deid(
         f"arrives; {len(result.held)} not sent"
     )
     for ref, reason in result.held[:50]:
-        console.print(f"  not sent: {ref}: {reason}")
+        console.print(f"  not sent: {ref}: {escape(reason)}")
     if result.report is not None:
         console.print(f"inputs by path: {result.report} (IDENTIFIABLE, owner-only, never uploaded)")
     if not result.clean:
         for finding in result.findings[:50]:
-            err_console.print(f"[red]gate:[/] {finding}")
+            err_console.print(f"[red]gate:[/] {escape(str(finding))}")
         raise fail(f"the gate found {len(result.findings)} identifier(s): this batch must not be uploaded")
     console.print("gate: no identifiers found in any output file")
 
@@ -232,7 +233,7 @@ def site_check(
     with progress_bar("checking") as tick:
         report = check_files(items, gate, progress=tick)
     for finding in report.findings[:100]:
-        err_console.print(f"[red]gate:[/] {finding}")
+        err_console.print(f"[red]gate:[/] {escape(str(finding))}")
     summary = (
         f"{report.files} files in {where}: {report.dicom} DICOM, {report.clinical} clinical records, "
         f"{report.other} other; checked against {len(gate.people)} known patient(s)"
@@ -322,9 +323,9 @@ def site_clinical(
     )
     result = filed.result
     for warning in result.warnings:
-        console.print(f"[yellow]warning:[/] {warning}", highlight=False)
+        console.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False)
     for error in result.errors:
-        err_console.print(f"{sheet.name}: {error}", highlight=False)
+        err_console.print(escape(f"{sheet.name}: {error}"), highlight=False)
     if not filed.written and result.errors:
         raise fail(f"{len(result.errors)} error(s) in {len(result.held_rows)} row(s): nothing written")
     console.print(

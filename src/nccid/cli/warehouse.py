@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 import typer
+from rich.markup import escape
 
 from nccid.cli._common import CatalogOption, StoreOption, open_catalog, open_store_option
 from nccid.console import console, human_bytes, progress_bar, table
@@ -107,7 +108,7 @@ def warehouse_rebuild(
         f"rebuilt {path}: {sizes['patients']} patients, {sizes['instances']} images, raw objects by outcome: {counts}"
     )
     for warning in report.warnings[:20]:
-        console.print(f"[yellow]warning:[/] {warning}")
+        console.print(f"[yellow]warning:[/] {escape(warning)}")
 
 
 @app.command("centres")
