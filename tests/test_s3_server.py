@@ -170,3 +170,31 @@ def test_watchdog_restarts_until_seaweedfs_dies_too_often():
     assert dog.may_restart(0.0) and dog.may_restart(10.0)
     assert not dog.may_restart(20.0)  # a third death within the window: give up (exit non-zero)
     assert dog.may_restart(150.0)  # the earlier deaths have left the window
+
+
+def test_a_port_taken_between_picking_and_binding_is_picked_again(tmp_path, monkeypatch):
+    """Another process may take a port SeaweedFS was given before it binds it: the start is retried elsewhere."""
+    import socket
+
+    from nccid.s3server import seaweedfs
+
+    squatter = socket.socket()
+    squatter.bind(("127.0.0.1", 0))
+    squatter.listen()
+    taken = squatter.getsockname()[1]
+    real = seaweedfs.free_port
+    calls = {"n": 0}
+
+    def racing_free_port(bind: str = "127.0.0.1") -> int:
+        calls["n"] += 1
+        return taken if calls["n"] == 2 else real(bind)  # the first attempt's master port is already taken
+
+    monkeypatch.setattr(seaweedfs, "free_port", racing_free_port)
+    server = seaweedfs.SeaweedFS(tmp_path / "home")
+    try:
+        state = server.start()
+        assert taken not in (state.master_port, state.s3_port) and calls["n"] > 9  # a second set of ports
+        assert (tmp_path / "home" / "weed.log.0").exists()  # the failed attempt's log is kept beside
+    finally:
+        server.stop()
+        squatter.close()

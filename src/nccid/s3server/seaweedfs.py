@@ -202,12 +202,27 @@ class SeaweedFS:
         }
 
     # -- life cycle ------------------------------------------------------------------------------------
-    def start(self, *, timeout: float = 60.0) -> ServerState:
+    def start(self, *, timeout: float = 60.0, attempts: int = 3) -> ServerState:
         """Start `weed server` with S3 and the audit log in the owner-only home, and wait until a write works.
 
-        Returns the state saved to server.json. Raises ServerError when a server from this home is already
-        running, SeaweedFS is not installed, it exits, or it is not ready within `timeout` seconds.
+        Its internal ports are picked free just before the start, so another process may take one in between:
+        SeaweedFS then exits with "address already in use", and it is started again on other ports (up to
+        `attempts` times). Returns the state saved to server.json. Raises ServerError when a server from this
+        home is already running, SeaweedFS is not installed, it exits, or it is not ready within `timeout` s.
         """
+        for attempt in range(attempts):
+            try:
+                return self._start_once(timeout=timeout)
+            except ServerError:
+                log = self.home / "weed.log"
+                raced = log.exists() and "address already in use" in log.read_text(errors="replace")[-20000:]
+                if not raced or attempt == attempts - 1:
+                    raise
+                self.stop()
+                log.rename(log.with_suffix(f".log.{attempt}"))  # the next attempt's log starts clean
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _start_once(self, *, timeout: float) -> ServerState:
         running = self.state()
         if running and alive(running.weed_pid):
             raise ServerError(f"a server from {self.home} is already running (pid {running.weed_pid})")
