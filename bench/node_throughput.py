@@ -32,7 +32,6 @@ import os
 import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -43,6 +42,7 @@ from pathlib import Path
 
 import psutil
 
+from nccid.s3server.seaweedfs import free_port
 from nccid.site.templates import read_rows, to_clinical_json, validate_sheet
 from nccid.site.vault import PseudonymKey, Vault
 from nccid.synth.hospital import filled_template, hospital_patient, pacs_image
@@ -67,12 +67,6 @@ MAX_PDU = "131072"  # DCMTK's upper limit; the node announces at least this
 #: DCMTK's switch for TCP_NODELAY: without it each C-STORE waits out a delayed ACK (~45 ms), which would make
 #: storescp look ten times slower than it is
 DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_ready(port: int, proc: subprocess.Popen) -> None:

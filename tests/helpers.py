@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -109,3 +110,10 @@ def run_cli(
             f"nccid {' '.join(map(str, args))} exited {proc.returncode}: " + proc.stderr + proc.stdout
         )
     return proc
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now (for a server a test starts and stops itself)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

@@ -10,14 +10,13 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 import uuid
 
 import pytest
-from helpers import listing
+from helpers import free_port, listing
 
 from nccid.errors import CatalogError, StoreError
 from nccid.store import LocalStore
@@ -128,17 +127,11 @@ def test_disk_full_at_the_catalog_leaves_no_empty_catalog_and_the_rerun_complete
 
 
 # -- the S3 server gone mid-load -------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_s3_server_gone_mid_load_then_rerun_equals_an_uninterrupted_load(tmp_path, seaweed, monkeypatch):
     from nccid.s3server.seaweedfs import SeaweedFS
     from nccid.store.s3 import S3Store
 
-    server = SeaweedFS(tmp_path / "own-server", s3_port=_free_port())  # its own server: this one is killed
+    server = SeaweedFS(tmp_path / "own-server", s3_port=free_port())  # its own server: this one is killed
     state = server.start()
     try:
         for name, value in server.admin_env().items():
