@@ -120,3 +120,28 @@ def test_without_any_cached_checksum_a_rerun_hashes_again_but_changes_nothing(lo
         assert after == before
     finally:
         catalog.close()
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_in_one_run_the_first_raw_file_of_a_uid_in_listing_order_is_filed_whatever_the_timing(
+    local_store, catalog, workers
+):
+    """Images stream through the workers in small chunks, so the first file of a SOP Instance UID may still be
+    being filed when a later chunk brings the same UID: the later one is still a duplicate (same bytes) or a
+    conflict (other bytes), decided against the first, and the run report lists outcomes in listing order."""
+    store = local_store
+    configure(store)
+    put_clinical(store, "Covid1")
+    sops = [f"{I1}{n}" for n in range(10, 22)]  # a dozen images: several chunks in flight at once
+    keys = [put_image(store, "Covid1", S1, SE1, sop, date="2020-04-01") for sop in sops]
+    twin = put_image(store, "Covid1", S1, SE1, sops[0], date="2020-04-01", name="x-twin.dcm")
+    rival = put_image(store, "Covid1", S1, SE1, sops[0], date="2020-04-01", name="y-rival.dcm", seed=5)
+    as_arrived(store)
+
+    report = load(store, catalog, workers=workers)
+
+    assert report.counts == {"filed": 13, "duplicate": 1, "conflict": 1}  # 12 images and the clinical record
+    assert [(i["key"], i["outcome"]) for i in report.items] == [(twin, "duplicate"), (rival, "conflict")]
+    filed = store.root / f"training/xray/Covid1/{S1}/{SE1}/{sops[0]}.dcm"
+    assert filed.read_bytes() == (store.root / keys[0]).read_bytes()
+    assert keys[0] in report.items[0]["reason"]

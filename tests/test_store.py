@@ -113,6 +113,32 @@ def test_temporary_files_of_a_killed_writer_are_invisible_and_cleaned(local_stor
     assert store.clean_temp() == 1
 
 
+@pytest.mark.parametrize("unnamed", [True, False], ids=["unnamed-files", "named-temporary-files"])
+def test_create_only_writes_leave_no_temporary_file_and_cache_their_checksum(local_store, unnamed):
+    """Create-only writes (how the loader files everything) use unnamed files linked into place, or named
+    temporary files on a filesystem without them: either way the object, its mode and its cached MD5 are the
+    same, a refused write changes nothing, and no temporary file is left behind."""
+    store = local_store
+    store._unnamed = unnamed and store._unnamed  # as on a filesystem without O_TMPFILE
+    store.write("raw/a.bin", b"raw bytes")
+    store.write("meta/a.json", b"{}", overwrite=False)
+    store.copy("raw/a.bin", "filed/deep/a.bin", overwrite=False)
+    with pytest.raises(ObjectExists):
+        store.copy("meta/a.json", "filed/deep/a.bin", overwrite=False)
+    with pytest.raises(ObjectNotFound):
+        store.copy("raw/missing.bin", "filed/deep/b.bin", overwrite=False)
+    assert store.read("filed/deep/a.bin") == b"raw bytes"
+    for key, data in (("filed/deep/a.bin", b"raw bytes"), ("meta/a.json", b"{}")):
+        path = store.root / key
+        assert os.getxattr(path, "user.nccid.md5").decode().startswith(hashlib.md5(data).hexdigest() + ":")
+        umask = os.umask(0)
+        os.umask(umask)
+        assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # as any file the user writes
+    assert not (store.root / "filed/deep/b.bin").exists()
+    temporary = store.root / ".nccid-tmp"
+    assert (list(temporary.iterdir()) if temporary.exists() else []) == []
+
+
 @pytest.mark.parametrize("key", ["../x", "a/../../x", "/abs", "a//b", "a/./b", "", "a\\b", "a\x00b"])
 def test_keys_that_could_escape_or_hide_are_refused(store, key):
     with pytest.raises(InvalidKey):

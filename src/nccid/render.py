@@ -5,10 +5,14 @@ Rendering only: every number comes from the library's report objects.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from rich.markup import escape
 
 from nccid.console import console, human_bytes, table
-from nccid.warehouse.loader import LoadReport
+
+if TYPE_CHECKING:
+    from nccid.warehouse.loader import LoadReport
 
 
 def show_load_report(report: LoadReport, *, limit: int = 20) -> None:

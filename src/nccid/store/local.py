@@ -1,11 +1,14 @@
 """The embedded default: a local directory as an object store.
 
-Writes go to a temporary file inside the store's own `.nccid-tmp/` folder (same filesystem) and are then
-renamed or hard-linked into place, so a reader never sees half an object and a no-overwrite write is a
-single atomic `link()` that fails if the key exists. The MD5 checksum of each object is cached in an extended
-attribute, stamped with the file's size and mtime, so listings are cheap and a file changed behind our back
-is re-hashed rather than trusted. `list_unhashed` reads no bytes at all: a file without a current cached
-checksum is listed with '' and hashed by whoever reads it (the loader's workers, in parallel).
+A reader never sees half an object. A create-only write (how the loader files everything) fills an unnamed
+file (O_TMPFILE) in the key's own folder and links it into place: a single atomic `link()` that fails if the
+key exists, and a writer killed half-way leaves nothing behind. Overwrites (and filesystems without unnamed
+files) go through a temporary file in the store's own `.nccid-tmp/` folder, renamed or hard-linked into place.
+
+The MD5 checksum of each object is cached in an extended attribute, stamped with the file's size and mtime,
+so listings are cheap and a file changed behind our back is re-hashed rather than trusted. `list_unhashed`
+reads no bytes at all: a file without a current cached checksum is listed with '' and hashed by whoever reads
+it (the loader's workers, in parallel).
 """
 
 from __future__ import annotations
@@ -15,9 +18,10 @@ import errno
 import hashlib
 import os
 import shutil
+import stat
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
@@ -61,27 +65,55 @@ def known_checksum(path: str, st: os.stat_result) -> str:
     return digest if stamp == _stamp(st) else ""
 
 
-def _remember_checksum(path: str, digest: str, st: os.stat_result | None = None) -> None:
+def _remember_checksum(path: str | int, digest: str, st: os.stat_result | None = None) -> None:
     with contextlib.suppress(OSError):  # a filesystem without user xattrs just re-hashes next time
         st = st or os.stat(path)
         os.setxattr(path, _XATTR, f"{digest}:{_stamp(st)}".encode())
 
 
-def _copy_bytes(src: str, dst: str) -> None:
-    """Kernel-side copy (reflink where the filesystem can), falling back to a plain copy."""
-    with open(src, "rb") as fin, open(dst, "wb") as fout:
-        remaining = os.fstat(fin.fileno()).st_size
-        try:
-            while remaining > 0:
-                copied = os.copy_file_range(fin.fileno(), fout.fileno(), min(remaining, 1 << 30))
-                if copied == 0:
-                    break
-                remaining -= copied
-        except OSError:
-            fin.seek(0)
-            fout.seek(0)
-            fout.truncate()
-            shutil.copyfileobj(fin, fout, _CHUNK)
+def _copy_bytes(fin: int, fout: int) -> None:
+    """Kernel-side copy between two open files (reflink where the filesystem can), else a plain copy."""
+    remaining = os.fstat(fin).st_size
+    try:
+        while remaining > 0:
+            copied = os.copy_file_range(fin, fout, min(remaining, 1 << 30))
+            if copied == 0:
+                break
+            remaining -= copied
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC:
+            raise
+        os.lseek(fin, 0, os.SEEK_SET)
+        os.lseek(fout, 0, os.SEEK_SET)
+        os.ftruncate(fout, 0)
+        while chunk := os.read(fin, _CHUNK):
+            os.write(fout, chunk)
+
+
+def _write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+_UNNAMED_UNSUPPORTED = {errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL}
+_PROC_FD = "/proc/self/fd"
+_proc_fd_dirs: dict[int, int] = {}
+
+
+def _proc_fd_dir() -> int:
+    """This process's own /proc/self/fd folder, opened once per process (a forked worker opens its own): linking
+    an unnamed file's entry there into place with AT_SYMLINK_FOLLOW gives it its name (linkat(2))."""
+    pid = os.getpid()
+    if pid not in _proc_fd_dirs:
+        _proc_fd_dirs.clear()  # an inherited parent's entry must never be used
+        _proc_fd_dirs[pid] = os.open(_PROC_FD, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    return _proc_fd_dirs[pid]
+
+
+def _s3_order(entries: list[os.DirEntry]) -> list[os.DirEntry]:
+    """S3 order: a folder sorts as its name followed by '/', so 'a-b' comes before everything in 'a/'."""
+    return sorted(entries, key=lambda e: e.name + "/" if e.is_dir(follow_symlinks=False) else e.name)
 
 
 class LocalStore(ObjectStore):
@@ -92,6 +124,8 @@ class LocalStore(ObjectStore):
         self.root.mkdir(parents=True, exist_ok=True)
         self.url = self.root.as_uri()
         self._tmp = self.root / TMP_DIR
+        self._folders: set[str] = set()  # folders this process knows exist (saves a mkdir per object)
+        self._unnamed = hasattr(os, "O_TMPFILE") and os.path.isdir(_PROC_FD)
 
     def __repr__(self) -> str:
         return f"LocalStore({str(self.root)!r})"
@@ -149,18 +183,23 @@ class LocalStore(ObjectStore):
         raise ObjectNotFound(f"no object {key!r} in {self.url}")
 
     def _walk(self, base: str, entries: list[os.DirEntry], *, hashed: bool) -> Iterator[ObjectInfo]:
-        # S3 order: a folder sorts as its name followed by '/', so 'a-b' comes before everything in 'a/'.
-        entries.sort(key=lambda e: e.name + "/" if e.is_dir(follow_symlinks=False) else e.name)
-        for entry in entries:
-            if entry.is_dir(follow_symlinks=False):
-                try:
-                    with os.scandir(entry.path) as it:
-                        children = list(it)
-                except (FileNotFoundError, NotADirectoryError):
-                    continue  # removed by another writer while we listed
-                yield from self._walk(f"{base}{entry.name}/", children, hashed=hashed)
-            elif entry.is_file(follow_symlinks=False):
-                yield self._info(base + entry.name, entry.path, entry.stat(follow_symlinks=False), hashed=hashed)
+        """Files below `entries` in S3 key order, depth first without recursion (a no-op load walks every raw
+        file: per-file cost is what makes it fast or slow)."""
+        stack = [(base, _s3_order(entries))]
+        while stack:
+            base, todo = stack.pop()
+            for n, entry in enumerate(todo):
+                if entry.is_dir(follow_symlinks=False):
+                    try:
+                        with os.scandir(entry.path) as it:
+                            children = _s3_order(list(it))
+                    except (FileNotFoundError, NotADirectoryError):
+                        continue  # removed by another writer while we listed
+                    stack.append((base, todo[n + 1 :]))  # the rest of this folder, after the subfolder
+                    stack.append((f"{base}{entry.name}/", children))
+                    break
+                if entry.is_file(follow_symlinks=False):
+                    yield self._info(base + entry.name, entry.path, entry.stat(follow_symlinks=False), hashed=hashed)
 
     def list_level(self, prefix: str = "") -> Iterator[ObjectInfo]:
         base, entries = self._entries(prefix)
@@ -225,50 +264,113 @@ class LocalStore(ObjectStore):
                 os.unlink(tmp)
 
     def write(self, key: str, data: bytes | BinaryIO, *, overwrite: bool = True) -> ObjectInfo:
-        """Write to a temporary file, then rename (or hard-link, create-only) it into place, so a reader never
-        sees half an object. Raises ObjectExists with `overwrite=False` on an existing key, and StoreError
-        naming the key and cause (a full disk, ...) when the write fails; no temporary file is left."""
+        """Write so that a reader never sees half an object: create-only (`overwrite=False`) fills an unnamed file
+        in the key's folder and links it into place, refused with ObjectExists if the key exists; otherwise a
+        temporary file is renamed over the key. Raises StoreError naming the key and cause (a full disk, ...);
+        no temporary file is left behind."""
         path = self._path(key)
         if not overwrite and os.path.exists(path):
             raise ObjectExists(f"object {key!r} already exists in {self.url}")
-        tmp = self._temp_path()
-        digest = hashlib.md5(usedforsecurity=False)
-        try:
-            with open(tmp, "wb") as out:
-                if isinstance(data, bytes | bytearray | memoryview):
-                    digest.update(data)
-                    out.write(data)
-                else:
-                    while chunk := data.read(_CHUNK):
-                        digest.update(chunk)
-                        out.write(chunk)
-            _remember_checksum(tmp, digest.hexdigest())
-            self._publish(tmp, key, path, overwrite)
-        except OSError as exc:
-            raise self._write_failed(tmp, key, exc) from exc
+
+        def fill(fd: int) -> str:
+            digest = hashlib.md5(usedforsecurity=False)
+            if isinstance(data, bytes | bytearray | memoryview):
+                digest.update(data)
+                _write_all(fd, data)
+            else:
+                while chunk := data.read(_CHUNK):
+                    digest.update(chunk)
+                    _write_all(fd, chunk)
+            return digest.hexdigest()
+
+        self._create(key, path, fill, overwrite)
         return self._info(key, path, os.stat(path))
 
     def copy(self, src: str, dst: str, *, overwrite: bool = True) -> None:
         """Copy an object atomically like `write`, keeping its cached MD5. Raises ObjectNotFound for a missing
         `src`, ObjectExists with `overwrite=False` on an existing `dst`, StoreError when the write fails."""
         src_path, dst_path = self._path(src), self._path(dst)
-        if not os.path.isfile(src_path):
-            raise ObjectNotFound(f"no object {src!r} in {self.url}")
         if not overwrite and os.path.exists(dst_path):
             raise ObjectExists(f"object {dst!r} already exists in {self.url}")
-        digest = cached_checksum(src_path)
+        try:
+            fin = os.open(src_path, os.O_RDONLY | os.O_CLOEXEC)
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError) as exc:
+            raise ObjectNotFound(f"no object {src!r} in {self.url}") from exc
+        try:
+            st = os.fstat(fin)
+            if not stat.S_ISREG(st.st_mode):
+                raise ObjectNotFound(f"no object {src!r} in {self.url}")
+            digest = known_checksum(src_path, st) or cached_checksum(src_path, st)
+
+            def fill(fd: int) -> str:
+                _copy_bytes(fin, fd)
+                return digest
+
+            self._create(dst, dst_path, fill, overwrite)
+        finally:
+            os.close(fin)
+
+    def _create(self, key: str, path: str, fill: Callable[[int], str], overwrite: bool) -> None:
+        """Fill a new file (`fill` writes to the descriptor and returns the MD5) and put it at `path` atomically.
+
+        Create-only writes use an unnamed file (O_TMPFILE) in the key's own folder, linked into place: one
+        `link()` that fails if the key exists, and a writer killed half-way leaves nothing at all. Where the
+        filesystem has no unnamed files (or for an overwrite), a named file in `.nccid-tmp/` is used instead.
+        """
+        folder = os.path.dirname(path)
+        self._make_folder(folder)
+        if not overwrite and self._unnamed:
+            try:
+                fd = self._open_unnamed(folder)
+            except OSError as exc:
+                if exc.errno not in _UNNAMED_UNSUPPORTED:
+                    raise self._write_failed(None, key, exc) from exc
+                self._unnamed = False  # this filesystem cannot: named temporary files from now on
+            else:
+                try:
+                    digest = fill(fd)
+                    _remember_checksum(fd, digest, os.fstat(fd))
+                    os.link(str(fd), path, src_dir_fd=_proc_fd_dir(), follow_symlinks=True)  # linkat(2)
+                except FileExistsError as exc:
+                    raise ObjectExists(f"object {key!r} already exists in {self.url}") from exc
+                except OSError as exc:
+                    raise self._write_failed(None, key, exc) from exc
+                finally:
+                    os.close(fd)
+                return
         tmp = self._temp_path()
         try:
-            _copy_bytes(src_path, tmp)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
+            try:
+                digest = fill(fd)
+            finally:
+                os.close(fd)
             _remember_checksum(tmp, digest)
-            self._publish(tmp, dst, dst_path, overwrite)
+            self._publish(tmp, key, path, overwrite)
         except OSError as exc:
-            raise self._write_failed(tmp, dst, exc) from exc
+            raise self._write_failed(tmp, key, exc) from exc
 
-    def _write_failed(self, tmp: str, key: str, exc: OSError) -> StoreError:
+    def _open_unnamed(self, folder: str) -> int:
+        try:
+            return os.open(folder, os.O_TMPFILE | os.O_WRONLY | os.O_CLOEXEC, 0o666)
+        except FileNotFoundError:  # the folder was tidied away (see `delete`) since this process made it
+            self._folders.discard(folder)
+            self._make_folder(folder)
+            return os.open(folder, os.O_TMPFILE | os.O_WRONLY | os.O_CLOEXEC, 0o666)
+
+    def _make_folder(self, folder: str) -> None:
+        if folder not in self._folders:
+            try:
+                os.makedirs(folder, exist_ok=True)
+            except OSError as exc:
+                raise self._write_failed(None, os.path.relpath(folder, self.root), exc) from exc
+            self._folders.add(folder)
+
+    def _write_failed(self, tmp: str | None, key: str, exc: OSError) -> StoreError:
         """No temporary file outlives a failed write; one line naming the key and the cause (a full disk, ...)."""
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
         cause = "the disk is full" if exc.errno == errno.ENOSPC else (exc.strerror or str(exc))
         return StoreError(f"{self.url}: cannot write {key!r}: {cause}; fix that, then run the same command again")
 

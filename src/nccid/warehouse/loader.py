@@ -34,14 +34,14 @@ import secrets
 import signal
 import tempfile
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from enum import Enum
 from itertools import islice
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from nccid.contracts.dicom import ImageFacts, ImageRejected, image_facts, metadata_json, read_header
 from nccid.contracts.layout import (
     LayoutError,
     clinical_key,
@@ -50,7 +50,7 @@ from nccid.contracts.layout import (
     metadata_key,
     parse_raw_key,
 )
-from nccid.errors import CatalogError, NccidError, StoreError
+from nccid.errors import CatalogError, ImageRejected, NccidError, StoreError
 from nccid.log import event
 from nccid.store import LocalStore, ObjectExists, ObjectInfo, ObjectStore
 from nccid.warehouse import rules
@@ -58,6 +58,9 @@ from nccid.warehouse.catalog import Catalog, ClinicalRow, Instance, RawRow, Stag
 from nccid.warehouse.clinical import ClinicalRecord, ClinicalRejected, check_clinical, clinical_size_reason
 from nccid.warehouse.config import WarehouseConfig, group_for, load_config
 from nccid.warehouse.rules import Outcome
+
+if TYPE_CHECKING:
+    from nccid.contracts.dicom import ImageFacts
 
 REPORT_PREFIX = "reports/load/"
 _PSEUDONYM_IN_TEXT = re.compile(r"\bCovid[0-9]+\b")
@@ -155,6 +158,8 @@ def examine_image(store: ObjectStore, key: str, size: int, checksum: str = "") -
     re-run; any other failure while examining this ONE object becomes its quarantine reason (defence in depth:
     one bad file must never stop every load).
     """
+    from nccid.contracts.dicom import image_facts, metadata_json, read_header  # see `_Stream.examine`
+
     checksum = checksum or store.checksum(key)
     reader = None
     try:
@@ -237,13 +242,11 @@ def file_many(store: ObjectStore, plans: list[ImagePlan], write: bool, threads: 
     return _threaded(lambda plan: file_image(store, plan, write), [(p,) for p in plans], threads)
 
 
-def _chunks(items: list, workers: int, least: int) -> list[list]:
-    """Contiguous chunks, about four per worker and at least `least` items each (a worker's threads), so that
-    one slow chunk (a big CT series) does not leave the other workers idle; results are taken back in order."""
-    if not items:
-        return []
-    size = max(least, -(-len(items) // (max(1, workers) * 4)))
-    return [items[i : i + size] for i in range(0, len(items), size)]
+def _chunks(items: list, size: int) -> Iterator[list]:
+    """Consecutive chunks of `size` items: small enough that one slow chunk (a big CT series) never leaves the other
+    workers idle for long, big enough that handing a chunk to a worker costs little beside the work."""
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
 
 
 def _write_once(store: ObjectStore, key: str, data: bytes) -> bool:
@@ -317,6 +320,74 @@ def new_run_id() -> str:
     return dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ") + "-" + secrets.token_hex(3)
 
 
+class _Stream:
+    """The image pipeline's moving parts: chunks being examined, then chunks being filed, each a bounded FIFO.
+
+    Chunks are decided in the order they were listed and their outcomes recorded in that order too (the run
+    report lists them as the listing does); the catalog is committed every `BATCH` outcomes. Objects are always
+    placed before the catalog records them, so a run killed at any moment is finished by the next one.
+    """
+
+    def __init__(self, loader: Loader, pool: cf.Executor | _InlineExecutor) -> None:
+        self.loader = loader
+        self.pool = pool
+        self.window = 2 * max(1, loader.workers)  # per stage: one chunk in hand and one queued per worker
+        self.examining: deque[tuple[list[ObjectInfo], cf.Future]] = deque()
+        self.filing: deque[tuple[list[ObjectInfo], list[RawRow], list, cf.Future | None]] = deque()
+        self.in_flight: dict[str, Instance] = {}  # planned, not yet recorded, by SOP Instance UID
+        self.uncommitted = 0
+
+    def examine(self, chunk: list[ObjectInfo]) -> None:
+        """Hand a chunk to the workers, first taking whatever has finished (waiting when the window is full)."""
+        import nccid.contracts.dicom  # noqa: F401  (pydicom: here, so a no-op run never pays for it, and
+        #                                before the first task forks the workers, so they inherit it loaded)
+
+        loader = self.loader
+        items = [(i.key, i.size, i.checksum) for i in chunk]
+        self.examining.append((chunk, self.pool.submit(examine_many, loader.store, items, loader.threads)))
+        self._advance()
+
+    def drain(self) -> None:
+        """Wait for everything in flight and record it."""
+        while self.examining:
+            self._decide(*self.examining.popleft())
+        while self.filing:
+            self._record(*self.filing.popleft())
+
+    def _advance(self) -> None:
+        while True:
+            if self.filing and (self.filing[0][3] is None or self.filing[0][3].done()):
+                self._record(*self.filing.popleft())
+            elif self.examining and (self.examining[0][1].done() or len(self.examining) > self.window):
+                self._decide(*self.examining.popleft())
+            else:
+                return
+
+    def _decide(self, chunk: list[ObjectInfo], examining: cf.Future) -> None:
+        loader = self.loader
+        rows, plans = loader._decide_images(chunk, examining.result(), self.in_flight)
+        filing = None
+        if plans:
+            filing = self.pool.submit(file_many, loader.store, [p[0] for p in plans], loader.write, loader.threads)
+        self.filing.append((chunk, rows, plans, filing))
+        while len(self.filing) > self.window:
+            self._record(*self.filing.popleft())
+
+    def _record(self, chunk: list[ObjectInfo], rows: list[RawRow], plans: list, filing: cf.Future | None) -> None:
+        loader = self.loader
+        if filing is not None:
+            rows = rows + loader._filed(plans, filing.result())
+        for _plan, inst, _base in plans:
+            if self.in_flight.get(inst.sop) is inst:
+                del self.in_flight[inst.sop]
+        loader._record(rows)
+        loader.progress("images", len(chunk), sum(i.size for i in chunk))
+        self.uncommitted += len(chunk)
+        if self.uncommitted >= BATCH:
+            loader.catalog.commit()
+            self.uncommitted = 0
+
+
 # -- the loader -----------------------------------------------------------------------------------------
 class Loader:
     """One load of everything new under the configured raw prefixes: list -> examine -> decide -> file -> record.
@@ -344,6 +415,8 @@ class Loader:
         self.workers = workers if workers is not None else (os.cpu_count() or 1)
         #: concurrent requests per worker: a remote store answers in milliseconds, so overlap them
         self.threads = 8 if store.remote else 1
+        #: images per task handed to a worker: a few seconds of work at most, so no worker idles behind another
+        self.chunk = 2 * self.threads if store.remote else 4
         self.io = cf.ThreadPoolExecutor(max_workers=16 if store.remote else 4)
         self.progress = progress or (lambda phase, n, b: None)
         self.config: WarehouseConfig = load_config(store)
@@ -495,41 +568,24 @@ class Loader:
 
     # .. images ...........................................................................................
     def load_images(self, pool: cf.Executor | _InlineExecutor) -> None:
-        """Per batch of the raw listing: select -> examine (workers) -> decide -> file (workers) -> record.
+        """Stream the raw listing through select -> examine (workers) -> decide -> file (workers) -> record.
 
-        The workers read the next batch's headers while this process decides and files the current one
-        (examining only reads, so reading ahead changes no decision: each batch is decided after the one
-        before it is recorded).
+        No batch waits for its slowest member: small chunks of images are examined as workers come free, each
+        chunk is decided as soon as its results arrive (in listing order, so that which of two raw files with
+        the same SOP Instance UID is filed never depends on timing), its plans go straight back to the workers to
+        be filed, and outcomes are recorded as filing finishes. At most `window` chunks wait at each stage, so
+        memory stays flat whatever the input size.
         """
-        ahead: tuple[list[ObjectInfo], list[ObjectInfo], list[cf.Future]] | None = None
+        stream = _Stream(self, pool)
         for prefix in self.config.raw_prefixes:
             # unhashed: a raw file without a cached checksum is hashed by a worker, not here one after another
             listing = (i for i in self.store.list_unhashed(prefix) if not self._is_clinical_area(i.key))
-            for batch in _batches(listing):
+            for batch in _batches(listing):  # catalog look-ups a batch at a time
                 todo = self._select_images(batch)
-                examining = self._start_examining(todo, pool)
-                if ahead is not None:
-                    self._finish_batch(*ahead, pool)
-                ahead = (batch, todo, examining)
-        if ahead is not None:
-            self._finish_batch(*ahead, pool)
-
-    def _finish_batch(
-        self,
-        batch: list[ObjectInfo],
-        todo: list[ObjectInfo],
-        examining: list[cf.Future],
-        pool: cf.Executor | _InlineExecutor,
-    ) -> None:
-        if todo:
-            examined = [e for future in examining for e in future.result()]
-            self.report.images_examined += len(examined)
-            self.report.header_bytes_read += sum(e.bytes_read for e in examined)
-            todo, examined = self._drop_unchanged(todo, examined)
-            rows, plans = self._decide_images(todo, examined)
-            rows += self._file_images(plans, pool)
-            self._record(rows)
-        self.progress("images", len(batch), sum(i.size for i in todo))
+                self.progress("images", len(batch) - len(todo), 0)
+                for chunk in _chunks(todo, self.chunk):
+                    stream.examine(chunk)
+        stream.drain()
         self.catalog.commit()
 
     @staticmethod
@@ -579,18 +635,19 @@ class Loader:
             kept.append((info, exam))
         return [i for i, _ in kept], [e for _, e in kept]
 
-    def _start_examining(self, todo: list[ObjectInfo], pool: cf.Executor | _InlineExecutor) -> list[cf.Future]:
-        """Hand the batch's headers to the workers; the futures give lists of Examined, in order."""
-        chunks = _chunks([(i.key, i.size, i.checksum) for i in todo], self.workers, self.threads)
-        return [pool.submit(examine_many, self.store, chunk, self.threads) for chunk in chunks]
-
     def _decide_images(
-        self, todo: list[ObjectInfo], examined: list[Examined]
+        self, todo: list[ObjectInfo], examined: list[Examined], in_flight: dict[str, Instance]
     ) -> tuple[list[RawRow], list[tuple[ImagePlan, Instance, RawRow]]]:
-        """Each examined image's outcome, or its plan to be filed (with its catalog row)."""
+        """Each examined image's outcome, or its plan to be filed (with its catalog row).
+
+        `in_flight` holds the instances planned but not yet recorded (by SOP Instance UID): a second raw file
+        with the same UID is decided against the first, as if it were filed already; it gains this chunk's plans.
+        """
+        self.report.images_examined += len(examined)
+        self.report.header_bytes_read += sum(e.bytes_read for e in examined)
+        todo, examined = self._drop_unchanged(todo, examined)
         groups = self.catalog.patient_groups(e.facts.patient for e in examined if e.facts)
         instances = self.catalog.instances_by_sop([e.facts.sop for e in examined if e.facts])
-        planned: dict[str, Instance] = {}
         rows: list[RawRow] = []
         plans: list[tuple[ImagePlan, Instance, RawRow]] = []
         for info, exam in zip(todo, examined, strict=True):
@@ -602,27 +659,20 @@ class Loader:
             base = replace(base, patient=facts.patient)
             group = groups.get(facts.patient)
             held = self.catalog.held_clinical_reason(facts.patient) if group is None else None
-            decision = rules.image_decision(base, group, planned.get(facts.sop) or instances.get(facts.sop), held)
+            decision = rules.image_decision(base, group, in_flight.get(facts.sop) or instances.get(facts.sop), held)
             if decision is not None:
                 rows.append(decision)
                 continue
             assert group is not None
             inst = _instance(info, exam, group)
-            planned[facts.sop] = inst
+            in_flight[facts.sop] = inst
             plans.append(
                 (ImagePlan(info.key, info.checksum, inst.dest, metadata_key(inst.dest), exam.metadata), inst, base)
             )
         return rows, plans
 
-    def _file_images(
-        self, plans: list[tuple[ImagePlan, Instance, RawRow]], pool: cf.Executor | _InlineExecutor
-    ) -> list[RawRow]:
-        """Place the planned images (workers), then record each filed instance; returns their outcomes."""
-        if not plans:
-            return []
-        chunks = _chunks([p[0] for p in plans], self.workers, self.threads)
-        filing = [pool.submit(file_many, self.store, chunk, self.write, self.threads) for chunk in chunks]
-        statuses = [status for future in filing for status in future.result()]
+    def _filed(self, plans: list[tuple[ImagePlan, Instance, RawRow]], statuses: list[str]) -> list[RawRow]:
+        """Record each filed instance of a chunk whose plans were placed; returns their outcomes."""
         rows = []
         for (plan, inst, base), status in zip(plans, statuses, strict=True):
             row = rules.placed(base, status, plan.dest, self.mode is Mode.REBUILD)
