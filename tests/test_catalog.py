@@ -301,19 +301,19 @@ def test_an_unforeseen_failure_on_one_image_quarantines_it_and_files_the_rest(tm
 
 def test_a_failure_past_the_header_reader_is_still_that_objects_quarantine(tmp_path, monkeypatch):
     """Defence in depth: whatever escapes the hardened reader (here: from the metadata export) stays with its object."""
-    import nccid.warehouse.loader as loader
+    import nccid.contracts.dicom as dicom
 
     store = LocalStore(tmp_path / "store")
     small_upload(store)
     broken = put_image(store, "Covid1", S1, SE1, "1.2.826.1.1.3")
-    real = loader.metadata_json
+    real = dicom.metadata_json
 
     def export(ds):
         if ds.SOPInstanceUID == "1.2.826.1.1.3":
             raise RecursionError("maximum recursion depth exceeded")
         return real(ds)
 
-    monkeypatch.setattr(loader, "metadata_json", export)
+    monkeypatch.setattr(dicom, "metadata_json", export)  # what the loader's workers call
     cat = Catalog(tmp_path / "catalog.sqlite")
     report = load(store, cat, workers=1)
     cat.close()

@@ -161,3 +161,20 @@ def test_each_centre_shows_its_rule_and_counts():
         CentreRow("V", "validation", 0, 0),
         CentreRow("X", "", 1, 0),
     ]
+
+
+def test_only_two_plain_md5s_that_differ_say_the_copied_bytes_changed():
+    md5a, md5b = "0cc175b9c0f1b6a831c399e269772661", "92eb5ffee6ae2fec3ad71c777531578f"
+    assert rules.copied_other_bytes(md5a, md5b)
+    assert not rules.copied_other_bytes(md5a, md5a)
+    assert not rules.copied_other_bytes(md5a, md5a.upper())  # the same digest, however a store spells it
+    assert not rules.copied_other_bytes(md5a, "")  # the store gave no checksum
+    assert not rules.copied_other_bytes(f"{md5a}-3", md5b)  # a multipart ETag depends on the upload, not the bytes
+    assert not rules.copied_other_bytes(md5a, f"{md5b}-2")
+
+
+def test_an_object_that_changed_while_being_filed_is_not_recorded_and_says_why():
+    base = RawRow("raw-a/2020-04-01/images/x.dcm", 10, "c", "image", Outcome.QUARANTINED, patient="Covid1")
+    row = rules.placed(base, "changed", "training/xray/Covid1/s/se/i.dcm", rebuilding=False)
+    assert row.outcome == Outcome.UNFILED and row.dest == ""
+    assert "changed while it was being filed" in row.reason and "next load" in row.reason

@@ -145,3 +145,32 @@ def test_in_one_run_the_first_raw_file_of_a_uid_in_listing_order_is_filed_whatev
     filed = store.root / f"training/xray/Covid1/{S1}/{SE1}/{sops[0]}.dcm"
     assert filed.read_bytes() == (store.root / keys[0]).read_bytes()
     assert keys[0] in report.items[0]["reason"]
+
+
+@pytest.mark.parametrize("backend", ["local", "s3"])
+def test_a_raw_image_replaced_after_it_was_examined_is_not_filed_with_its_old_metadata(make_store, tmp_path, backend):
+    """The site re-sends a raw key with other bytes while a load is between reading its header and copying it:
+    the store's answer to the copy carries the checksum of what it copied, the loader takes the copy and its
+    metadata back and records nothing, and the next load files the new bytes with their own metadata."""
+    from nccid.contracts.layout import metadata_key
+    from nccid.warehouse.catalog import Catalog
+    from nccid.warehouse.loader import ImagePlan, file_image
+
+    store = make_store(backend)
+    configure(store)
+    put_clinical(store, "Covid1")
+    key = put_image(store, "Covid1", S1, SE1, I1)
+    examined = store.stat(key)
+    dest = f"training/xray/Covid1/{S1}/{SE1}/{I1}.dcm"
+    plan = ImagePlan(key, examined.checksum, dest, metadata_key(dest), b'{"examined": true}\n')
+    put_image(store, "Covid1", S1, SE1, I1, seed=42)  # replaced under the same key, same identity, other bytes
+
+    assert file_image(store, plan, write=True) == "changed"
+    assert store.stat(dest) is None and store.stat(plan.meta_key) is None
+
+    catalog = Catalog(tmp_path / "catalog.sqlite")
+    report = load(store, catalog, workers=1)
+    assert report.images_filed == 1
+    assert store.read(dest) == store.read(key)  # the bytes as they are now
+    assert b"examined" not in store.read(plan.meta_key)
+    catalog.close()

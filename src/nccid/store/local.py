@@ -286,8 +286,9 @@ class LocalStore(ObjectStore):
         self._create(key, path, fill, overwrite)
         return self._info(key, path, os.stat(path))
 
-    def copy(self, src: str, dst: str, *, overwrite: bool = True) -> None:
-        """Copy an object atomically like `write`, keeping its cached MD5. Raises ObjectNotFound for a missing
+    def copy(self, src: str, dst: str, *, overwrite: bool = True) -> str:
+        """Copy an object atomically like `write`, keeping its cached MD5; returns that MD5 (of `src` as it is
+        now: a file changed since it was last hashed is hashed again). Raises ObjectNotFound for a missing
         `src`, ObjectExists with `overwrite=False` on an existing `dst`, StoreError when the write fails."""
         src_path, dst_path = self._path(src), self._path(dst)
         if not overwrite and os.path.exists(dst_path):
@@ -307,6 +308,7 @@ class LocalStore(ObjectStore):
                 return digest
 
             self._create(dst, dst_path, fill, overwrite)
+            return digest
         finally:
             os.close(fin)
 

@@ -4,22 +4,30 @@ boto3 is the client (the reference SDK, and what the NCCID data-access guide's e
 endpoint come the standard AWS way (environment, shared profiles, `AWS_ENDPOINT_URL`), requests are retried
 with backoff, listings are paginated and streamed, a header is read with ranged GETs of only the bytes pydicom
 asks for, no-overwrite writes use `If-None-Match: *`, and copies stay on the server.
+
+The loader's hot requests (a ranged GET per header, a create-only PUT of its metadata, a create-only server-side
+COPY per image) go out as SigV4-signed requests through urllib3, which costs about half the client CPU of a
+botocore call (endpoint rules, event hooks and response parsing are most of a call's cost, and on a 2-core
+machine the client's CPU is taken from the server's). Any answer but the expected ones is asked again through
+botocore, for its retries and its error codes; the requests and their meaning are the same either way.
 """
 
 from __future__ import annotations
 
 import io
 import os
+import re
 import threading
 import time
 from collections.abc import Iterator
+from email.utils import parsedate_to_datetime
 from typing import BinaryIO
 from urllib.parse import quote, urlparse
 
 import boto3
 import urllib3
 from boto3.s3.transfer import TransferConfig
-from botocore.auth import S3SigV4QueryAuth
+from botocore.auth import S3SigV4Auth, S3SigV4QueryAuth
 from botocore.awsrequest import AWSRequest
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
@@ -39,6 +47,11 @@ BLOCK = 16 * 1024  # ranged-read granularity: one GET covers most DICOM headers
 MULTIPART = 64 * 1024 * 1024
 _NOT_FOUND = {"404", "NoSuchKey", "NotFound"}
 _EXISTS = {"412", "PreconditionFailed", "ConditionalRequestConflict"}
+_COPY_ETAG = re.compile(rb"<CopyObjectResult\b.*?<ETag>\s*(?:&quot;|\")?([0-9A-Za-z-]+)", re.S)
+#: one store (so one boto3 client and one connection pool) per process for each settings, however many tasks
+#: a worker process unpickles it for: a client costs ~0.1 s of CPU and new connections to build
+_SHARED: dict[tuple, S3Store] = {}
+_SHARED_LOCK = threading.Lock()
 
 
 def _code(exc: ClientError) -> str:
@@ -140,6 +153,10 @@ class S3Store(ObjectStore):
                     self._pid = os.getpid()
         return self._client
 
+    def _credentials(self):
+        """The client's current credentials (refreshed by botocore where they expire), for signing by hand."""
+        return self.client._request_signer._credentials.get_frozen_credentials()
+
     def _closing_client(self):
         """A client whose requests close their connection: SeaweedFS leaves a kept-alive connection stalled
         after a zero-length PUT (the next request on it waits for the read timeout), so empty objects go
@@ -200,6 +217,16 @@ class S3Store(ObjectStore):
 
     # -- reading ---------------------------------------------------------------------------------------
     def stat(self, key: str) -> ObjectInfo | None:
+        """HeadObject (through urllib3; through botocore for any answer but 200 or 404)."""
+        reply = self._lean("HEAD", self._key(key), {})
+        if reply is not None:
+            status, headers, _ = reply
+            if status == 404:
+                return None
+            if status == 200 and "ETag" in headers and "Content-Length" in headers:
+                when = headers.get("Last-Modified")
+                mtime = parsedate_to_datetime(when).timestamp() if when else time.time()
+                return ObjectInfo(key, int(headers["Content-Length"]), headers["ETag"].strip('"'), mtime)
         try:
             head = self.client.head_object(Bucket=self.bucket, Key=self._key(key))
         except ClientError as exc:
@@ -209,14 +236,27 @@ class S3Store(ObjectStore):
         return _info(key, head["ContentLength"], head["ETag"], head["LastModified"])
 
     def read(self, key: str) -> bytes:
+        """The whole object in one GET (through urllib3; through botocore for any answer but 200)."""
+        reply = self._lean("GET", self._key(key), {})
+        if reply is not None and reply[0] == 200:
+            return reply[2]
         try:
             return self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"].read()
         except ClientError as exc:
             raise self._fail(exc, key) from exc
 
     def read_range(self, key: str, start: int, length: int) -> bytes:
+        """One ranged GET (through urllib3; through botocore when that does not answer 206 or 200)."""
         if length <= 0:
             return b""
+        full = self._key(key)
+        reply = self._lean("GET", full, {"Range": f"bytes={start}-{start + length - 1}"})
+        if reply is not None:
+            status, _, body = reply
+            if status == 206 or (status == 200 and start == 0):
+                return body[:length]
+            if status == 416:
+                return b""
         try:
             body = self.client.get_object(
                 Bucket=self.bucket, Key=self._key(key), Range=f"bytes={start}-{start + length - 1}"
@@ -270,17 +310,40 @@ class S3Store(ObjectStore):
         except (BotoCoreError, urllib3.exceptions.HTTPError) as exc:
             raise StoreError(f"{self.url}{key}: {exc}") from exc
 
-    def _presigned_get(self, full_key: str) -> str:
-        """A SigV4 query-signed GET URL. botocore's generate_presigned_url re-runs endpoint resolution for every
-        call (most of its cost); the bucket's base URL is resolved once here and each key only signed."""
+    def _bucket_url(self) -> str:
+        """The URL objects of this bucket hang from (path or virtual-host style, as botocore resolves it): resolved
+        once, because botocore re-runs its endpoint rules for every call and that is most of a call's cost."""
         if self._base_url is None:
             probe = "nccid-probe"
             url = self.client.generate_presigned_url("get_object", Params={"Bucket": self.bucket, "Key": probe})
             self._base_url = url.split("?", 1)[0][: -len(probe)]
-        request = AWSRequest(method="GET", url=self._base_url + quote(full_key, safe="/~"))
-        credentials = self.client._request_signer._credentials.get_frozen_credentials()
-        S3SigV4QueryAuth(credentials, "s3", self.client.meta.region_name, expires=900).add_auth(request)
+        return self._base_url
+
+    def _presigned_get(self, full_key: str) -> str:
+        """A SigV4 query-signed GET URL for one object."""
+        request = AWSRequest(method="GET", url=self._bucket_url() + quote(full_key, safe="/~"))
+        S3SigV4QueryAuth(self._credentials(), "s3", self.client.meta.region_name, expires=900).add_auth(request)
         return request.url
+
+    def _lean(
+        self, method: str, full_key: str, headers: dict[str, str], body: bytes | None = None
+    ) -> tuple[int, dict, bytes] | None:
+        """One SigV4-signed request (`headers` signed too: conditions, ranges, the copy source) straight through
+        the bucket's urllib3 connection pool: (status, headers, body), or None when no answer came (the caller
+        then asks botocore, which retries). Never raises for an HTTP status: the caller decides what it means."""
+        try:
+            base = self._bucket_url()
+            pool = self._http().connection_from_url(base)
+            quoted = quote(full_key, safe="/~")
+            request = AWSRequest(method=method, url=base + quoted, headers=headers, data=body or b"")
+            S3SigV4Auth(self._credentials(), "s3", self.client.meta.region_name).add_auth(request)
+            path = urllib3.util.parse_url(base).path or "/"
+            response = pool.urlopen(
+                method, path + quoted, body=body, headers=dict(request.headers), retries=False, redirect=False
+            )
+        except (urllib3.exceptions.HTTPError, OSError, BotoCoreError):
+            return None
+        return response.status, response.headers, response.data
 
     def _http(self) -> urllib3.PoolManager:
         if self._pool is None or self._pool_pid != os.getpid():
@@ -288,7 +351,9 @@ class S3Store(ObjectStore):
                 if self._pool is None or self._pool_pid != os.getpid():
                     from botocore.httpsession import get_cert_path
 
-                    self._pool = urllib3.PoolManager(maxsize=64, ca_certs=get_cert_path(True))
+                    self._pool = urllib3.PoolManager(
+                        maxsize=64, ca_certs=get_cert_path(True), timeout=urllib3.Timeout(connect=10, read=60)
+                    )
                     self._pool_pid = os.getpid()
         return self._pool
 
@@ -303,6 +368,10 @@ class S3Store(ObjectStore):
         try:
             if isinstance(data, bytes | bytearray | memoryview):
                 body = bytes(data)
+                if body:
+                    info = self._lean_put(key, full, body, overwrite)
+                    if info is not None:
+                        return info
                 client = self.client if body else self._closing_client()
                 reply = client.put_object(Bucket=self.bucket, Key=full, Body=body, **extra)
                 return ObjectInfo(key=key, size=len(body), checksum=reply["ETag"].strip('"'), mtime=time.time())
@@ -315,22 +384,59 @@ class S3Store(ObjectStore):
         assert info is not None
         return info
 
-    def copy(self, src: str, dst: str, *, overwrite: bool = True) -> None:
-        """CopyObject on the server; with overwrite=False, `If-None-Match: *` makes it create-only atomically."""
+    def _lean_put(self, key: str, full: str, body: bytes, overwrite: bool) -> ObjectInfo | None:
+        """PutObject through urllib3: the stored object's info, ObjectExists (412 on a create-only write), or
+        None for any other answer (the caller asks again through botocore for its retries and error codes)."""
+        reply = self._lean("PUT", full, {} if overwrite else {"If-None-Match": "*"}, body)
+        if reply is None:
+            return None
+        status, headers, _ = reply
+        if status == 412 and not overwrite:
+            raise ObjectExists(f"object {key!r} already exists in {self.url}")
+        if status != 200 or not headers.get("ETag"):
+            return None
+        return ObjectInfo(key=key, size=len(body), checksum=headers["ETag"].strip('"'), mtime=time.time())
+
+    def copy(self, src: str, dst: str, *, overwrite: bool = True) -> str:
+        """CopyObject on the server; with overwrite=False, `If-None-Match: *` makes it create-only atomically.
+
+        Returns the checksum of the new object as the server gave it in its answer (its ETag: the MD5 of a
+        single-part object), so that a caller can check what was filed without asking again ('' where a server
+        gives none). Raises ObjectExists (create-only and `dst` exists), ObjectNotFound (no `src`), StoreError.
+        """
+        full_src, full_dst = self._key(src), self._key(dst)
+        headers = {"x-amz-copy-source": quote(f"{self.bucket}/{full_src}", safe="/~")}
+        if not overwrite:
+            headers["If-None-Match"] = "*"
+        reply = self._lean("PUT", full_dst, headers)
+        if reply is not None:
+            status, _, body = reply
+            if status == 412 and not overwrite:
+                raise ObjectExists(f"object {dst!r} already exists in {self.url}")
+            found = _COPY_ETAG.search(body) if status == 200 else None
+            if found:  # a 200 can carry an <Error> instead of a result: only a result counts
+                return found.group(1).decode()
+        return self._copy_boto(src, dst, overwrite=overwrite)
+
+    def _copy_boto(self, src: str, dst: str, *, overwrite: bool) -> str:
         source = {"Bucket": self.bucket, "Key": self._key(src)}
         extra = {} if overwrite else {"IfNoneMatch": "*"}
         try:
-            self.client.copy_object(CopySource=source, Bucket=self.bucket, Key=self._key(dst), **extra)
+            reply = self.client.copy_object(CopySource=source, Bucket=self.bucket, Key=self._key(dst), **extra)
+            return str(reply.get("CopyObjectResult", {}).get("ETag", "")).strip('"')
         except ClientError as exc:
             if _code(exc) in ("NotImplemented", "InvalidArgument") and extra:
                 # a server without conditional copies: check, then copy (the loader is the only writer here)
                 if self.stat(dst) is not None:
                     raise ObjectExists(f"object {dst!r} already exists in {self.url}") from exc
-                self.copy(src, dst, overwrite=True)
-            elif _code(exc) == "InvalidRequest" and "size" in str(exc).lower():  # over 5 GB: multipart copy
+                return self._copy_boto(src, dst, overwrite=True)
+            if _code(exc) == "InvalidRequest" and "size" in str(exc).lower():  # over 5 GB: multipart copy
                 self.client.copy(source, self.bucket, self._key(dst))
-            else:
-                raise self._fail(exc, dst if _code(exc) in _EXISTS else src) from exc
+                info = self.stat(dst)
+                return info.checksum if info else ""
+            raise self._fail(exc, dst if _code(exc) in _EXISTS else src) from exc
+        except BotoCoreError as exc:  # connection trouble after retries: an error naming the key
+            raise StoreError(f"{self.url}{dst}: {exc}") from exc
 
     def delete(self, key: str) -> None:
         try:
@@ -359,4 +465,22 @@ class S3Store(ObjectStore):
 
 
 def _rebuild(bucket: str, prefix: str, endpoint_url: str | None, profile: str | None) -> S3Store:
-    return S3Store(bucket, prefix, endpoint_url=endpoint_url, profile=profile)
+    """The store a worker process unpickles: one per process for the same settings and credentials, so that
+    its client and connections serve every task sent to that process instead of being built for each."""
+    env = tuple(os.environ.get(name) for name in _CREDENTIAL_VARS)
+    shared_key = (os.getpid(), bucket, prefix, endpoint_url, profile, env)
+    with _SHARED_LOCK:
+        store = _SHARED.get(shared_key)
+        if store is None:
+            store = _SHARED[shared_key] = S3Store(bucket, prefix, endpoint_url=endpoint_url, profile=profile)
+        return store
+
+
+_CREDENTIAL_VARS = (
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_PROFILE",
+    "AWS_SHARED_CREDENTIALS_FILE",
+    "AWS_CONFIG_FILE",
+)

@@ -1,13 +1,19 @@
 """Performance of a binary score against ground truth: pure functions of arrays, no I/O.
 
 Methods (stated in every report):
-- ROC AUC: scikit-learn's `roc_auc_score`; its 95 % CI by DeLong's method (DeLong, DeLong & Clarke-Pearson
-  1988, in the fast midrank form of Sun & Xu 2014): AUC +/- 1.96 SE, clipped to [0, 1]. Neither scikit-learn
-  nor SciPy provides DeLong, so the structural components are computed here from SciPy's midranks; tests
-  check them against the O(m n) definition and a worked example.
+- ROC AUC: scikit-learn's `roc_auc_score` for the whole cohort; its 95 % CI by DeLong's method (DeLong,
+  DeLong & Clarke-Pearson 1988, in the fast midrank form of Sun & Xu 2014): AUC +/- 1.96 SE, clipped to
+  [0, 1]. Neither scikit-learn nor SciPy provides DeLong, so the structural components are computed here from
+  SciPy's midranks; tests check them against the O(m n) definition and a worked example. Subgroup AUCs are
+  the mean of those components (the Mann-Whitney form of the same AUC; tests hold it to `roc_auc_score`),
+  which saves scikit-learn's input checks on every one of dozens of small cells.
 - ROC curve: scikit-learn's `roc_curve`; its 95 % band by a stratified bootstrap (positives and negatives
-  resampled separately, a fixed seed) of the true positive rate on a fixed grid of false positive rates.
-- Sensitivity, specificity (and any proportion): the Wilson score interval from SciPy's `binomtest`.
+  resampled separately, a fixed seed) of the true positive rate on a fixed grid of false positive rates,
+  the replicates' ROC points computed all at once (a test holds the band equal, to the last digit, to the
+  replicate-by-replicate loop).
+- Sensitivity, specificity (and any proportion): the Wilson score interval (Newcombe 1998, the formula and
+  arithmetic of SciPy's `binomtest(...).proportion_ci(method="wilson")`, which tests compare it with; SciPy's
+  own call also computes an exact p-value nobody reads, ten times the cost).
 - PPV / NPV at a stated prevalence: Bayes' rule from sensitivity and specificity (their CIs carried through
   the monotone formula from the Wilson bounds).
 - Calibration: scikit-learn's `brier_score_loss` and `calibration_curve` (ten equal-width bins).
@@ -15,16 +21,19 @@ Methods (stated in every report):
 
 from __future__ import annotations
 
+import importlib
 import math
+import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.stats import binomtest, norm, rankdata
-from sklearn.calibration import calibration_curve
-from sklearn.metrics import brier_score_loss, roc_auc_score, roc_curve
 
-Z95 = float(norm.ppf(0.975))
+# SciPy and scikit-learn are imported where used: together they take about a second to import, which a
+# validation run spends while the model runs (`warm_up`) rather than before it starts.
+
+#: the 97.5 % point of the standard normal, as SciPy computes it (`norm.ppf(0.975)`; a test holds them equal)
+Z95 = 1.959963984540054
 DEFAULT_PREVALENCES = (0.01, 0.05, 0.1, 0.2, 0.5)
 
 
@@ -47,12 +56,33 @@ def _round(value: float | None, places: int = 4) -> float | None:
     return None if value is None or not math.isfinite(value) else round(float(value), places)
 
 
+_IMPORTING = threading.Lock()
+
+
+def warm_up() -> None:
+    """Import what the metrics use (SciPy's statistics, scikit-learn's metrics and calibration), one thread at
+    a time: two threads importing scikit-learn at once can see it half initialised. A validation run calls this
+    on a helper thread while the model runs; every function here calls it before its first import of them
+    (then it costs microseconds). Returns nothing."""
+    with _IMPORTING:
+        for module in ("scipy.stats", "sklearn.calibration", "sklearn.metrics"):
+            importlib.import_module(module)
+
+
 def wilson(successes: int, trials: int) -> Estimate:
-    """The proportion successes/trials with its 95 % Wilson score interval (SciPy); NONE for no trials."""
+    """The proportion successes/trials with its 95 % Wilson score interval; NONE for no trials.
+
+    Newcombe's (1998) form, operation for operation as SciPy's `binomtest(k, n).proportion_ci(method="wilson")`
+    computes it (so the bounds are the same floats; a test compares them), without the exact test's p-value."""
     if trials <= 0:
         return NONE
-    interval = binomtest(int(successes), int(trials)).proportion_ci(confidence_level=0.95, method="wilson")
-    return Estimate(successes / trials, float(interval.low), float(interval.high))
+    k, n = int(successes), int(trials)
+    p = k / n
+    z = Z95  # SciPy's ndtri(0.5 + 0.5 * 0.95), the same float
+    denom = 2 * (n + z**2)
+    center = (2 * n * p + z**2) / denom
+    delta = z / denom * math.sqrt(4 * n * p * (1 - p) + z**2)
+    return Estimate(p, 0.0 if k == 0 else center - delta, 1.0 if k == n else center + delta)
 
 
 def delong_components(y_true: np.ndarray, scores: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
@@ -60,6 +90,9 @@ def delong_components(y_true: np.ndarray, scores: np.ndarray) -> tuple[float, np
 
     V10[i] = P(score of a negative < score of positive i) + 1/2 P(equal); V01[j] likewise for negative j.
     """
+    warm_up()
+    from scipy.stats import rankdata
+
     y = np.asarray(y_true).astype(bool)
     s = np.asarray(scores, dtype=float)
     pos, neg = s[y], s[~y]
@@ -71,8 +104,11 @@ def delong_components(y_true: np.ndarray, scores: np.ndarray) -> tuple[float, np
     return float(v10.mean()), v10, v01
 
 
-def auc_with_ci(y_true: Sequence[int], scores: Sequence[float]) -> tuple[Estimate, float | None]:
-    """ROC AUC (scikit-learn) and its 95 % DeLong interval; also returns the standard error.
+def auc_with_ci(
+    y_true: Sequence[int], scores: Sequence[float], *, checked: bool = True
+) -> tuple[Estimate, float | None]:
+    """ROC AUC (scikit-learn's `roc_auc_score`, or with `checked` False the mean of the DeLong components, the
+    same AUC without scikit-learn's input checks) and its 95 % DeLong interval; also returns the standard error.
 
     Needs at least one positive and one negative; else (NONE, None).
     """
@@ -80,8 +116,14 @@ def auc_with_ci(y_true: Sequence[int], scores: Sequence[float]) -> tuple[Estimat
     s = np.asarray(scores, dtype=float)
     if y.sum() == 0 or y.sum() == len(y):
         return NONE, None
-    auc = float(roc_auc_score(y, s))
-    _, v10, v01 = delong_components(y, s)
+    mann_whitney, v10, v01 = delong_components(y, s)
+    if checked:
+        warm_up()
+        from sklearn.metrics import roc_auc_score
+
+        auc = float(roc_auc_score(y, s))
+    else:
+        auc = mann_whitney
     m, n = len(v10), len(v01)
     variance = (v10.var(ddof=1) if m > 1 else 0.0) / m + (v01.var(ddof=1) if n > 1 else 0.0) / n
     se = math.sqrt(max(variance, 0.0))
@@ -90,14 +132,35 @@ def auc_with_ci(y_true: Sequence[int], scores: Sequence[float]) -> tuple[Estimat
 
 def roc_points(y_true: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(fpr, tpr) at every distinct score, from (0, 0): scikit-learn's `roc_curve(..., drop_intermediate=False)`
-    without its input checks, which cost more than the curve itself in a bootstrap of hundreds of replicates
-    (a test holds the two equal)."""
+    without its input checks (a test holds the two equal)."""
     order = np.argsort(-scores, kind="mergesort")
     ranked, labels = scores[order], y_true[order]
     last = np.r_[np.flatnonzero(np.diff(ranked)), len(ranked) - 1]  # the last case at each distinct score
     tps = np.cumsum(labels)[last]
     fps = last + 1 - tps
     return np.r_[0.0, fps / fps[-1]], np.r_[0.0, tps / tps[-1]]
+
+
+def bootstrap_roc_points(samples: np.ndarray, positives: int) -> tuple[np.ndarray, np.ndarray]:
+    """`roc_points` of every row of `samples` (one bootstrap replicate per row, its first `positives` scores
+    those of positives), computed for all rows at once: returns (fpr, tpr), each of shape (rows, columns + 1).
+
+    A row's points are those of `roc_points`, each repeated once per case scored as its last case: a tie block
+    of k cases gives its point k times. Repeated points change nothing `np.interp` reads (a test holds the
+    interpolated curves equal to those of `roc_points`), and keep every row the same length.
+    """
+    rows, width = samples.shape
+    order = np.argsort(-samples, axis=1, kind="mergesort")
+    ranked = np.take_along_axis(samples, order, axis=1)
+    tps = np.cumsum(order < positives, axis=1)
+    fps = np.arange(1, width + 1) - tps
+    position = np.broadcast_to(np.arange(width), (rows, width))
+    last = np.ones((rows, width), dtype=bool)  # the last case at its score
+    last[:, :-1] = ranked[:, 1:] != ranked[:, :-1]
+    block_end = np.minimum.accumulate(np.where(last, position, width)[:, ::-1], axis=1)[:, ::-1]
+    tps, fps = np.take_along_axis(tps, block_end, axis=1), np.take_along_axis(fps, block_end, axis=1)
+    zero = np.zeros((rows, 1))
+    return np.hstack([zero, fps / fps[:, -1:]]), np.hstack([zero, tps / tps[:, -1:]])
 
 
 def roc_with_band(
@@ -108,18 +171,22 @@ def roc_with_band(
     Returns {"points": [{"fpr", "tpr", "threshold"}...], "band": {"fpr": [...], "low": [...], "high": [...]},
     "method": ...}.
     """
+    warm_up()
+    from sklearn.metrics import roc_curve
+
     y = np.asarray(y_true).astype(int)
     s = np.asarray(scores, dtype=float)
     fpr, tpr, thresholds = roc_curve(y, s)
     fgrid = np.linspace(0, 1, grid)
     rng = np.random.default_rng(seed)
     pos, neg = s[y == 1], s[y == 0]
-    curves = np.empty((replicates, grid))
-    both = np.r_[np.ones(len(pos), int), np.zeros(len(neg), int)]
-    for r in range(replicates):
-        sample = np.r_[rng.choice(pos, len(pos)), rng.choice(neg, len(neg))]
-        f, t = roc_points(both, sample)
-        curves[r] = np.interp(fgrid, f, t)
+    m, n = len(pos), len(neg)
+    picks = np.empty((replicates, m + n), dtype=np.int64)
+    for r in range(replicates):  # the draws of rng.choice(pos, m), then rng.choice(neg, n), replicate by replicate
+        picks[r, :m] = rng.integers(0, m, m)
+        picks[r, m:] = m + rng.integers(0, n, n)
+    boot_fpr, boot_tpr = bootstrap_roc_points(np.r_[pos, neg][picks], m)
+    curves = np.array([np.interp(fgrid, boot_fpr[r], boot_tpr[r]) for r in range(replicates)])
     low, high = np.percentile(curves, [2.5, 97.5], axis=0)
     return {
         "points": [
@@ -191,6 +258,10 @@ def calibration(y_true: Sequence[int], scores: Sequence[float], *, bins: int = 1
 
     Returns {"brier", "bins": [{"low", "high", "n", "mean_score", "observed"}...], "suppressed_bins"}.
     """
+    warm_up()
+    from sklearn.calibration import calibration_curve
+    from sklearn.metrics import brier_score_loss
+
     y = np.asarray(y_true).astype(int)
     s = np.asarray(scores, dtype=float)
     edges = np.linspace(0, 1, bins + 1)
@@ -267,7 +338,7 @@ def subgroups(
         positives, negatives = int(yl.sum()), int(n - yl.sum())
         point = operating_point(yl, sl, threshold)
         show_pos, show_neg = positives >= min_cell, negatives >= min_cell
-        auc = auc_with_ci(yl, sl)[0] if show_pos and show_neg else NONE
+        auc = auc_with_ci(yl, sl, checked=False)[0] if show_pos and show_neg else NONE
         rows.append(
             {
                 "level": level,

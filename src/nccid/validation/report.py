@@ -15,6 +15,7 @@ import hashlib
 import io
 import json
 import re
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -23,25 +24,41 @@ import jinja2
 FIGURES = ("roc", "calibration", "forest", "operating_point")
 
 
-def _svg(figure) -> str:
-    import matplotlib.pyplot as plt
+#: SVG settings: stable element ids (the same results, the same bytes) and text kept as text, which the page's
+#: fonts draw (drawing every glyph as a path made the figures four times larger and the report slower to write)
+_SVG_RC = {"svg.hashsalt": "nccid", "svg.fonttype": "none"}
 
+
+def _svg(figure) -> str:
     buffer = io.StringIO()
     figure.savefig(buffer, format="svg", metadata={"Date": None})  # no bbox_inches="tight": it draws twice
-    plt.close(figure)
     text = buffer.getvalue()
     text = re.sub(r"<metadata>.*?</metadata>", "", text, flags=re.DOTALL)  # RDF boilerplate, not needed inline
     return text[text.index("<svg") :]
 
 
+_IMPORTING = threading.Lock()
+
+
 def _figure(width: float = 5.0, height: float = 4.2):
-    import matplotlib
+    """A figure and its axes, made without pyplot: no global figure list to close, no interactive-mode hooks
+    (pyplot's cost on every artist a figure gets), safe in a server's threads. matplotlib is imported and set
+    up (`_SVG_RC`, for the whole process: a per-figure context would not be thread-safe) by one thread at a
+    time; a validation run does it on a helper thread while the model runs."""
+    with _IMPORTING:
+        import matplotlib
+        from matplotlib.figure import Figure
 
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+        matplotlib.rcParams.update(_SVG_RC)
 
-    plt.rcParams["svg.hashsalt"] = "nccid"  # stable element ids: the same results, the same bytes
-    return plt.subplots(figsize=(width, height))
+    figure = Figure(figsize=(width, height))
+    return figure, figure.subplots()
+
+
+def warm_up() -> None:
+    """Import and set up matplotlib (see `_figure`) and draw an empty figure once (fonts, caches), so that
+    writing a report after a model run starts warm. Called while the model runs; returns nothing."""
+    _svg(_figure(1, 1)[0])
 
 
 def roc_figure(results: dict) -> tuple[dict, str]:
@@ -99,13 +116,21 @@ def forest_figure(results: dict) -> tuple[dict, str]:
     height = max(2.5, 0.28 * len(rows) + 1)
     fig, ax = _figure(9.0, height)
     fig.subplots_adjust(left=0.4, right=0.97, top=1 - 0.5 / height, bottom=0.6 / height)
+    for metric, colour in (("auc", "tab:blue"), ("sensitivity", "tab:orange")):  # one artist per colour
+        shown = [(i, row) for i, row in enumerate(reversed(rows)) if row["metric"] == metric]
+        if shown:
+            ax.errorbar(
+                [r["value"] for _, r in shown],
+                [i for i, _ in shown],
+                fmt="o",
+                color=colour,
+                xerr=[[r["value"] - r["low"] for _, r in shown], [r["high"] - r["value"] for _, r in shown]],
+            )
+    ax.set_yticks([])  # labels as plain text beside each row: a tick per row costs more than the rest
+    ax.set_ylim(-0.5, max(len(rows), 1) - 0.5)
     for i, row in enumerate(reversed(rows)):
-        colour = "tab:blue" if row["metric"] == "auc" else "tab:orange"
-        ax.errorbar([row["value"]], [i], xerr=[[row["value"] - row["low"]], [row["high"] - row["value"]]],
-                    fmt="o", color=colour)  # fmt: skip
-    ax.set_yticks(range(len(rows)))
-    ax.set_yticklabels([f"{r['attribute']}: {r['level']} ({'AUC' if r['metric'] == 'auc' else 'sens.'})"
-                        for r in reversed(rows)], fontsize=7)  # fmt: skip
+        label = f"{row['attribute']}: {row['level']} ({'AUC' if row['metric'] == 'auc' else 'sens.'})"
+        ax.text(-0.01, i, label, fontsize=7, ha="right", va="center", transform=ax.get_yaxis_transform())
     overall = results["overall"]["auc"]["value"]
     ax.axvline(overall, ls=":", color="grey")
     ax.set(xlim=(0, 1), xlabel="AUC (blue) or sensitivity (orange), 95% CI")

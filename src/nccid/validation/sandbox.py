@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import os
 import resource
+import select
 import shutil
 import signal
 import subprocess
@@ -198,15 +199,9 @@ def run_sandboxed(
                 pass_fds=(status_write,),
             )
             os.close(status_write)
-            timed_out = False
-            try:
-                code = process.wait(timeout=limits.wall_seconds)
-            except subprocess.TimeoutExpired:
-                timed_out = True
-                _kill_group(process.pid)
-                code = process.wait()
-            else:
-                _kill_group(process.pid)  # anything the command left behind in its group
+            timed_out = not _ended_within(process, limits.wall_seconds)
+            _kill_group(process.pid)  # at the limit: the command; else anything it left behind in its group
+            code = process.wait()
         os.set_blocking(status_read, False)
         try:
             status = os.read(status_read, 65536).decode(errors="replace")
@@ -221,6 +216,24 @@ def run_sandboxed(
         raise SandboxError(f"the sandbox could not start: {first.strip()}")
     status = "timed_out" if timed_out else ("completed" if code == 0 else "failed")
     return SandboxResult(status, None if timed_out else code, round(seconds, 3), _tail(out_path), stderr_text)
+
+
+def _ended_within(process: subprocess.Popen, seconds: float) -> bool:
+    """Wait up to `seconds` for `process` to end; returns whether it did (it is not reaped). A pidfd wakes us the
+    moment it ends: Popen.wait(timeout) polls with sleeps of up to 50 ms, a delay added to every run."""
+    try:
+        pidfd = os.pidfd_open(process.pid)
+    except (AttributeError, OSError):  # an old kernel
+        try:
+            process.wait(timeout=seconds)
+        except subprocess.TimeoutExpired:
+            return False
+        return True
+    try:
+        ready, _, _ = select.select([pidfd], [], [], seconds)
+    finally:
+        os.close(pidfd)
+    return bool(ready)
 
 
 def _kill_group(pgid: int) -> None:

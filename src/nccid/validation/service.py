@@ -16,6 +16,7 @@ run ends (the cohort manifest keeps their keys and checksums), and only the repo
 
 from __future__ import annotations
 
+import concurrent.futures as cf
 import datetime as dt
 import hashlib
 import json
@@ -36,17 +37,18 @@ from nccid.errors import SubmissionError, ValidationRunError
 from nccid.files import write_private
 from nccid.store import ObjectStore
 from nccid.synth import dicom as synth_dicom
-from nccid.validation import audit
+from nccid.validation import audit, metrics, report
 from nccid.validation.analysis import DEFAULT_MIN_CELL, analyse
 from nccid.validation.cohort import (
     Case,
     Cohort,
     age_band,
     canonical_hash,
-    materialise,
+    input_manifest,
     opaque_dicom,
     select_cohort,
     write_case,
+    write_inputs,
 )
 from nccid.validation.manifest import MANIFEST_NAME, TASKS, Manifest, load_manifest
 from nccid.validation.predictions import PREDICTIONS_NAME, read_predictions
@@ -218,22 +220,58 @@ class Workspace:
         run: str,
         folder: Path,
         cases: list[Case],
-        cohort_manifest: dict[str, Any],
+        manifest_of: Callable[[], dict[str, Any]],
         limits: Limits,
         min_cell: int,
         times: dict[str, float],
         started: str,
         progress: Progress,
     ) -> RunSummary:
+        """Run the model on the inputs in `folder/private/input` and write the report; returns the RunSummary.
+
+        `manifest_of` returns the private cohort manifest (it hashes the inputs). It runs on a helper thread
+        while the model runs, with the ground truth and the code version; a second helper imports and warms
+        the analysis's and report's libraries. The inputs are deleted by a helper as soon as the model has
+        ended, while the predictions are analysed; the run returns only once they are gone. Wall time is the
+        user's wait, and the model uses one core."""
         private = folder / "private"
-        truth = Cohort(cases).ground_truth_json()
-        write_private(private / "cohort.json", json.dumps(cohort_manifest, indent=1) + "\n")
-        write_private(private / "ground_truth.json", json.dumps(truth, indent=1) + "\n")
         output = private / "output"
         prepare_output(output)
-        progress(f"running the model on {len(cases)} cases in the sandbox")
-        result = run_sandboxed(sub.manifest.entry, sub.model_dir, private / "input", output, private / "logs", limits)
-        times["model run"] = result.seconds
+        with cf.ThreadPoolExecutor(max_workers=2, thread_name_prefix="nccid-validation") as helper:
+            prepared = helper.submit(_prepare_private, private, cases, manifest_of)
+            warm = helper.submit(_warm_up)
+            progress(f"running the model on {len(cases)} cases in the sandbox")
+            result = run_sandboxed(
+                sub.manifest.entry, sub.model_dir, private / "input", output, private / "logs", limits
+            )
+            times["model run"] = result.seconds
+            truth, cohort_manifest, version = prepared.result()
+            removal = helper.submit(remove_tree, private / "input")  # sealed inputs go as soon as the model ends
+            warm.result()  # the analysis imports nothing the helper is still importing
+            summary = self._report(kind, sub, run, folder, cases, truth, cohort_manifest, version, result, limits,
+                                   min_cell, times, started, progress)  # fmt: skip
+            removal.result()  # raises if the inputs could not be deleted
+            return summary
+
+    def _report(
+        self,
+        kind: str,
+        sub: Submission,
+        run: str,
+        folder: Path,
+        cases: list[Case],
+        truth: dict[str, Any],
+        cohort_manifest: dict[str, Any],
+        version: str,
+        result: SandboxResult,
+        limits: Limits,
+        min_cell: int,
+        times: dict[str, float],
+        started: str,
+        progress: Progress,
+    ) -> RunSummary:
+        """Read the predictions, analyse them, write the report and log the run; returns the RunSummary."""
+        output = folder / "private" / "output"
         progress("analysing the predictions")
         clock = time.monotonic()
         predictions = read_predictions(output, {c.case for c in cases})
@@ -265,7 +303,7 @@ class Workspace:
             "model_hash": sub.model_hash,
             "cohort_hash": canonical_hash(cohort_manifest),
             "truth_hash": canonical_hash(truth),
-            "code_version": code_version(),
+            "code_version": version,
             "started": started,
             "finished": _now(),
             "times": {k: round(v, 3) for k, v in times.items()},
@@ -317,9 +355,10 @@ class Workspace:
         try:
             chosen, manifest_entries = _synthetic_inputs(folder / "private" / "input", cases, seed, sub.manifest)
             times = {"cohort": round(time.monotonic() - clock, 3)}
+            manifest = {"cases": manifest_entries, "synthetic_seed": seed}
             return self._execute(
-                "dry_run", sub, run, folder, chosen, {"cases": manifest_entries, "synthetic_seed": seed},
-                limits or Limits(), DEFAULT_MIN_CELL, times, started, progress,
+                "dry_run", sub, run, folder, chosen, lambda: manifest, limits or Limits(), DEFAULT_MIN_CELL, times,
+                started, progress,
             )  # fmt: skip
         finally:
             remove_tree(folder / "private" / "input")
@@ -358,10 +397,14 @@ class Workspace:
         write_private(folder / "private" / "who", who)
         clock = time.monotonic()
         progress(f"preparing {len(cohort.cases)} cases for the sandbox")
+        inputs = folder / "private" / "input"
         try:
-            manifest = materialise(store, cohort, folder / "private" / "input")
+            write_inputs(store, cohort, inputs)
             times["materialisation"] = round(time.monotonic() - clock, 3)
-            manifest["patients_considered"] = cohort.patients_considered
+
+            def manifest() -> dict[str, Any]:  # hashed while the model runs
+                return {**input_manifest(cohort, inputs), "patients_considered": cohort.patients_considered}
+
             return self._execute(
                 "sealed_run", sub, run, folder, cohort.cases, manifest, limits or Limits(), min_cell, times, started,
                 progress,
@@ -453,6 +496,25 @@ class Workspace:
         """The audit log, checked (raises ValidationRunError if it was edited), oldest first."""
         audit.verify(self.audit_path)
         return audit.read(self.audit_path)
+
+
+def _warm_up() -> None:
+    """Import the analysis's and the report's libraries and draw once, while the model runs (a second in a
+    fresh process, such as the CLI's)."""
+    metrics.warm_up()
+    report.warm_up()
+
+
+def _prepare_private(
+    private: Path, cases: list[Case], manifest_of: Callable[[], dict[str, Any]]
+) -> tuple[dict[str, Any], dict[str, Any], str]:
+    """Write the run's private cohort manifest and ground truth; returns (ground truth, cohort manifest, code
+    version), all a report needs of the run besides the predictions."""
+    truth = Cohort(cases).ground_truth_json()
+    manifest = manifest_of()
+    write_private(private / "cohort.json", json.dumps(manifest, indent=1) + "\n")
+    write_private(private / "ground_truth.json", json.dumps(truth, indent=1) + "\n")
+    return truth, manifest, code_version()
 
 
 def _synthetic_inputs(

@@ -192,17 +192,23 @@ class ImagePlan:
 
 
 def place(store: ObjectStore, src: str, dst: str, checksum: str, write: bool) -> str:
-    """Copy `src` to `dst` unless it is there: 'new', 'present' (same bytes), 'different' or 'absent' (no write).
+    """Copy `src` to `dst` unless it is there: 'new', 'present' (same bytes), 'different' or 'absent' (no write),
+    or 'changed' when what was copied is not `checksum` (the raw object was replaced after it was examined; the
+    copy is taken back).
 
     Create-only first and look only when refused: one request when all is well (the copy is atomic and
-    never overwrites, so trying is safe).
+    never overwrites, so trying is safe; the store's answer carries the checksum of what it copied).
     """
     if write:
         try:
-            store.copy(src, dst, overwrite=False)
-            return "new"
+            copied = store.copy(src, dst, overwrite=False)
         except ObjectExists:
             pass
+        else:
+            if rules.copied_other_bytes(checksum, copied):  # the raw object changed after it was examined
+                store.delete(dst)
+                return "changed"
+            return "new"
     info = store.stat(dst)
     if info is None:
         return "absent"
@@ -220,7 +226,7 @@ def file_image(store: ObjectStore, plan: ImagePlan, write: bool) -> str:
         return "absent" if info is None else ("present" if info.checksum == plan.checksum else "different")
     created = _write_once(store, plan.meta_key, plan.metadata)
     status = place(store, plan.key, plan.dest, plan.checksum, write)
-    if status == "different" and created:
+    if (status == "different" and created) or status == "changed":  # no image of these bytes: no metadata either
         store.delete(plan.meta_key)
     return status
 
@@ -688,8 +694,10 @@ class Loader:
         """Record outcomes; one looked at again with the same result (a held record) counts as unchanged."""
         if not rows:
             return
-        if self.mode is Mode.REBUILD:
-            rows = [r for r in rows if r.outcome != Outcome.UNFILED]
+        for row in rows:
+            if row.outcome == Outcome.UNFILED and self.mode is not Mode.REBUILD:
+                self.report.warnings.append(f"{row.key}: {row.reason}")
+        rows = [r for r in rows if r.outcome != Outcome.UNFILED]  # never recorded: the next run looks again
         before = self.catalog.raw_rows([r.key for r in rows])
         changed = [r for r in rows if before.get(r.key) != r]
         self.catalog.record_raw(changed, self.report.run_id)

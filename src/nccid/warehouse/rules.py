@@ -31,13 +31,15 @@ class Outcome(StrEnum):
     CONFLICT = "conflict"  #: other bytes are filed under the same identity: held for a person to look at
     QUARANTINED = "quarantined"  #: an image that cannot be filed; it stays in the raw prefix
     HELD = "held"  #: a clinical record (or stray file) that cannot be filed yet, with the reason
-    UNFILED = "unfiled"  #: rebuild only: not in the store's layout, so not recorded
+    UNFILED = "unfiled"  #: not recorded: not in the layout (rebuild), or raw bytes changed while being filed
 
 
 #: outcomes that do not change unless the raw object does
 SETTLED = frozenset({Outcome.FILED, Outcome.DUPLICATE, Outcome.CONFLICT, Outcome.QUARANTINED, Outcome.HELD})
-#: statuses of placing an object (see loader.place): created, already there with the same / other bytes, missing
-PLACE_STATUSES = ("new", "present", "different", "absent")
+#: statuses of placing an object (see loader.place): created, already there with the same / other bytes, missing,
+#: or not placed because the raw bytes were no longer those examined
+PLACE_STATUSES = ("new", "present", "different", "absent", "changed")
+CHANGED_WHILE_FILING = "the raw object changed while it was being filed: nothing was filed, the next load examines it"
 
 
 def is_unchanged(row: RawRow | None, size: int, checksum: str) -> bool:
@@ -168,12 +170,28 @@ def quarantined(base: RawRow, reason: str) -> RawRow:
     return replace(base, outcome=Outcome.QUARANTINED, reason=reason)
 
 
+def copied_other_bytes(expected: str, copied: str) -> bool:
+    """The store says it copied other bytes than those examined (checksum `expected`).
+
+    Only two plain MD5s are compared: a multipart ETag ('<md5>-<parts>') depends on how an object was uploaded,
+    not only on its bytes, and '' means the store gave no checksum; neither proves a change.
+    """
+    return _is_md5(expected) and _is_md5(copied) and expected.lower() != copied.lower()
+
+
+def _is_md5(checksum: str) -> bool:
+    return len(checksum) == 32 and all(c in "0123456789abcdef" for c in checksum.lower())
+
+
 def placed(base: RawRow, status: str, dest: str, rebuilding: bool) -> RawRow:
     """The outcome once placing at `dest` answered `status` (one of PLACE_STATUSES).
 
     Other bytes already at `dest` are a conflict; in a rebuild, an object the store does not hold is not
-    recorded (UNFILED); otherwise (created, or already there with the same bytes) it is filed.
+    recorded (UNFILED); nor is a raw object whose bytes changed between its examination and its copy (the
+    next run examines it afresh); otherwise (created, or already there with the same bytes) it is filed.
     """
+    if status == "changed":
+        return replace(base, outcome=Outcome.UNFILED, reason=CHANGED_WHILE_FILING)
     if status == "different":
         return replace(base, outcome=Outcome.CONFLICT, dest=dest, reason=f"{dest} exists with different content")
     if status == "absent" and rebuilding:
