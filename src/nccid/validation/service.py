@@ -70,6 +70,22 @@ class Submission:
 
 
 @dataclass(frozen=True)
+class _RunPlan:
+    """One dry or sealed run as it starts: what is run, where, on which cases, under which limits."""
+
+    kind: str  # 'dry_run' or 'sealed_run'
+    sub: Submission
+    run: str
+    folder: Path
+    cases: list[Case]
+    limits: Limits
+    min_cell: int
+    times: dict[str, float]  # seconds per phase, filled in as the run goes
+    started: str
+    progress: Progress
+
+
+@dataclass(frozen=True)
 class RunSummary:
     """What a run produced, for the shell to print."""
 
@@ -213,20 +229,7 @@ class Workspace:
             swept.append(inputs.parent.parent.name)
         return swept
 
-    def _execute(
-        self,
-        kind: str,
-        sub: Submission,
-        run: str,
-        folder: Path,
-        cases: list[Case],
-        manifest_of: Callable[[], dict[str, Any]],
-        limits: Limits,
-        min_cell: int,
-        times: dict[str, float],
-        started: str,
-        progress: Progress,
-    ) -> RunSummary:
+    def _execute(self, plan: _RunPlan, manifest_of: Callable[[], dict[str, Any]]) -> RunSummary:
         """Run the model on the inputs in `folder/private/input` and write the report; returns the RunSummary.
 
         `manifest_of` returns the private cohort manifest (it hashes the inputs). It runs on a helper thread
@@ -234,47 +237,38 @@ class Workspace:
         the analysis's and report's libraries. The inputs are deleted by a helper as soon as the model has
         ended, while the predictions are analysed; the run returns only once they are gone. Wall time is the
         user's wait, and the model uses one core."""
-        private = folder / "private"
+        private = plan.folder / "private"
         output = private / "output"
         prepare_output(output)
+        entry, model_dir = plan.sub.manifest.entry, plan.sub.model_dir
         with cf.ThreadPoolExecutor(max_workers=2, thread_name_prefix="nccid-validation") as helper:
-            prepared = helper.submit(_prepare_private, private, cases, manifest_of)
+            prepared = helper.submit(_prepare_private, private, plan.cases, manifest_of)
             warm = helper.submit(_warm_up)
-            progress(f"running the model on {len(cases)} cases in the sandbox")
-            result = run_sandboxed(
-                sub.manifest.entry, sub.model_dir, private / "input", output, private / "logs", limits
-            )
-            times["model run"] = result.seconds
+            plan.progress(f"running the model on {len(plan.cases)} cases in the sandbox")
+            result = run_sandboxed(entry, model_dir, private / "input", output, private / "logs", plan.limits)
+            plan.times["model run"] = result.seconds
             truth, cohort_manifest, version = prepared.result()
             removal = helper.submit(remove_tree, private / "input")  # sealed inputs go as soon as the model ends
             warm.result()  # the analysis imports nothing the helper is still importing
-            summary = self._report(kind, sub, run, folder, cases, truth, cohort_manifest, version, result, limits,
-                                   min_cell, times, started, progress)  # fmt: skip
+            summary = self._report(plan, truth, cohort_manifest, version, result)
             removal.result()  # raises if the inputs could not be deleted
             return summary
 
     def _report(
         self,
-        kind: str,
-        sub: Submission,
-        run: str,
-        folder: Path,
-        cases: list[Case],
+        plan: _RunPlan,
         truth: dict[str, Any],
         cohort_manifest: dict[str, Any],
         version: str,
         result: SandboxResult,
-        limits: Limits,
-        min_cell: int,
-        times: dict[str, float],
-        started: str,
-        progress: Progress,
     ) -> RunSummary:
         """Read the predictions, analyse them, write the report and log the run; returns the RunSummary."""
+        kind, sub, run, folder, times = plan.kind, plan.sub, plan.run, plan.folder, plan.times
+        min_cell, progress = plan.min_cell, plan.progress
         output = folder / "private" / "output"
         progress("analysing the predictions")
         clock = time.monotonic()
-        predictions = read_predictions(output, {c.case for c in cases})
+        predictions = read_predictions(output, {c.case for c in plan.cases})
         results = analyse(truth, predictions, sub.manifest.intended_use.threshold, min_cell=min_cell)
         dry = kind == "dry_run"
         extra = {}
@@ -304,10 +298,10 @@ class Workspace:
             "cohort_hash": canonical_hash(cohort_manifest),
             "truth_hash": canonical_hash(truth),
             "code_version": version,
-            "started": started,
+            "started": plan.started,
             "finished": _now(),
             "times": {k: round(v, 3) for k, v in times.items()},
-            "limits": limits.to_json(),
+            "limits": plan.limits.to_json(),
             "logs": {"stdout": result.stdout, "stderr": result.stderr} if dry else None,
         }
         progress("writing the report")
@@ -356,10 +350,10 @@ class Workspace:
             chosen, manifest_entries = _synthetic_inputs(folder / "private" / "input", cases, seed, sub.manifest)
             times = {"cohort": round(time.monotonic() - clock, 3)}
             manifest = {"cases": manifest_entries, "synthetic_seed": seed}
-            return self._execute(
-                "dry_run", sub, run, folder, chosen, lambda: manifest, limits or Limits(), DEFAULT_MIN_CELL, times,
-                started, progress,
-            )  # fmt: skip
+            plan = _RunPlan(
+                "dry_run", sub, run, folder, chosen, limits or Limits(), DEFAULT_MIN_CELL, times, started, progress
+            )
+            return self._execute(plan, lambda: manifest)
         finally:
             remove_tree(folder / "private" / "input")
 
@@ -405,10 +399,10 @@ class Workspace:
             def manifest() -> dict[str, Any]:  # hashed while the model runs
                 return {**input_manifest(cohort, inputs), "patients_considered": cohort.patients_considered}
 
-            return self._execute(
-                "sealed_run", sub, run, folder, cohort.cases, manifest, limits or Limits(), min_cell, times, started,
-                progress,
-            )  # fmt: skip
+            plan = _RunPlan(
+                "sealed_run", sub, run, folder, cohort.cases, limits or Limits(), min_cell, times, started, progress
+            )
+            return self._execute(plan, manifest)
         finally:
             remove_tree(folder / "private" / "input")  # the sealed inputs do not outlive the run
 
