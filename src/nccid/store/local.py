@@ -59,10 +59,11 @@ def cached_checksum(path: str, st: os.stat_result | None = None) -> str:
 def known_checksum(path: str, st: os.stat_result) -> str:
     """The file's MD5 from the xattr cache when it still matches size and mtime, else '' (nothing is read)."""
     try:
-        digest, stamp = os.getxattr(path, _XATTR).decode().split(":", 1)
-    except (OSError, ValueError):
+        cached = os.getxattr(path, _XATTR)  # b'<md5>:<mtime_ns>:<size>'
+    except OSError:
         return ""
-    return digest if stamp == _stamp(st) else ""
+    digest, _, stamp = cached.partition(b":")
+    return digest.decode("ascii", "replace") if stamp == b"%d:%d" % (st.st_mtime_ns, st.st_size) else ""
 
 
 def _remember_checksum(path: str | int, digest: str, st: os.stat_result | None = None) -> None:
@@ -147,7 +148,7 @@ class LocalStore(ObjectStore):
     def _info(self, key: str, path: str, st: os.stat_result, *, hashed: bool = True) -> ObjectInfo:
         """`hashed=False` gives '' for a checksum not cached (see `list_unhashed`) instead of reading the file."""
         digest = cached_checksum(path, st) if hashed else known_checksum(path, st)
-        return ObjectInfo(key=key, size=st.st_size, checksum=digest, mtime=st.st_mtime)
+        return ObjectInfo(key, st.st_size, digest, st.st_mtime)
 
     # -- listing ---------------------------------------------------------------------------------------
     def _entries(self, prefix: str) -> tuple[str, list[os.DirEntry]]:

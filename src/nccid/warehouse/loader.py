@@ -17,7 +17,8 @@ the next run finds them already present with the same checksum and records them.
 the loader (even on kill -9); one load holds the catalog at a time (CatalogBusy names the other run).
 
 The decisions are the pure rules of `nccid.warehouse.rules`; this module is the pipeline around them:
-list -> examine (workers read headers, the next batch while this one is filed) -> decide -> file -> record.
+list -> examine (workers read headers) -> decide -> file (workers) -> record, streamed in small chunks (see
+`Loader.load_images`).
 """
 
 from __future__ import annotations
