@@ -174,3 +174,38 @@ def test_a_raw_image_replaced_after_it_was_examined_is_not_filed_with_its_old_me
     assert store.read(dest) == store.read(key)  # the bytes as they are now
     assert b"examined" not in store.read(plan.meta_key)
     catalog.close()
+
+
+def test_a_duplicate_of_an_image_that_ends_up_not_filed_is_decided_again_not_lost(local_store, tmp_path, monkeypatch):
+    """Two raw files with the same SOP Instance UID and bytes in one run: the second is decided a duplicate of the
+    first while the first is still being filed. If the first is then not filed (here its raw file is replaced by
+    something else between its examination and its copy), the duplicate must not stand: it is not recorded, and
+    the next load files it."""
+    import nccid.warehouse.loader as loader_module
+    from nccid.warehouse.catalog import Catalog
+
+    store = local_store
+    configure(store)
+    put_clinical(store, "Covid1")
+    first = put_image(store, "Covid1", S1, SE1, I1, name="a.dcm")
+    twin = put_image(store, "Covid1", S1, SE1, I1, name="b-twin.dcm")
+    real_file_image = loader_module.file_image
+
+    def replaced_while_filing(st, plan, write):  # the site overwrites a.dcm at the worst moment
+        if plan.key == first:
+            st.write(first, b"not DICOM any more")
+        return real_file_image(st, plan, write)
+
+    monkeypatch.setattr(loader_module, "file_image", replaced_while_filing)
+    catalog = Catalog(tmp_path / "catalog.sqlite")
+    report = load(store, catalog, workers=1)
+    assert report.images_filed == 0 and "duplicate" not in report.counts
+    assert catalog.raw_rows([first, twin]) == {}  # neither is recorded: both are looked at again
+    assert any(twin in w and "not filed in the end" in w for w in report.warnings)
+
+    monkeypatch.setattr(loader_module, "file_image", real_file_image)
+    again = load(store, catalog, workers=1)
+    assert {i["key"]: i["outcome"] for i in again.items} == {first: "quarantined"}
+    filed = store.root / f"training/xray/Covid1/{S1}/{SE1}/{I1}.dcm"
+    assert filed.read_bytes() == (store.root / twin).read_bytes()
+    catalog.close()

@@ -100,6 +100,13 @@ def _write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
 _UNNAMED_UNSUPPORTED = {errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL}
 _PROC_FD = "/proc/self/fd"
 _proc_fd_dirs: dict[int, int] = {}
+_FOLDERS_REMEMBERED = 4096
+
+
+def _link_unnamed(fd: int, path: str) -> None:
+    """Give the unnamed file open as `fd` the name `path`: linkat(2) through /proc with AT_SYMLINK_FOLLOW.
+    Raises FileExistsError if `path` exists (create-only), FileNotFoundError if its folder does not."""
+    os.link(str(fd), path, src_dir_fd=_proc_fd_dir(), follow_symlinks=True)
 
 
 def _proc_fd_dir() -> int:
@@ -126,7 +133,7 @@ class LocalStore(ObjectStore):
         self.url = self.root.as_uri()
         self._tmp = self.root / TMP_DIR
         self._folders: set[str] = set()  # folders this process knows exist (saves a mkdir per object)
-        self._unnamed = hasattr(os, "O_TMPFILE") and os.path.isdir(_PROC_FD)
+        self._unnamed: bool | None = None  # whether create-only writes use unnamed files (see _can_link_unnamed)
 
     def __repr__(self) -> str:
         return f"LocalStore({str(self.root)!r})"
@@ -186,18 +193,19 @@ class LocalStore(ObjectStore):
     def _walk(self, base: str, entries: list[os.DirEntry], *, hashed: bool) -> Iterator[ObjectInfo]:
         """Files below `entries` in S3 key order, depth first without recursion (a no-op load walks every raw
         file: per-file cost is what makes it fast or slow)."""
-        stack = [(base, _s3_order(entries))]
+        stack = [(base, _s3_order(entries), 0)]  # (key prefix, sorted entries, where to go on from)
         while stack:
-            base, todo = stack.pop()
-            for n, entry in enumerate(todo):
+            base, todo, start = stack.pop()
+            for n in range(start, len(todo)):
+                entry = todo[n]
                 if entry.is_dir(follow_symlinks=False):
                     try:
                         with os.scandir(entry.path) as it:
                             children = _s3_order(list(it))
                     except (FileNotFoundError, NotADirectoryError):
                         continue  # removed by another writer while we listed
-                    stack.append((base, todo[n + 1 :]))  # the rest of this folder, after the subfolder
-                    stack.append((f"{base}{entry.name}/", children))
+                    stack.append((base, todo, n + 1))  # the rest of this folder, after the subfolder
+                    stack.append((f"{base}{entry.name}/", children, 0))
                     break
                 if entry.is_file(follow_symlinks=False):
                     yield self._info(base + entry.name, entry.path, entry.stat(follow_symlinks=False), hashed=hashed)
@@ -322,7 +330,7 @@ class LocalStore(ObjectStore):
         """
         folder = os.path.dirname(path)
         self._make_folder(folder)
-        if not overwrite and self._unnamed:
+        if not overwrite and self._can_link_unnamed():
             try:
                 fd = self._open_unnamed(folder)
             except OSError as exc:
@@ -333,7 +341,12 @@ class LocalStore(ObjectStore):
                 try:
                     digest = fill(fd)
                     _remember_checksum(fd, digest, os.fstat(fd))
-                    os.link(str(fd), path, src_dir_fd=_proc_fd_dir(), follow_symlinks=True)  # linkat(2)
+                    try:
+                        _link_unnamed(fd, path)
+                    except FileNotFoundError:  # another writer tidied the folder away meanwhile (see `delete`)
+                        self._folders.discard(folder)
+                        self._make_folder(folder)
+                        _link_unnamed(fd, path)
                 except FileExistsError as exc:
                     raise ObjectExists(f"object {key!r} already exists in {self.url}") from exc
                 except OSError as exc:
@@ -353,6 +366,31 @@ class LocalStore(ObjectStore):
         except OSError as exc:
             raise self._write_failed(tmp, key, exc) from exc
 
+    def _can_link_unnamed(self) -> bool:
+        """Whether unnamed files can be created and linked into place here: probed once per process in
+        `.nccid-tmp/` (a filesystem without O_TMPFILE, or a /proc that refuses the link, as in some sandboxes,
+        means named temporary files instead)."""
+        if self._unnamed is None:
+            self._unnamed = False
+            if hasattr(os, "O_TMPFILE") and os.path.isdir(_PROC_FD):
+                probe = ""
+                try:
+                    self._tmp.mkdir(exist_ok=True)
+                    fd = os.open(self._tmp, os.O_TMPFILE | os.O_WRONLY | os.O_CLOEXEC, 0o600)
+                    try:
+                        probe = os.path.join(self._tmp, f"{uuid.uuid4().hex}.probe")
+                        _link_unnamed(fd, probe)
+                        self._unnamed = True
+                    finally:
+                        os.close(fd)
+                except OSError:
+                    pass
+                finally:
+                    with contextlib.suppress(OSError):
+                        if probe:
+                            os.unlink(probe)
+        return self._unnamed
+
     def _open_unnamed(self, folder: str) -> int:
         try:
             return os.open(folder, os.O_TMPFILE | os.O_WRONLY | os.O_CLOEXEC, 0o666)
@@ -367,6 +405,8 @@ class LocalStore(ObjectStore):
                 os.makedirs(folder, exist_ok=True)
             except OSError as exc:
                 raise self._write_failed(None, os.path.relpath(folder, self.root), exc) from exc
+            if len(self._folders) >= _FOLDERS_REMEMBERED:  # bounded: memory stays flat over a long load
+                self._folders.clear()
             self._folders.add(folder)
 
     def _write_failed(self, tmp: str | None, key: str, exc: OSError) -> StoreError:

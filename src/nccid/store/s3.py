@@ -339,10 +339,16 @@ class S3Store(ObjectStore):
             S3SigV4Auth(self._credentials(), "s3", self.client.meta.region_name).add_auth(request)
             path = urllib3.util.parse_url(base).path or "/"
             response = pool.urlopen(
-                method, path + quoted, body=body, headers=dict(request.headers), retries=False, redirect=False
+                method,
+                path + quoted,
+                body=body,
+                headers=dict(request.headers),
+                retries=False,
+                redirect=False,
+                decode_content=False,  # the stored bytes, as botocore gives them, even for a gzip Content-Encoding
             )
-        except (urllib3.exceptions.HTTPError, OSError, BotoCoreError):
-            return None
+        except (urllib3.exceptions.HTTPError, OSError, BotoCoreError, AttributeError):
+            return None  # AttributeError: no credentials to sign with; botocore then says so properly
         return response.status, response.headers, response.data
 
     def _http(self) -> urllib3.PoolManager:

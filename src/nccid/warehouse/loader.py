@@ -206,9 +206,11 @@ def place(store: ObjectStore, src: str, dst: str, checksum: str, write: bool) ->
         except ObjectExists:
             pass
         else:
-            if rules.copied_other_bytes(checksum, copied):  # the raw object changed after it was examined
-                store.delete(dst)
-                return "changed"
+            if rules.copied_other_bytes(checksum, copied):
+                now = store.stat(src)  # the copy's checksum is not always an MD5 (an encrypted bucket's ETag)
+                if now is None or now.checksum != checksum:  # the raw object changed after it was examined
+                    store.delete(dst)
+                    return "changed"
             return "new"
     info = store.stat(dst)
     if info is None:
@@ -340,8 +342,9 @@ class _Stream:
         self.pool = pool
         self.window = 2 * max(1, loader.workers)  # per stage: one chunk in hand and one queued per worker
         self.examining: deque[tuple[list[ObjectInfo], cf.Future]] = deque()
-        self.filing: deque[tuple[list[ObjectInfo], list[RawRow], list, cf.Future | None]] = deque()
+        self.filing: deque[tuple[list[ObjectInfo], list[RawRow], list, dict, cf.Future | None]] = deque()
         self.in_flight: dict[str, Instance] = {}  # planned, not yet recorded, by SOP Instance UID
+        self.not_filed: set[str] = set()  # raw keys of planned instances that were not filed in the end
         self.uncommitted = 0
 
     def examine(self, chunk: list[ObjectInfo]) -> None:
@@ -363,7 +366,7 @@ class _Stream:
 
     def _advance(self) -> None:
         while True:
-            if self.filing and (self.filing[0][3] is None or self.filing[0][3].done()):
+            if self.filing and (self.filing[0][-1] is None or self.filing[0][-1].done()):
                 self._record(*self.filing.popleft())
             elif self.examining and (self.examining[0][1].done() or len(self.examining) > self.window):
                 self._decide(*self.examining.popleft())
@@ -372,22 +375,38 @@ class _Stream:
 
     def _decide(self, chunk: list[ObjectInfo], examining: cf.Future) -> None:
         loader = self.loader
-        rows, plans = loader._decide_images(chunk, examining.result(), self.in_flight)
+        rows, plans, leaning = loader._decide_images(chunk, examining.result(), self.in_flight)
         filing = None
         if plans:
             filing = self.pool.submit(file_many, loader.store, [p[0] for p in plans], loader.write, loader.threads)
-        self.filing.append((chunk, rows, plans, filing))
+        self.filing.append((chunk, rows, plans, leaning, filing))
         while len(self.filing) > self.window:
             self._record(*self.filing.popleft())
 
-    def _record(self, chunk: list[ObjectInfo], rows: list[RawRow], plans: list, filing: cf.Future | None) -> None:
+    def _record(
+        self,
+        chunk: list[ObjectInfo],
+        rows: list[RawRow],
+        plans: list,
+        leaning: dict[str, Instance],
+        filing: cf.Future | None,
+    ) -> None:
+        """Record a chunk's outcomes. Chunks are recorded in order, so an instance an outcome leans on (see
+        `Loader._decide_images`) is settled by now: if it was not filed, that outcome is not recorded either."""
         loader = self.loader
-        if filing is not None:
-            rows = rows + loader._filed(plans, filing.result())
-        for _plan, inst, _base in plans:
+        placed = loader._filed(plans, filing.result()) if filing is not None else []
+        for (_plan, inst, _base), row in zip(plans, placed, strict=True):
             if self.in_flight.get(inst.sop) is inst:
                 del self.in_flight[inst.sop]
-        loader._record(rows)
+            if row.outcome != Outcome.FILED:
+                self.not_filed.add(inst.source)
+        rows = [
+            rules.decided_against_unfiled(row, leaning[row.key].source)
+            if row.key in leaning and leaning[row.key].source in self.not_filed
+            else row
+            for row in rows
+        ]
+        loader._record(rows + placed)
         loader.progress("images", len(chunk), sum(i.size for i in chunk))
         self.uncommitted += len(chunk)
         if self.uncommitted >= BATCH:
@@ -644,11 +663,13 @@ class Loader:
 
     def _decide_images(
         self, todo: list[ObjectInfo], examined: list[Examined], in_flight: dict[str, Instance]
-    ) -> tuple[list[RawRow], list[tuple[ImagePlan, Instance, RawRow]]]:
+    ) -> tuple[list[RawRow], list[tuple[ImagePlan, Instance, RawRow]], dict[str, Instance]]:
         """Each examined image's outcome, or its plan to be filed (with its catalog row).
 
         `in_flight` holds the instances planned but not yet recorded (by SOP Instance UID): a second raw file
         with the same UID is decided against the first, as if it were filed already; it gains this chunk's plans.
+        Returns (outcomes, plans, the in-flight instance each outcome decided that way leans on, by raw key): if
+        that instance is not filed in the end, the outcome must not stand (see `_Stream._record`).
         """
         self.report.images_examined += len(examined)
         self.report.header_bytes_read += sum(e.bytes_read for e in examined)
@@ -657,6 +678,7 @@ class Loader:
         instances = self.catalog.instances_by_sop([e.facts.sop for e in examined if e.facts])
         rows: list[RawRow] = []
         plans: list[tuple[ImagePlan, Instance, RawRow]] = []
+        leaning: dict[str, Instance] = {}
         for info, exam in zip(todo, examined, strict=True):
             base = RawRow(info.key, info.size, info.checksum, "image", Outcome.QUARANTINED)
             if exam.facts is None:
@@ -666,9 +688,12 @@ class Loader:
             base = replace(base, patient=facts.patient)
             group = groups.get(facts.patient)
             held = self.catalog.held_clinical_reason(facts.patient) if group is None else None
-            decision = rules.image_decision(base, group, in_flight.get(facts.sop) or instances.get(facts.sop), held)
+            prior = in_flight.get(facts.sop)
+            decision = rules.image_decision(base, group, prior or instances.get(facts.sop), held)
             if decision is not None:
                 rows.append(decision)
+                if prior is not None:
+                    leaning[info.key] = prior
                 continue
             assert group is not None
             inst = _instance(info, exam, group)
@@ -676,7 +701,7 @@ class Loader:
             plans.append(
                 (ImagePlan(info.key, info.checksum, inst.dest, metadata_key(inst.dest), exam.metadata), inst, base)
             )
-        return rows, plans
+        return rows, plans, leaning
 
     def _filed(self, plans: list[tuple[ImagePlan, Instance, RawRow]], statuses: list[str]) -> list[RawRow]:
         """Record each filed instance of a chunk whose plans were placed; returns their outcomes."""

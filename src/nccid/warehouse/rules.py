@@ -170,6 +170,16 @@ def quarantined(base: RawRow, reason: str) -> RawRow:
     return replace(base, outcome=Outcome.QUARANTINED, reason=reason)
 
 
+def decided_against_unfiled(row: RawRow, prior_source: str) -> RawRow:
+    """A raw image decided (duplicate, conflict) against another raw file of the same SOP Instance UID planned in
+    the same run, which in the end was not filed: not recorded (UNFILED), so that the next run decides it again."""
+    return replace(
+        row,
+        outcome=Outcome.UNFILED,
+        reason=f"decided against {prior_source}, which was not filed in the end: the next load decides it again",
+    )
+
+
 def copied_other_bytes(expected: str, copied: str) -> bool:
     """The store says it copied other bytes than those examined (checksum `expected`).
 
