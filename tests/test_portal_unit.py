@@ -218,14 +218,21 @@ def test_uploads_are_pseudonymised_filed_once_and_summarised(tmp_path, db):
     assert not any(p.nhs.replace(" ", "") in dump.replace(" ", "") for p in people)
 
 
+def _form_token(client, url: str) -> str:
+    """The CSRF token of the form on the page at `url`."""
+    return re.search(r'name="csrf" value="([^"]+)"', client.get(url).text).group(1)
+
+
+def _login(client, username: str) -> None:
+    """Send `username`'s password through the app's login form (a TOTP account then waits at /login/totp)."""
+    client.post("/login", data={"username": username, "password": PASSWORD, "csrf": _form_token(client, "/login")})
+
+
 def _upload_form_token(client, username: str) -> str:
     """Log `username` in through the app's login form and open the positive-sheet upload form; returns the
     form's CSRF token."""
-    page = client.get("/login")
-    token = re.search(r'name="csrf" value="([^"]+)"', page.text).group(1)
-    client.post("/login", data={"username": username, "password": PASSWORD, "csrf": token})
-    form = client.get("/site/upload/positive")
-    return re.search(r'name="csrf" value="([^"]+)"', form.text).group(1)
+    _login(client, username)
+    return _form_token(client, "/site/upload/positive")
 
 
 def test_the_app_uploads_to_an_s3_store_and_loads_it(tmp_path, make_store):
@@ -297,20 +304,9 @@ def test_demo_portal_accounts_and_command(tmp_path):
 
 
 def test_uploads_past_the_size_limit_are_refused_with_a_message(tmp_path):
-    from fastapi.testclient import TestClient
-
-    from nccid.portal import PortalSettings, create_app
-
+    client, _ = _portal_client(tmp_path, max_upload_bytes=4096)
     store = LocalStore(tmp_path / "store")
-    state = tmp_path / "state"
-    with PortalDB(state / "portal.sqlite") as portal_db:
-        save_site(store, portal_db, uploader="northfield", name="Northfield", aliases=[], rule="split", actor="t")
-        portal_db.create_account("north-a", "site", site="northfield", actor="t", password=PASSWORD)
-    key_file = PseudonymKey.generate().save(tmp_path / "key")
-    settings = PortalSettings(
-        store_url=str(store.root), state_dir=state, key_file=key_file, failure_delay_s=0.01, max_upload_bytes=4096
-    )
-    with TestClient(create_app(settings)) as client:
+    with client:
         csrf = _upload_form_token(client, "north-a")
         answer = client.post(
             "/site/upload/positive", data={"csrf": csrf}, files={"sheet": ("big.csv", b"a,b\n" * 50_000, "text/csv")}
@@ -446,11 +442,8 @@ def _portal_client(tmp_path, **overrides):
 def test_the_totp_form_refuses_even_the_right_code_after_too_many_wrong_ones(tmp_path):
     client, secret = _portal_client(tmp_path, account_lock_after=3)
     with client:
-        page = client.get("/login")
-        token = re.search(r'name="csrf" value="([^"]+)"', page.text).group(1)
-        client.post("/login", data={"username": "boss", "password": PASSWORD, "csrf": token})
-        form = client.get("/login/totp")
-        csrf = re.search(r'name="csrf" value="([^"]+)"', form.text).group(1)
+        _login(client, "boss")
+        csrf = _form_token(client, "/login/totp")
         for _ in range(3):
             assert client.post("/login/totp", data={"csrf": csrf, "code": "000000"}).status_code == 401
         answer = client.post("/login/totp", data={"csrf": csrf, "code": pyotp.TOTP(secret).now()})

@@ -246,6 +246,15 @@ def test_administrators_offer_only_folders_holding_a_manifest_and_can_withdraw_t
     page.click(f"#folders tr:has-text('{model}') button:has-text('Withdraw')")
     assert "no longer offered" in page.inner_text(".done")
     assert str(model) not in {str(f) for f in Workspace(world.state / "validation").model_folders()}
+    # withdrawing it again (a second tab, a stale page) is refused, not reported as done
+    token = page.locator("input[name=csrf]").first.get_attribute("value")
+    again = page.request.post(
+        world.url + "/validation/folders", form={"csrf": token, "folder": str(model), "action": "withdraw"}
+    )
+    assert again.status == 400 and "not a model folder offered on this server" in again.text()
+    assert "no longer offered" not in again.text()
     with PortalDB(world.state / "portal.sqlite") as db:
-        actions = [(e["actor"], e["action"], e["detail"]) for e in db.audit_log(50)]
-    assert ("ida-admin", "validation.folder.withdraw", str(model)) in actions
+        actions = [(e["actor"], e["action"], e["detail"], e["outcome"]) for e in db.audit_log(50)]
+    assert ("ida-admin", "validation.folder.withdraw", str(model), "ok") in actions
+    refusals = [a for a in actions if a[1] == "validation.folder.withdraw" and a[3] == "refused"]
+    assert len(refusals) == 1 and "not a model folder offered" in refusals[0][2]

@@ -18,7 +18,7 @@ from nccid.store import LocalStore
 from nccid.synth.dicom import Subject, encode, xray
 from nccid.validation import cohort as cohort_module
 from nccid.validation import metrics
-from nccid.validation.cohort import Case, Cohort, materialise, opaque_dicom
+from nccid.validation.cohort import Case, Cohort, input_manifest, opaque_dicom, write_inputs
 
 
 def _vectors(seed: int, n: int, decimals: int):
@@ -122,7 +122,8 @@ def test_materialised_file_is_the_stored_image_with_an_opaque_header(tmp_path, s
     data = _source()
     store.write("validation/xray/Covid42/1.2.826.1/1.2.826.2/1.2.826.3.dcm", data)
     case = Case("case-0123456789ab", "validation/xray/Covid42/1.2.826.1/1.2.826.2/1.2.826.3.dcm", 1, {})
-    manifest = materialise(store, Cohort([case]), tmp_path / "input")
+    write_inputs(store, Cohort([case]), tmp_path / "input")
+    manifest = input_manifest(Cohort([case]), tmp_path / "input")
     written = (tmp_path / "input" / case.case / "image-1.dcm").read_bytes()
     _, tail = opaque_dicom(data, case.case)  # its header has other fresh random UIDs (their lengths vary)
     assert written.endswith(bytes(tail)) and written[128:132] == b"DICM"  # a new header, then the pixels as stored

@@ -58,7 +58,7 @@ def create_app(settings: PortalSettings) -> FastAPI:
     app.state.validation = Workspace(
         Path(os.environ.get("NCCID_VALIDATION") or settings.state_dir / "validation"), create=True
     )
-    app.state.validation_runner = ValidationRunner(app.state.validation.root, settings.store_url, settings.db_path)
+    app.state.validation_runner = ValidationRunner(app.state.validation, settings.store_url, settings.db_path)
     app.state.catalog_problem = ""
     catalog_path = settings.catalog()
 
@@ -96,10 +96,7 @@ def create_app(settings: PortalSettings) -> FastAPI:
     @app.middleware("http")
     async def headers(request: Request, call_next: Callable) -> Response:
         response = await call_next(request)
-        own_policy = response.headers.get("Content-Security-Policy")  # a page with its own (stricter) policy
         security_headers(response, settings, request.url.path.startswith("/static/"))
-        if own_policy:
-            response.headers["Content-Security-Policy"] = own_policy
         return response
 
     @app.exception_handler(Redirect)

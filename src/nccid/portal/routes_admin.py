@@ -13,9 +13,9 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from nccid.errors import NccidError
-from nccid.portal.accounts import ROLES, PortalDB, PortalError
+from nccid.portal.accounts import ROLES, PortalError
 from nccid.portal.central import read_config_doc, save_config_doc, save_site
-from nccid.portal.web import Redirect, check_csrf, current, form_fields, redirect, render
+from nccid.portal.web import Redirect, check_csrf, current, form_fields, portal_db, redirect, render
 from nccid.site.isaric import to_csv
 from nccid.stats.site_summary import WAITING_OUTCOMES, load_runs, waiting_everywhere
 from nccid.store import ObjectNotFound
@@ -24,14 +24,10 @@ router = APIRouter(prefix="/admin")
 _RUN_ID = re.compile(r"[0-9TZ]{16}-[0-9a-f]{6}")
 
 
-def _db(request: Request) -> PortalDB:
-    return PortalDB(request.app.state.settings.db_path)
-
-
 @router.get("")
 def overview(request: Request) -> Response:
     """The central team's start page: sites, raw objects per outcome, the latest loads and any running job."""
-    with _db(request) as db:
+    with portal_db(request) as db:
         who = current(request, db, request.app.state.settings, "admin.pages")
         sites = db.sites()
     counts = request.app.state.read_catalog(
@@ -54,7 +50,7 @@ def overview(request: Request) -> Response:
 @router.get("/sites")
 def sites_page(request: Request, edit: str = "") -> Response:
     """The list of submitting sites, with the form to add one or edit `edit` (permission admin.sites)."""
-    with _db(request) as db:
+    with portal_db(request) as db:
         who = current(request, db, request.app.state.settings, "admin.sites")
         sites = db.sites()
         editing = db.site(edit) if edit else None
@@ -65,7 +61,7 @@ def sites_page(request: Request, edit: str = "") -> Response:
 async def sites_save(request: Request) -> Response:
     """Add or change a site (also in config.json); a refusal is shown on the sites page with status 400."""
     form = await form_fields(request)
-    with _db(request) as db:
+    with portal_db(request) as db:
         who = current(request, db, request.app.state.settings, "admin.sites")
         check_csrf(who, form, db, request)
         try:
@@ -98,7 +94,7 @@ async def sites_save(request: Request) -> Response:
 def site_summary_page(request: Request, uploader: str) -> Response:
     """What one site has sent and what of it waits, as the site itself sees it; an unknown site goes back to
     the sites page."""
-    with _db(request) as db:
+    with portal_db(request) as db:
         who = current(request, db, request.app.state.settings, "admin.pages")
         site = db.site(uploader)
         if site is None:
@@ -113,7 +109,7 @@ def site_summary_page(request: Request, uploader: str) -> Response:
 @router.get("/accounts")
 def accounts_page(request: Request) -> Response:
     """Every account and the form to make one (administrators only: permission admin.accounts)."""
-    with _db(request) as db:
+    with portal_db(request) as db:
         who = current(request, db, request.app.state.settings, "admin.accounts")
         return render(
             request, "admin_accounts.html", who, page="accounts", users=db.users(), sites=db.sites(), roles=ROLES
@@ -124,7 +120,7 @@ def accounts_page(request: Request) -> Response:
 async def accounts_create(request: Request) -> Response:
     """Make an account and show its one-time set-up link once; a refusal (bad name, role) is shown with 400."""
     form = await form_fields(request)
-    with _db(request) as db:
+    with portal_db(request) as db:
         who = current(request, db, request.app.state.settings, "admin.accounts")
         check_csrf(who, form, db, request)
         role = form.get("role", "")
@@ -165,7 +161,7 @@ async def accounts_create(request: Request) -> Response:
 async def accounts_toggle(request: Request, username: str, action: str) -> Response:
     """Enable or disable another account (never one's own, so an administrator cannot lock themselves out)."""
     form = await form_fields(request)
-    with _db(request) as db:
+    with portal_db(request) as db:
         who = current(request, db, request.app.state.settings, "admin.accounts")
         check_csrf(who, form, db, request)
         if action in ("enable", "disable") and username != who.user.username:
@@ -177,7 +173,7 @@ async def accounts_toggle(request: Request, username: str, action: str) -> Respo
 @router.get("/config")
 def config_page(request: Request) -> Response:
     """The warehouse's config.json for editing; a config that cannot be read is shown as the error instead."""
-    with _db(request) as db:
+    with portal_db(request) as db:
         who = current(request, db, request.app.state.settings, "admin.config")
     try:
         text = json.dumps(read_config_doc(request.app.state.store), indent=2)
@@ -192,7 +188,7 @@ async def config_save(request: Request) -> Response:
     """Save an edited config.json after checking it; invalid JSON or a refused config is shown with 400 and
     audited."""
     form = await form_fields(request)
-    with _db(request) as db:
+    with portal_db(request) as db:
         who = current(request, db, request.app.state.settings, "admin.config")
         check_csrf(who, form, db, request)
         text = form.get("config", "")
@@ -215,7 +211,7 @@ async def config_save(request: Request) -> Response:
 @router.get("/loads")
 def loads_page(request: Request) -> Response:
     """The load runs with their counts per outcome, the running load if any, and a button to start one."""
-    with _db(request) as db:
+    with portal_db(request) as db:
         who = current(request, db, request.app.state.settings, "admin.load")
     runs = request.app.state.read_catalog(lambda q: load_runs(q), [])
     for run in runs:
@@ -227,7 +223,7 @@ def loads_page(request: Request) -> Response:
 async def loads_start(request: Request) -> Response:
     """Start a warehouse load in the background (one at a time) and go back to the loads page."""
     form = await form_fields(request)
-    with _db(request) as db:
+    with portal_db(request) as db:
         who = current(request, db, request.app.state.settings, "admin.load")
         check_csrf(who, form, db, request)
         request.app.state.runner.start(who.user.username, db)
@@ -237,7 +233,7 @@ async def loads_start(request: Request) -> Response:
 @router.get("/loads/{run_id}")
 def load_report(request: Request, run_id: str) -> Response:
     """One load's report from reports/load/<run_id>.json; a malformed or unknown run id goes back to the list."""
-    with _db(request) as db:
+    with portal_db(request) as db:
         who = current(request, db, request.app.state.settings, "admin.load")
     if not _RUN_ID.fullmatch(run_id):
         raise Redirect("/admin/loads")
@@ -251,7 +247,7 @@ def load_report(request: Request, run_id: str) -> Response:
 @router.get("/queues")
 def queues_page(request: Request, outcome: str = "") -> Response:
     """Everything waiting across all sites (held, quarantined, ...), optionally of one outcome, with reasons."""
-    with _db(request) as db:
+    with portal_db(request) as db:
         who = current(request, db, request.app.state.settings, "admin.queues")
     outcome = outcome if outcome in WAITING_OUTCOMES else ""
     items = request.app.state.read_catalog(lambda q: waiting_everywhere(q, outcome or None), [])
@@ -263,7 +259,7 @@ def queues_page(request: Request, outcome: str = "") -> Response:
 @router.get("/queues.csv")
 def queues_csv(request: Request, outcome: str = "") -> Response:
     """The same queues as a CSV download (up to 100,000 rows), for working through them in a spreadsheet."""
-    with _db(request) as db:
+    with portal_db(request) as db:
         current(request, db, request.app.state.settings, "admin.queues")
     outcome = outcome if outcome in WAITING_OUTCOMES else ""
     items = request.app.state.read_catalog(lambda q: waiting_everywhere(q, outcome or None, limit=100_000), [])
@@ -276,6 +272,6 @@ def queues_csv(request: Request, outcome: str = "") -> Response:
 @router.get("/audit")
 def audit_page(request: Request) -> Response:
     """The latest 500 entries of the portal's audit log (administrators only: permission admin.audit)."""
-    with _db(request) as db:
+    with portal_db(request) as db:
         who = current(request, db, request.app.state.settings, "admin.audit")
         return render(request, "admin_audit.html", who, page="audit", entries=db.audit_log(500))

@@ -19,6 +19,7 @@ from nccid.portal.web import (
     cookie_name,
     current,
     form_fields,
+    portal_db,
     pre_token,
     redirect,
     render,
@@ -26,10 +27,6 @@ from nccid.portal.web import (
 )
 
 router = APIRouter()
-
-
-def _db(request: Request) -> PortalDB:
-    return PortalDB(request.app.state.settings.db_path)
 
 
 def _pre_page(request: Request, name: str, status: int = 200, **context: object) -> Response:
@@ -43,7 +40,7 @@ def _pre_page(request: Request, name: str, status: int = 200, **context: object)
 def home(request: Request) -> Response:
     """Send each role to its own start page: sites to guidance, the central team to /admin, validators to
     /validation, anyone else to their account; not logged in goes to the log-in page."""
-    with _db(request) as db:
+    with portal_db(request) as db:
         who = current(request, db, request.app.state.settings)
     if who.user.role == "site":
         return redirect("/site/guidance")
@@ -57,7 +54,7 @@ def home(request: Request) -> Response:
 @router.get("/account")
 def account(request: Request) -> Response:
     """The logged-in user's own account page."""
-    with _db(request) as db:
+    with portal_db(request) as db:
         who = current(request, db, request.app.state.settings, "account.self")
     return render(request, "account.html", who)
 
@@ -76,11 +73,11 @@ async def login(request: Request) -> Response:
     settings = request.app.state.settings
     form = await form_fields(request)
     if not check_pre_csrf(request, form):
-        with _db(request) as db:
+        with portal_db(request) as db:
             db.audit("(anonymous)", "csrf", "POST /login", outcome="refused", address=address(request))
         raise Forbidden()
     username = form.get("username", "").strip().lower()
-    with _db(request) as db:
+    with portal_db(request) as db:
         outcome = db.authenticate(
             username,
             form.get("password", ""),
@@ -110,7 +107,7 @@ def _pending(request: Request, db: PortalDB):
 @router.get("/login/totp")
 def totp_page(request: Request) -> Response:
     """The second-factor form for a session that has passed the password; without one, back to log-in."""
-    with _db(request) as db:
+    with portal_db(request) as db:
         _, session = _pending(request, db)
     if session is None:
         return redirect("/login")
@@ -121,7 +118,7 @@ def totp_page(request: Request) -> Response:
 async def totp(request: Request) -> Response:
     """Check the second-factor code and, if right, mark the session as fully logged in; 401 after a delay if not."""
     form = await form_fields(request)
-    with _db(request) as db:
+    with portal_db(request) as db:
         token, session = _pending(request, db)
         if session is None:
             return redirect("/login")
@@ -164,7 +161,7 @@ async def logout(request: Request) -> Response:
     """End the session on the server and delete its cookie."""
     settings = request.app.state.settings
     form = await form_fields(request)
-    with _db(request) as db:
+    with portal_db(request) as db:
         who = current(request, db, settings)
         check_csrf(who, form, db, request)
         db.end_session(who.token)
@@ -179,7 +176,7 @@ async def logout(request: Request) -> Response:
 @router.get("/account/password")
 def password_page(request: Request) -> Response:
     """The form to change one's own password."""
-    with _db(request) as db:
+    with portal_db(request) as db:
         who = current(request, db, request.app.state.settings, "account.self")
     return render(request, "password.html", who, page="password")
 
@@ -188,7 +185,7 @@ def password_page(request: Request) -> Response:
 async def change_password(request: Request) -> Response:
     """Change one's password (the current one is needed) and end one's other sessions; a refusal is shown with 400."""
     form = await form_fields(request)
-    with _db(request) as db:
+    with portal_db(request) as db:
         who = current(request, db, request.app.state.settings, "account.self")
         check_csrf(who, form, db, request)
         if form.get("new", "") != form.get("confirm", ""):
@@ -222,7 +219,7 @@ def _invalid_setup_link(request: Request) -> Response:
 def setup_page(request: Request, token: str) -> Response:
     """The one-time set-up form of a new account (choose a password, enrol TOTP where the role needs it);
     404 with a plain message for a link used already or expired."""
-    with _db(request) as db:
+    with portal_db(request) as db:
         found = db.setup_account(token)
     if found is None:
         return _invalid_setup_link(request)
@@ -239,7 +236,7 @@ async def setup(request: Request, token: str) -> Response:
     form = await form_fields(request)
     if not check_pre_csrf(request, form):
         raise Forbidden()
-    with _db(request) as db:
+    with portal_db(request) as db:
         found = db.setup_account(token)
         if found is None:
             return _invalid_setup_link(request)
@@ -279,7 +276,7 @@ def _otpauth(username: str, secret: str) -> str:
 @router.get("/account/totp")
 def totp_setup_page(request: Request) -> Response:
     """Start enrolling a second factor: a fresh TOTP secret and its QR link; says so if it is already on."""
-    with _db(request) as db:
+    with portal_db(request) as db:
         who = current(request, db, request.app.state.settings, "account.self")
         if who.user.totp_enabled:
             return render(request, "password.html", who, page="password", done="Your second factor is on.")
@@ -293,7 +290,7 @@ def totp_setup_page(request: Request) -> Response:
 async def totp_setup(request: Request) -> Response:
     """Confirm the code of a second factor being enrolled, which turns it on for every later log-in."""
     form = await form_fields(request)
-    with _db(request) as db:
+    with portal_db(request) as db:
         who = current(request, db, request.app.state.settings, "account.self")
         check_csrf(who, form, db, request)
         if not db.confirm_totp(who.user.username, form.get("code", ""), address=address(request)):

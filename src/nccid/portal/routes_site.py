@@ -22,6 +22,7 @@ from nccid.portal.web import (
     check_csrf,
     current,
     parse_multipart,
+    portal_db,
     read_body,
     render,
 )
@@ -42,7 +43,7 @@ def _site_user(request: Request, db: PortalDB, permission: str = "site.pages") -
 @router.get("/guidance")
 def guidance(request: Request) -> Response:
     """How the logged-in site takes part: what to send, how, and the template columns. 403 for a non-site account."""
-    with PortalDB(request.app.state.settings.db_path) as db:
+    with portal_db(request) as db:
         who, site = _site_user(request, db)
     return render(request, "site_guidance.html", who, site=site, page="guidance")
 
@@ -50,7 +51,7 @@ def guidance(request: Request) -> Response:
 @router.get("/faq")
 def faq(request: Request) -> Response:
     """Answers to the questions sites ask most, for the logged-in site."""
-    with PortalDB(request.app.state.settings.db_path) as db:
+    with portal_db(request) as db:
         who, site = _site_user(request, db)
     return render(request, "site_faq.html", who, site=site, page="faq")
 
@@ -58,7 +59,7 @@ def faq(request: Request) -> Response:
 @router.get("/summary")
 def summary(request: Request) -> Response:
     """What the logged-in site has sent, what of it waits and why, and its recent sheet uploads."""
-    with PortalDB(request.app.state.settings.db_path) as db:
+    with portal_db(request) as db:
         who, site = _site_user(request, db)
         uploads = db.uploads(site.uploader)
     facts = request.app.state.summaries(site)
@@ -71,7 +72,7 @@ def upload_page(request: Request, template: str) -> Response:
     site.upload); an unknown template goes back to guidance."""
     if template not in TEMPLATE_NAMES:
         raise Redirect("/site/guidance")
-    with PortalDB(request.app.state.settings.db_path) as db:
+    with portal_db(request) as db:
         who, site = _site_user(request, db, "site.upload")
         uploads = [u for u in db.uploads(site.uploader) if u["template"] == template][:10]
     return render(
@@ -134,7 +135,7 @@ async def upload(request: Request, template: str) -> Response:
 @router.get("/templates/{template}.{fmt}")
 def download_template(request: Request, template: str, fmt: str) -> Response:
     """A blank template as an .xlsx or .csv download, so sites fill in exactly the columns the loader reads."""
-    with PortalDB(request.app.state.settings.db_path) as db:
+    with portal_db(request) as db:
         _site_user(request, db)
     if template not in TEMPLATE_NAMES or fmt not in ("xlsx", "csv"):
         raise Redirect("/site/guidance")

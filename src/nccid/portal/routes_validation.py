@@ -15,17 +15,12 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response
 
 from nccid.errors import NccidError
-from nccid.portal.accounts import PortalDB
 from nccid.portal.validation_jobs import KINDS
-from nccid.portal.web import Who, check_csrf, current, form_fields, redirect, render
+from nccid.portal.web import Who, check_csrf, current, form_fields, portal_db, redirect, render
 from nccid.validation.report import inline_script_hashes
 from nccid.validation.service import Workspace
 
 router = APIRouter(prefix="/validation")
-
-
-def _db(request: Request) -> PortalDB:
-    return PortalDB(request.app.state.settings.db_path)
 
 
 def _space(request: Request) -> Workspace:
@@ -35,7 +30,8 @@ def _space(request: Request) -> Workspace:
 def _overview(request: Request, who: Who, *, status: int = 200, **context: object) -> Response:
     space = _space(request)
     try:
-        events, runs = space.events(), space.runs()
+        events = space.events()
+        runs = space.runs(events)
     except NccidError as exc:  # an edited audit log: say so instead of showing it
         events, runs, context["error"] = [], [], str(exc)
     submissions = []
@@ -65,7 +61,7 @@ def _overview(request: Request, who: Who, *, status: int = 200, **context: objec
 def overview(request: Request) -> Response:
     """Submissions, runs, the audit events and the offered model folders, with the forms to submit and start runs;
     an edited audit log is reported on the page instead of shown."""
-    with _db(request) as db:
+    with portal_db(request) as db:
         who = current(request, db, request.app.state.settings, "validation.pages")
     return _overview(request, who)
 
@@ -74,7 +70,7 @@ def overview(request: Request) -> Response:
 async def submit(request: Request) -> Response:
     """Submit one of the offered model folders; the refusal, if any, is shown with 400 and audited."""
     form = await form_fields(request)
-    with _db(request) as db:
+    with portal_db(request) as db:
         who = current(request, db, request.app.state.settings, "validation.pages")
         check_csrf(who, form, db, request)
         try:
@@ -90,7 +86,7 @@ async def submit(request: Request) -> Response:
 async def start(request: Request) -> Response:
     """Start a dry or sealed run of a submission in the background; 409 while another run is in progress."""
     form = await form_fields(request)
-    with _db(request) as db:
+    with portal_db(request) as db:
         who = current(request, db, request.app.state.settings, "validation.pages")
         check_csrf(who, form, db, request)
         kind, sub_id = form.get("kind", ""), form.get("submission", "")
@@ -108,7 +104,7 @@ async def start(request: Request) -> Response:
 @router.get("/job")
 def job_page(request: Request) -> Response:
     """The background run in progress (or the last one) and how long it has taken."""
-    with _db(request) as db:
+    with portal_db(request) as db:
         who = current(request, db, request.app.state.settings, "validation.pages")
     runner = request.app.state.validation_runner
     return render(request, "validation/job.html", who, page="validation", job=runner.job, elapsed=runner.elapsed())
@@ -117,10 +113,10 @@ def job_page(request: Request) -> Response:
 @router.get("/runs/{run}")
 def run_page(request: Request, run: str) -> Response:
     """One run's hashes, metrics and release state; 404 on the overview for an unknown run id."""
-    with _db(request) as db:
+    with portal_db(request) as db:
         who = current(request, db, request.app.state.settings, "validation.pages")
     try:
-        info = next((r for r in _space(request).runs() if r.run == run), None)
+        info = next(iter(_space(request).runs(only=run)), None)
     except NccidError as exc:
         return _overview(request, who, status=409, error=str(exc))
     if info is None:
@@ -132,7 +128,7 @@ def run_page(request: Request, run: str) -> Response:
 def report_page(request: Request, run: str) -> Response:
     """The vendor-facing report as the vendor receives it, under a policy that runs its own inline scripts
     (the operating-point view, allowed by their SHA-256) and nothing else."""
-    with _db(request) as db:
+    with portal_db(request) as db:
         who = current(request, db, request.app.state.settings, "validation.pages")
     try:
         html = _space(request).report_html(run)
@@ -150,7 +146,7 @@ def report_page(request: Request, run: str) -> Response:
 async def release(request: Request, run: str) -> Response:
     """Release a run's report to the vendor (audited); a refusal, such as a report released already, with 400."""
     form = await form_fields(request)
-    with _db(request) as db:
+    with portal_db(request) as db:
         who = current(request, db, request.app.state.settings, "validation.pages")
         check_csrf(who, form, db, request)
         try:
@@ -166,7 +162,7 @@ async def release(request: Request, run: str) -> Response:
 def folders_page(request: Request) -> Response:
     """The model folders on the server that validators may submit, and the form to offer or withdraw one
     (permission validation.folders: administrators)."""
-    with _db(request) as db:
+    with portal_db(request) as db:
         who = current(request, db, request.app.state.settings, "validation.folders")
     return render(request, "validation/folders.html", who, page="folders", folders=_space(request).model_folders())
 
@@ -175,22 +171,23 @@ def folders_page(request: Request) -> Response:
 async def folders_save(request: Request) -> Response:
     """Offer a model folder on the server to validators, or withdraw one; refusals are shown with 400 and audited."""
     form = await form_fields(request)
-    with _db(request) as db:
+    with portal_db(request) as db:
         who = current(request, db, request.app.state.settings, "validation.folders")
         check_csrf(who, form, db, request)
         space = _space(request)
         folder = form.get("folder", "").strip()
+        withdraw = form.get("action") == "withdraw"
+        action = "validation.folder.withdraw" if withdraw else "validation.folder.offer"
         try:
-            if form.get("action") == "withdraw":
+            if withdraw:
                 space.withdraw_model_folder(folder)
-                db.audit(who.user.username, "validation.folder.withdraw", folder)
                 done = f"{folder} is no longer offered."
             else:
                 manifest = space.offer_model_folder(folder)
-                db.audit(who.user.username, "validation.folder.offer", folder)
                 done = f"{folder} offered: {manifest.name} {manifest.version} by {manifest.vendor}."
+            db.audit(who.user.username, action, folder)
         except NccidError as exc:
-            db.audit(who.user.username, "validation.folder.offer", str(exc), outcome="refused")
+            db.audit(who.user.username, action, str(exc), outcome="refused")
             return render(
                 request,
                 "validation/folders.html",

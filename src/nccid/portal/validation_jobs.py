@@ -7,10 +7,14 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from nccid.errors import NccidError
 from nccid.portal.accounts import PortalDB
 from nccid.portal.background import OneAtATimeRunner, now
+
+if TYPE_CHECKING:
+    from nccid.validation.service import Workspace
 
 _LOG = logging.getLogger("nccid.portal")
 KINDS = {"dry_run": "dry run on synthetic data", "sealed_run": "sealed run on the validation cohort"}
@@ -40,9 +44,9 @@ class ValidationJob:
 class ValidationRunner(OneAtATimeRunner[ValidationJob]):
     """Starts dry and sealed runs in a thread, one at a time, on the portal's workspace and store."""
 
-    def __init__(self, workspace_root: Path, store_url: str, db_path: Path) -> None:
+    def __init__(self, workspace: Workspace, store_url: str, db_path: Path) -> None:
         super().__init__(ValidationJob(), "nccid-portal-validation")
-        self.workspace_root = workspace_root
+        self.workspace = workspace
         self.store_url = store_url
         self.db_path = db_path
 
@@ -51,19 +55,19 @@ class ValidationRunner(OneAtATimeRunner[ValidationJob]):
         return self._seconds() if self.job.running else self.job.seconds
 
     def start(self, kind: str, submission: str, actor: str, db: PortalDB) -> bool:
-        """Start a run of `kind` (dry_run | sealed_run) unless one is running; returns whether it started."""
-        if kind not in KINDS or not self.begin(ValidationJob(kind, submission, actor, now(), running=True)):
+        """Start a run of `kind` (one of KINDS: the route checks) unless one is running; returns whether it
+        started."""
+        if not self.begin(ValidationJob(kind, submission, actor, now(), running=True)):
             return False
         db.audit(actor, f"validation.{kind}.start", submission)
         return True
 
     def _run(self) -> None:
         from nccid.store import open_store
-        from nccid.validation.service import Workspace
 
         job = self.job
         try:
-            space = Workspace(self.workspace_root)
+            space = self.workspace
             if job.kind == "dry_run":
                 summary = space.dry_run(job.submission, job.started_by, progress=job.phases.append)
             else:

@@ -74,11 +74,17 @@ def set_cookie(response: Response, settings: PortalSettings, name: str, value: s
     )
 
 
+def portal_db(request: Request) -> PortalDB:
+    """The portal's database, opened for this request (use it as a context manager)."""
+    return PortalDB(request.app.state.settings.db_path)
+
+
 def security_headers(response: Response, settings: PortalSettings, static: bool) -> None:
-    """Add the headers every answer carries: a strict CSP, no framing, no referrer, no caching of pages
-    (static files may be cached an hour), and HSTS when the portal is behind HTTPS."""
+    """Add the headers every answer carries: a strict CSP (unless the page set its own, stricter one), no
+    framing, no referrer, no caching of pages (static files may be cached an hour), and HSTS when the portal is
+    behind HTTPS."""
     headers = response.headers
-    headers["Content-Security-Policy"] = CSP
+    headers.setdefault("Content-Security-Policy", CSP)
     headers["X-Content-Type-Options"] = "nosniff"
     headers["X-Frame-Options"] = "DENY"
     headers["Referrer-Policy"] = "no-referrer"

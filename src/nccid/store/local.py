@@ -310,7 +310,7 @@ class LocalStore(ObjectStore):
             st = os.fstat(fin)
             if not stat.S_ISREG(st.st_mode):
                 raise ObjectNotFound(f"no object {src!r} in {self.url}")
-            digest = known_checksum(src_path, st) or cached_checksum(src_path, st)
+            digest = cached_checksum(src_path, st)  # from the xattr cache unless the file changed since
 
             def fill(fd: int) -> str:
                 _copy_bytes(fin, fd)

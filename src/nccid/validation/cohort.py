@@ -16,6 +16,7 @@ stay with the validator; only their SHA-256 hashes go into the report.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import datetime as dt
 import hashlib
 import io
@@ -25,7 +26,7 @@ import re
 import secrets
 import shutil
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -445,18 +446,25 @@ def canonical_hash(data: object) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
-def write_case(folder: Path, case: str, *chunks: bytes | memoryview) -> str:
-    """Write one case's file (the concatenated `chunks`) read-only below `folder/<case>/`; returns its SHA-256."""
+@contextlib.contextmanager
+def _case_file(folder: Path, case: str) -> Iterator[BinaryIO]:
+    """The new file `folder/<case>/image-1.dcm`, open for writing; once written, it and its folder are read-only
+    (the model reads them and nothing else)."""
     case_dir = folder / case
     case_dir.mkdir(mode=0o755)
-    path = case_dir / "image-1.dcm"
-    digest = hashlib.sha256()
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o444)
+    fd = os.open(case_dir / "image-1.dcm", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o444)
     with os.fdopen(fd, "wb") as handle:
+        yield handle
+    case_dir.chmod(0o555)
+
+
+def write_case(folder: Path, case: str, *chunks: bytes | memoryview) -> str:
+    """Write one case's file (the concatenated `chunks`) read-only below `folder/<case>/`; returns its SHA-256."""
+    digest = hashlib.sha256()
+    with _case_file(folder, case) as handle:
         for chunk in chunks:
             digest.update(chunk)
             handle.write(chunk)
-    case_dir.chmod(0o555)
     return digest.hexdigest()
 
 
@@ -484,21 +492,15 @@ def _materialise_case(store: ObjectStore, case: Case, folder: Path) -> None:
     """Write one case's opaque file `folder/<case>/image-1.dcm` (read-only). From a local store only the header
     is read into Python (and rewritten); the rest is copied by the kernel. From a remote store the object is
     fetched in one request."""
-    case_dir = folder / case.case
-    case_dir.mkdir(mode=0o755)
-    fd = os.open(case_dir / "image-1.dcm", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o444)
-    with os.fdopen(fd, "wb") as target:
-        if store.remote:
-            for chunk in opaque_dicom(store.read(case.key), case.case):
-                target.write(chunk)
-        else:
-            with store.open(case.key) as source:
-                ds = pydicom.dcmread(source, stop_before_pixels=True)  # stops at the start of (7FE0,0010)
-                rest = source.tell()
-                target.write(_opaque_header(ds, case.case))
-                source.seek(rest)
-                _copy_rest(source, target)
-    case_dir.chmod(0o555)
+    if store.remote:
+        write_case(folder, case.case, *opaque_dicom(store.read(case.key), case.case))
+        return
+    with _case_file(folder, case.case) as target, store.open(case.key) as source:
+        ds = pydicom.dcmread(source, stop_before_pixels=True)  # stops at the start of (7FE0,0010)
+        rest = source.tell()
+        target.write(_opaque_header(ds, case.case))
+        source.seek(rest)
+        _copy_rest(source, target)
 
 
 def write_inputs(store: ObjectStore, cohort: Cohort, folder: Path) -> None:
@@ -527,11 +529,3 @@ def input_manifest(cohort: Cohort, folder: Path) -> dict[str, Any]:
         "cases": sorted((entry(c) for c in cohort.cases), key=lambda e: e["case"]),
         "excluded": dict(cohort.excluded),
     }
-
-
-def materialise(store: ObjectStore, cohort: Cohort, folder: Path) -> dict[str, Any]:
-    """`write_inputs`, then the private cohort manifest of what was written (`input_manifest`), which it returns.
-
-    A sealed run does the two apart, hashing while the model runs."""
-    write_inputs(store, cohort, folder)
-    return input_manifest(cohort, folder)

@@ -191,7 +191,7 @@ class Workspace:
     def submission(self, sub_id: str) -> Submission:
         """A stored submission. Raises ValidationRunError when there is none of that id."""
         folder = self.root / "submissions" / sub_id
-        if not sub_id or "/" in sub_id or sub_id.startswith(".") or not (folder / "submission.json").exists():
+        if not _plain_id(sub_id) or not (folder / "submission.json").exists():
             known = ", ".join(self.submissions()) or "none yet"
             raise ValidationRunError(
                 f"no submission {sub_id!r} (known: {known}); submit one with `nccid validate submit`"
@@ -412,7 +412,7 @@ class Workspace:
 
         Raises ValidationRunError for an unknown run or a report already released."""
         source = self.root / "runs" / run / "report"
-        if not run or "/" in run or not source.is_dir():
+        if not _plain_id(run) or not source.is_dir():
             raise ValidationRunError(f"no run {run!r} with a report; `nccid validate runs` lists them")
         target = self.root / "releases" / run
         if target.exists():
@@ -422,13 +422,15 @@ class Workspace:
         audit.append(self.audit_path, "release", who, run=run, report_sha256sums=sums, to=str(target))
         return target
 
-    def runs(self) -> list[RunInfo]:
-        """Every finished run, newest first, with its release (who, when) and its AUC, from the checked audit
-        log (raises ValidationRunError if the log was edited) and the run's own report.json."""
-        events = self.events()
+    def runs(self, events: list[dict[str, Any]] | None = None, *, only: str | None = None) -> list[RunInfo]:
+        """Every finished run (or only the run `only`), newest first, with its release (who, when) and its AUC,
+        from the checked audit log (raises ValidationRunError if the log was edited; `events` when the caller
+        has just read it with `events()`) and the run's own report.json."""
+        events = self.events() if events is None else events
         released = {e["run"]: e for e in events if e["event"] == "release"}
         out = []
-        for event in reversed([e for e in events if e["event"] in ("dry_run", "sealed_run")]):
+        finished = [e for e in events if e["event"] in ("dry_run", "sealed_run") and only in (None, e["run"])]
+        for event in reversed(finished):
             auc = None
             report = self.root / "runs" / event["run"] / "report" / "report.json"
             if report.is_file():
@@ -447,7 +449,7 @@ class Workspace:
         """The vendor-facing report page of a run (aggregates only). Raises ValidationRunError for an unknown
         run or one without a report."""
         path = self.root / "runs" / run / "report" / "report.html"
-        if not run or "/" in run or run.startswith(".") or not path.is_file():
+        if not _plain_id(run) or not path.is_file():
             raise ValidationRunError(f"no run {run!r} with a report; `nccid validate runs` lists them")
         return path.read_text(encoding="utf-8")
 
@@ -466,18 +468,18 @@ class Workspace:
             raise SubmissionError(f"{folder}: give the folder's absolute path on the server")
         folder = folder.resolve()
         manifest = load_manifest(folder)
-        folders = sorted({str(p) for p in self.model_folders()} | {str(folder)})
-        write_private(self.root / MODEL_FOLDERS_NAME, json.dumps(folders, indent=1) + "\n")
+        self._save_model_folders({str(p) for p in self.model_folders()} | {str(folder)})
         return manifest
 
-    def withdraw_model_folder(self, folder: Path) -> bool:
-        """Stop offering a folder. Returns whether it was offered."""
-        folders = [str(p) for p in self.model_folders()]
+    def withdraw_model_folder(self, folder: Path) -> None:
+        """Stop offering a folder. Raises SubmissionError for a folder that is not offered."""
+        folders = {str(p) for p in self.model_folders()}
         if str(folder) not in folders:
-            return False
-        folders.remove(str(folder))
-        write_private(self.root / MODEL_FOLDERS_NAME, json.dumps(folders, indent=1) + "\n")
-        return True
+            raise SubmissionError(f"{folder}: not a model folder offered on this server")
+        self._save_model_folders(folders - {str(folder)})
+
+    def _save_model_folders(self, folders: set[str]) -> None:
+        write_private(self.root / MODEL_FOLDERS_NAME, json.dumps(sorted(folders), indent=1) + "\n")
 
     def submit_offered(self, folder: str, who: str) -> Submission:
         """Submit one of the offered folders (see `offer_model_folder`). Raises SubmissionError for a folder
@@ -490,6 +492,11 @@ class Workspace:
         """The audit log, checked (raises ValidationRunError if it was edited), oldest first."""
         audit.verify(self.audit_path)
         return audit.read(self.audit_path)
+
+
+def _plain_id(value: str) -> bool:
+    """A submission or run id that names one folder of the workspace (no path, nothing hidden)."""
+    return bool(value) and "/" not in value and not value.startswith(".")
 
 
 def _warm_up() -> None:

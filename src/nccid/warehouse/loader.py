@@ -270,9 +270,6 @@ def _write_once(store: ObjectStore, key: str, data: bytes) -> bool:
 class _InlineExecutor:
     """One worker: run in this process (tests, small loads, and easier debugging)."""
 
-    def map(self, fn: Callable, *iterables: Iterable) -> Iterator:
-        return map(fn, *iterables)
-
     def submit(self, fn: Callable, *args: object) -> cf.Future:
         future: cf.Future = cf.Future()
         try:
