@@ -1,17 +1,19 @@
 """The validation harness against running the same entry command directly on the same inputs, in the same run.
 
-    python3 bench/validation_overhead.py [--store ./nccid-demo/store] [--repeat 5]
+    python3 bench/validation_overhead.py [--store ./nccid-demo/store] [--repeat 5] [--fresh]
 
-The baseline model is trained on the store's training set (examples/models/baseline/train.py). Then, interleaved
-`--repeat` times:
-- harness: a whole sealed run (`Workspace.sealed_run`): cohort selection from the store, materialisation of the
-  opaque inputs, the bubblewrap sandbox with its limits, reading predictions, metrics (DeLong, the bootstrap
-  ROC band, calibration, subgroups) and the report (SVG figures, JSON, CSV, checksums), audit;
+The baseline model is trained on the store's training set (examples/models/baseline/train.py). First, once: a
+direct run and the sealed run that freezes the cohort (materialises it; see nccid/validation/frozen.py). Then,
+interleaved `--repeat` times:
+- harness: a whole sealed run (`Workspace.sealed_run`): listing the store's validation set, the frozen cohort
+  checked (or, with --fresh, selected and materialised anew, as every first run of an intended use does), the
+  bubblewrap sandbox with its limits, reading predictions, metrics (DeLong, the bootstrap ROC band, calibration,
+  subgroups) and the report (figures, JSON, CSV, checksums), audit;
 - direct: `python3 predict.py` in the model folder, reading a copy of the same materialised inputs, no sandbox.
-Prints min / median / max of each, the ratio of medians (goal: overhead under 10 %), where the harness's wall
-time goes (from the run's progress calls: every second of the sealed run falls in one stage), its cost beyond
-the model and the model duration above which that cost is under 10 %, and peak memory (this process and its
-children). Work the harness does on helper threads while the model runs (hashing the inputs, the ground truth,
+Prints the first run, min / median / max of each, the ratio of medians (goal: overhead under 10 %), where the
+harness's wall time goes (from the run's progress calls: every second of the sealed run falls in one stage), its
+cost beyond the model and the model duration above which that cost is under 10 %, and peak memory (this process
+and its children). Work the harness does on helper threads while the model runs (hashing the inputs, the ground truth,
 importing and warming the metrics' and report's libraries) costs wall time only where the model ends first:
 "waiting for the helpers". Without --store (or if it does not exist), it makes a store like the demo's
 validation set: 300 patients, radiographs at the demo's size (scale 0.5).
@@ -53,7 +55,7 @@ def demo_like_store(folder: Path) -> str:
 
 STAGES = {  # the first words of each progress phase of Workspace.sealed_run -> the stage it starts
     "selecting": "cohort selection",
-    "preparing": "materialising the inputs",
+    "preparing": "materialising (or checking) the inputs",
     "running": "running the model",
     "analysing": "analysing the predictions",
     "writing": "report, audit, deleting the inputs",
@@ -74,6 +76,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--store", default="nccid-demo/store", help="a loaded store (default: nccid demo's)")
     parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--fresh", action="store_true", help="every run freezes its cohort anew (a first run)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="nccid-bench-validation-") as tmp:
         work = Path(tmp)
@@ -92,23 +95,35 @@ def main() -> None:
         print(f"cohort: {len(cohort.cases)} cases from {url}")
         harness, direct, stages, sandboxed = [], [], [], []
         load_before = os.getloadavg()[0]
-        for n in range(args.repeat):
+        first_direct = first_harness = 0.0
+        for n in range(-1, args.repeat):  # n = -1: the first run, which freezes the cohort
             output = work / f"direct-output-{n}"
             output.mkdir()
-            direct.append(run_direct(sub.manifest.entry, sub.model_dir, inputs, output))
+            took = run_direct(sub.manifest.entry, sub.model_dir, inputs, output)
             marks: list[tuple[str, float]] = []
             start = time.perf_counter()
             summary = space.sealed_run(
-                sub.id, store, "bench", limits=Limits(), require_dry_run=False,
+                sub.id, store, "bench", limits=Limits(), require_dry_run=False, fresh_cohort=args.fresh,
                 progress=lambda phase, marks=marks: marks.append((phase, time.perf_counter())),
             )  # fmt: skip
             end = time.perf_counter()
+            assert summary.sandbox.status == "completed", summary.sandbox
+            assert summary.frozen.reused == (n >= 0 and not args.fresh), summary.frozen
+            if n < 0:
+                first_direct, first_harness = took, end - start
+                continue
+            direct.append(took)
             harness.append(end - start)
             stages.append(wall_stages(start, marks, end))
             sandboxed.append(summary.sandbox.seconds)
-            assert summary.sandbox.status == "completed", summary.sandbox
         remove_tree(inputs)
     ratio = statistics.median(harness) / statistics.median(direct)
+    print(
+        f"first run (freezes the cohort): direct {first_direct:.2f} s, harness {first_harness:.2f} s: "
+        f"harness / direct {first_harness / first_direct:.2f}"
+    )
+    later = "every run freezing its cohort anew (--fresh)" if args.fresh else "later runs, on the frozen cohort"
+    print(f"{later}:")
     print(f"direct entry command:       {spread(direct, ' s')}")
     print(f"harness (whole sealed run): {spread(harness, ' s')}")
     print("  where its wall time goes:")

@@ -143,6 +143,10 @@ def test_validator_submits_runs_views_and_releases_a_report(page, world, browser
     rows = page.locator("#audit tr").all_inner_texts()[1:]
     assert [r.split("\t")[2:4] for r in rows] == [[e["event"], e["who"]] for e in events]
     assert [e["event"] for e in events] == ["submission", "dry_run", "sealed_run"]
+    # the sealed run froze its cohort: listed as `nccid validate cohorts` lists it
+    [frozen] = Workspace(world.state / "validation").frozen_cohorts()
+    cohorts_table = page.inner_text("#cohorts")
+    assert frozen.id[:12] in cohorts_table and f"{frozen.cases} ({frozen.positives} positive)" in cohorts_table
     seen.append(page.content())
     shot(page, "v03-validation-overview")
 
@@ -185,6 +189,18 @@ def test_validator_submits_runs_views_and_releases_a_report(page, world, browser
     page.click("#report-link")  # released reports stay viewable
     seen.append(page.content())
 
+    # the validator drops the frozen cohort: gone from the workspace, audited in both logs
+    page.goto(world.url + "/validation")
+    page.click(f"#cohorts tr:has-text('{frozen.id[:12]}') button:has-text('Drop')")
+    assert f"Frozen cohort {frozen.id[:12]} dropped" in page.inner_text(".done")
+    assert Workspace(world.state / "validation").frozen_cohorts() == [] and page.locator("#cohorts").count() == 0
+    last = Workspace(world.state / "validation").events()[-1]
+    assert (last["event"], last["who"], last["cohort"]) == ("cohort_dropped", "vera-val", frozen.id)
+    assert f"cohort {frozen.id[:12]}" in page.inner_text("#audit")
+    with PortalDB(world.state / "portal.sqlite") as db:
+        assert any(e["action"] == "validation.cohort.drop" and e["detail"] == frozen.id for e in db.audit_log(50))
+    seen.append(page.content())
+
     # no page the validator saw holds a pseudonym, a UID or a per-patient identifier of the warehouse
     assert len(world.identifiers) > 100
     for html in seen:
@@ -204,7 +220,8 @@ def test_site_uploaders_and_data_managers_are_refused_every_validation_page(page
     page.goto(world.url + "/")  # the account's own start page: its forms carry the session's real CSRF token
     token = page.locator("input[name=csrf]").first.get_attribute("value")
     assert token
-    for url in ("/validation/submit", "/validation/start", "/validation/folders", "/validation/runs/x/release"):
+    for url in ("/validation/submit", "/validation/start", "/validation/folders", "/validation/runs/x/release",
+                "/validation/cohorts/drop"):  # fmt: skip
         form = {"csrf": token, "folder": str(COIN_FLIP), "kind": "dry_run"}
         assert page.request.post(world.url + url, form=form).status == 403, url  # refused by role, not by token
 
@@ -223,6 +240,9 @@ def test_validators_are_kept_to_their_pages_and_their_forms(page, world):
     token = page.locator("input[name=csrf]").first.get_attribute("value")
     answer = page.request.post(world.url + "/validation/submit", form={"csrf": token, "folder": "/etc"})
     assert answer.status == 400 and "not a model folder offered on this server" in answer.text()
+    # dropping a frozen cohort that does not exist is refused with the reason
+    answer = page.request.post(world.url + "/validation/cohorts/drop", form={"csrf": token, "cohort": "feedface0000"})
+    assert answer.status == 400 and "no frozen cohort feedface0000" in answer.text()
     assert not any(
         e["event"] == "submission" and e["who"] == "otto-val" for e in Workspace(world.state / "validation").events()
     )

@@ -138,8 +138,13 @@ def test_sealed_cohort_is_adults_first_frontal_radiograph_from_validation_only(v
     for key in keys:
         meta = json.loads(warehouse.read(key.replace("/xray/", "/xray-metadata/", 1)[: -len(".dcm")] + ".json"))
         assert meta["00185101"]["Value"][0] in ("PA", "AP")
-    assert not (private / "input").exists()  # the sealed inputs do not outlive the run
+    assert not (private / "input").exists()  # the run's own folder holds no input: they are the frozen cohort's
     assert sealed.results["cohort"]["cases"] == len(keys)
+    coin = runs["coin-flip"][2]  # the same intended use, run second: the same frozen files, the same hashes
+    assert not sealed.frozen.reused and coin.frozen.reused and coin.frozen.id == sealed.frozen.id
+    reports = [json.loads((r.report_dir / "report.json").read_text())["run"] for r in (sealed, coin)]
+    assert [r["cohort_hash"] for r in reports[1:]] == [reports[0]["cohort_hash"]]
+    assert [r["truth_hash"] for r in reports[1:]] == [reports[0]["truth_hash"]]
 
 
 def test_model_sees_only_opaque_inputs_and_no_host(space, warehouse, tmp_path):

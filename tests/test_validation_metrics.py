@@ -8,6 +8,7 @@ import math
 
 import numpy as np
 import pytest
+from scipy.stats import rankdata
 from sklearn.calibration import calibration_curve
 from sklearn.metrics import brier_score_loss, roc_auc_score, roc_curve
 
@@ -68,6 +69,18 @@ def test_delong_components_match_their_definition():
     assert auc == pytest.approx(psi.mean())
 
 
+@pytest.mark.parametrize("decimals", [1, 2, 8])
+def test_delong_components_are_the_midrank_forms_floats(decimals):
+    for seed in range(20):
+        y, s = _vectors(seed, 30 + 11 * seed)
+        s = np.round(s, decimals)  # one decimal: ties within and across the classes
+        pos, neg = s[y == 1], s[y == 0]
+        ranks = rankdata(np.r_[pos, neg])
+        _, v10, v01 = metrics.delong_components(y, s)
+        assert np.array_equal(v10, (ranks[: len(pos)] - rankdata(pos)) / len(neg))
+        assert np.array_equal(v01, 1.0 - (ranks[len(pos) :] - rankdata(neg)) / len(pos))
+
+
 def test_delong_interval_worked_example():
     # positives 0.9, 0.8, 0.4; negatives 0.7, 0.3. Placements V10 = (1, 1, 0.5), V01 = (2/3, 1).
     # AUC = 5/6; S10 = var(V10) = 1/12, S01 = var(V01) = 1/18; Var = S10/3 + S01/2 = 1/36 + 1/36 = 1/18;
@@ -103,6 +116,49 @@ def test_fast_roc_points_equal_scikit_learns():
         mine = metrics.roc_points(np.asarray(y), np.asarray(s, dtype=float))
         np.testing.assert_allclose(mine[0], fpr)
         np.testing.assert_allclose(mine[1], tpr)
+
+
+def _draws_in_a_loop(seed: int, m: int, n: int, replicates: int) -> np.ndarray:
+    """A stratified bootstrap's indices as first written: per replicate, m draws below m then n below n."""
+    rng = np.random.default_rng(seed)
+    return np.array([np.r_[rng.integers(0, m, m), rng.integers(0, n, n)] for _ in range(replicates)])
+
+
+@pytest.mark.parametrize(("m", "n", "replicates"), [(109, 40, 500), (2, 3, 7), (1, 30, 4), (30, 1, 4), (13, 13, 51)])
+def test_stratified_draws_are_the_generators_own(m, n, replicates):
+    for seed in range(3):
+        drawn = metrics._stratified_draws(np.random.default_rng(seed), m, n, replicates)
+        assert np.array_equal(drawn, _draws_in_a_loop(seed, m, n, replicates))
+
+
+def test_stratified_draws_follow_numpy_where_it_refuses_a_word():
+    """For a range of 20000, seed 8's stream holds a word NumPy refuses (it takes the next one instead), and
+    seed 5's a word it checks but keeps: both are drawn as NumPy draws them."""
+    m = n = 20000
+    for seed in (5, 8):
+        assert np.array_equal(
+            metrics._stratified_draws(np.random.default_rng(seed), m, n, 1), _draws_in_a_loop(seed, m, n, 1)
+        )
+    raw = np.random.default_rng(8).bit_generator.random_raw(m)
+    words = np.c_[raw & np.uint64(0xFFFFFFFF), raw >> np.uint64(32)].ravel()
+    one_word_each = (words * np.uint64(m)) >> np.uint64(32)
+    assert not np.array_equal(one_word_each.astype(np.int64), _draws_in_a_loop(8, m, n, 1)[0])  # the refusal shows
+
+
+def test_roc_points_from_counts_interpolate_like_roc_points():
+    rng = np.random.default_rng(3)
+    distinct = 12  # scores 11/11 ... 0/11, highest first; some unused by a row, some shared by both classes
+    positives, negatives = rng.integers(0, 3, (40, distinct)), rng.integers(0, 3, (40, distinct))
+    positives[:, 0] += 1
+    negatives[:, -1] += 1
+    fpr, tpr = metrics.roc_points_from_counts(positives, negatives)
+    grid = np.linspace(0, 1, 101)
+    scores = np.arange(distinct - 1, -1, -1) / (distinct - 1)
+    for row in range(len(positives)):
+        labels = np.r_[np.ones(positives[row].sum(), int), np.zeros(negatives[row].sum(), int)]
+        sample = np.r_[np.repeat(scores, positives[row]), np.repeat(scores, negatives[row])]
+        f, t = metrics.roc_points(labels, sample)
+        assert np.array_equal(np.interp(grid, fpr[row], tpr[row]), np.interp(grid, f, t))
 
 
 # -- proportions, operating point, predictive values ---------------------------------------------------
@@ -168,9 +224,7 @@ def test_a_level_with_few_positives_shows_no_sensitivity_or_auc():
 # -- predictions ---------------------------------------------------------------------------------------
 def test_malformed_and_partial_predictions_are_counted_not_dropped():
     cases = {f"case-{i}" for i in range(6)}
-    text = (
-        "case,score\ncase-0,0.5\ncase-1,abc\ncase-2,1.5\ncase-9,0.3\ncase-0,0.7\ncase-3,nan\ncase-4\n\ncase-5,1\n"
-    )
+    text = "case,score\ncase-0,0.5\ncase-1,abc\ncase-2,1.5\ncase-9,0.3\ncase-0,0.7\ncase-3,nan\ncase-4\n\ncase-5,1\n"
     got = parse_predictions(text, cases)
     assert got.scores == {"case-0": 0.5, "case-5": 1.0}
     assert got.missing == 4

@@ -169,6 +169,12 @@ class ValidationRunError(NccidError):
     passing dry run, a report released twice); the message says which and what to do."""
 
 
+class FrozenCohortAltered(ValidationRunError):
+    """The files of a frozen cohort, hashed during a sealed run, are not the ones recorded when it was first run
+    (see nccid/validation/frozen.py). The run stops without a report and the cohort is dropped (audited): run
+    the sealed run again to freeze the cohort anew from the warehouse, and find out who changed the workspace."""
+
+
 # -- the portal ----------------------------------------------------------------------------------------
 class PortalError(NccidError):
     """A portal account or form action was refused; the message says why in one line (never a password,

@@ -61,6 +61,11 @@ def _show_run(summary) -> None:
         )
     else:
         console.print(f"  {results['status']}")
+    frozen = summary.frozen
+    if frozen and frozen.reused:
+        console.print(f"  cohort: the frozen cohort {frozen.id[:12]} of {frozen.frozen_at} (its earlier runs' files)")
+    elif frozen:
+        console.print(f"  cohort: froze the cohort {frozen.id[:12]} in {frozen.folder.parent} for later runs")
     console.print(f"  report: {summary.report_dir / 'report.html'}")
 
 
@@ -118,15 +123,46 @@ def sealed_run(
     memory_mb: int = MemoryOption,
     processes: int = ProcessesOption,
     wall_seconds: float = WallOption,
+    fresh_cohort: bool = typer.Option(
+        False, "--fresh-cohort", help="Freeze the cohort anew (new case names and files) instead of reusing it."
+    ),
 ) -> None:
-    """The sealed run: the submission on the held-out validation cohort of its intended use."""
+    """The sealed run: the submission on the held-out validation cohort of its intended use (the frozen cohort of
+    that use when the validation set has not changed since it was frozen)."""
     from nccid.validation.service import Workspace
 
     limits = _limits(memory_mb, processes, wall_seconds)
     summary = Workspace(workspace).sealed_run(
-        submission, open_store_option(store), who or default_actor("validator"), limits=limits, min_cell=min_cell
-    )
+        submission, open_store_option(store), who or default_actor("validator"), limits=limits, min_cell=min_cell,
+        fresh_cohort=fresh_cohort,
+    )  # fmt: skip
     _show_run(summary)
+
+
+@app.command("cohorts")
+def cohorts(
+    workspace: Path = WorkspaceOption,
+    drop: str | None = typer.Option(None, "--drop", help="Drop the frozen cohort whose id starts with this."),
+    who: str | None = WhoOption,
+) -> None:
+    """The frozen cohorts (the opaque inputs sealed runs reuse), or drop one."""
+    from nccid.console import table
+    from nccid.validation.service import Workspace
+
+    space = Workspace(workspace)
+    if drop:
+        dropped = space.drop_cohort(drop, who or default_actor("validator"))
+        console.print(f"dropped the frozen cohort {dropped[:12]}; the next sealed run of its use freezes it anew")
+        return
+    listed = space.frozen_cohorts()
+    rows = [
+        [c.id[:12], c.task, c.group, f"{c.cases} ({c.positives} positive)", f"{c.bytes / 1e6:,.1f} MB", c.frozen_at,
+         c.last_used, "yes" if c.in_use else ""]
+        for c in listed
+    ]  # fmt: skip
+    headers = ["cohort", "task", "group", "cases", "size", "frozen (UTC)", "last used (UTC)", "in use"]
+    console.print(table("Frozen cohorts", headers, rows))
+    console.print(f"{len(listed)} frozen cohort(s) in {space.cohorts.root}")
 
 
 @app.command("release")
@@ -156,8 +192,8 @@ def runs(workspace: Path = WorkspaceOption) -> None:
             e["event"],
             e["who"],
             e.get("submission", ""),
-            e.get("run", ""),
-            e.get("outcome", ""),
+            e.get("run") or (f"cohort {e['cohort'][:12]}" if e.get("cohort") else ""),
+            e.get("outcome") or e.get("reason", ""),
         ]
         for e in events
     ]

@@ -50,6 +50,7 @@ def _overview(request: Request, who: Who, *, status: int = 200, **context: objec
         runs=runs,
         submissions=submissions,
         folders=space.model_folders(),
+        cohorts=space.frozen_cohorts(),
         job=request.app.state.validation_runner.job,
         elapsed=request.app.state.validation_runner.elapsed(),
         kinds=KINDS,
@@ -99,6 +100,24 @@ async def start(request: Request) -> Response:
         if not request.app.state.validation_runner.start(kind, sub_id, who.user.username, db):
             return _overview(request, who, status=409, error="A run is in progress: wait for it to finish.")
     return redirect("/validation/job")
+
+
+@router.post("/cohorts/drop")
+async def drop_cohort(request: Request) -> Response:
+    """Drop a frozen cohort (the next sealed run of its intended use freezes it anew); audited in the validation
+    log and the portal's own; a refusal (unknown, or being read by a run) with 400."""
+    form = await form_fields(request)
+    with portal_db(request) as db:
+        who = current(request, db, request.app.state.settings, "validation.pages")
+        check_csrf(who, form, db, request)
+        try:
+            dropped = _space(request).drop_cohort(form.get("cohort", ""), who.user.username)
+        except NccidError as exc:
+            db.audit(who.user.username, "validation.cohort.drop", str(exc), outcome="refused")
+            return _overview(request, who, status=400, error=str(exc))
+        db.audit(who.user.username, "validation.cohort.drop", dropped)
+    done = f"Frozen cohort {dropped[:12]} dropped: the next sealed run of its intended use freezes it anew."
+    return _overview(request, who, done=done)
 
 
 @router.get("/job")

@@ -7,9 +7,10 @@ is theirs) are pure functions of plain values.
 
 Materialisation writes one folder per case, `<input>/<case>/image-1.dcm`, and nothing else: no clinical data,
 no label. Only the header passes through Python; from a local store the pixel data is copied by the kernel.
-Each case has a random, run-local identifier; the DICOM header's PatientID, PatientName and every UID (study,
-series, SOP instance, media storage) are replaced by run-local values, so the model never sees a pseudonym or
-an SOP Instance UID of the warehouse. The private cohort manifest (keys and checksums) and the ground truth
+Each case has a random identifier of its cohort's own; the DICOM header's PatientID, PatientName and every UID
+(study, series, SOP instance, media storage) are replaced by values of the cohort's own, so the model never sees
+a pseudonym or an SOP Instance UID of the warehouse. (A sealed run's materialised cohort is frozen and read by
+later runs of the same intended use: frozen.py.) The private cohort manifest (keys and checksums) and the ground truth
 stay with the validator; only their SHA-256 hashes go into the report.
 """
 
@@ -36,7 +37,7 @@ from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset, write_file_meta_info
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
 
-from nccid.contracts.layout import LayoutError, parse_processed_key
+from nccid.contracts.layout import LayoutError, ProcessedKey, parse_processed_key
 from nccid.errors import CohortError
 from nccid.store import ObjectStore
 from nccid.validation.manifest import RADIOGRAPH_MODALITIES, IntendedUse
@@ -260,7 +261,7 @@ def pick_images(images: Iterable[ImageInfo], unit: str) -> list[ImageInfo]:
 class Case:
     """One unit of the cohort as the validator knows it (never shown to the model or the vendor)."""
 
-    case: str  # run-local identifier, the only one the model sees
+    case: str  # the cohort's own identifier, the only one the model sees
     key: str  # the image key in the warehouse
     label: int
     attributes: dict[str, str]  # subgroup attributes: sex, age band, ethnicity group, site, scanner, ...
@@ -277,6 +278,20 @@ class Cohort:
     def ground_truth_json(self) -> dict[str, Any]:
         """Case -> label and attributes: the private ground truth whose hash goes into the report."""
         return {c.case: {"label": c.label, **c.attributes} for c in sorted(self.cases, key=lambda c: c.case)}
+
+    def to_json(self) -> dict[str, Any]:
+        """The whole selection as JSON (private: it maps cases to warehouse keys); `from_json` reads it back."""
+        return {
+            "cases": [{"case": c.case, "key": c.key, "label": c.label, "attributes": c.attributes} for c in self.cases],
+            "excluded": dict(self.excluded),
+            "patients_considered": self.patients_considered,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Cohort:
+        """The Cohort that `to_json` wrote. Raises KeyError or TypeError on anything else."""
+        cases = [Case(c["case"], c["key"], int(c["label"]), dict(c["attributes"])) for c in data["cases"]]
+        return cls(cases, Counter(data["excluded"]), int(data["patients_considered"]))
 
 
 def _latest(records: dict[str, tuple[str, str]], kind: str) -> str | None:
@@ -299,16 +314,25 @@ def _map(store: ObjectStore, function, items: list) -> list:
     return [function(i) for i in items]
 
 
-def select_cohort(store: ObjectStore, use: IntendedUse, *, group: str = "validation") -> Cohort:
-    """The cohort of `use` from the warehouse's `group` (the held-out validation set unless told).
+@dataclass(frozen=True)
+class CohortSources:
+    """What selection reads of a warehouse group, as listed (keys only, nothing read yet): the clinical records
+    by patient ((kind, date) -> key) and the parsed keys of the image metadata JSON."""
 
-    Returns the Cohort (cases with fresh run-local identifiers) and the counted reasons for exclusion.
-    Raises CohortError when the modality is not a radiograph, or no case, positive or negative is left.
-    """
-    if any(m not in RADIOGRAPH_MODALITIES for m in use.modalities):
-        raise CohortError(
-            f"intended use input {', '.join(use.modalities)}: this version builds radiograph cohorts only (CR, DX)"
-        )
+    group: str
+    clinical: dict[str, dict[tuple[str, str], str]]
+    metadata: list[ProcessedKey]
+
+    def keys(self) -> list[str]:
+        """Every listed key, sorted: processed objects are never overwritten, so these name the whole input of
+        selection (see frozen.cohort_fingerprint)."""
+        listed = [key for records in self.clinical.values() for key in records.values()]
+        return sorted(listed + [parsed.key for parsed in self.metadata])
+
+
+def list_sources(store: ObjectStore, group: str = "validation") -> CohortSources:
+    """List the clinical records and image metadata below `group/` (one listing each, no object read). Raises
+    CohortError when the group holds neither."""
     clinical: dict[str, dict[tuple[str, str], str]] = {}
     for info in store.list_unhashed(f"{group}/data/"):
         try:
@@ -326,6 +350,24 @@ def select_cohort(store: ObjectStore, use: IntendedUse, *, group: str = "validat
         metadata.append(parsed)
     if not clinical and not metadata:
         raise CohortError(f"{store.url}: nothing below {group}/ (load the warehouse first: nccid warehouse load)")
+    return CohortSources(group, clinical, metadata)
+
+
+def select_cohort(
+    store: ObjectStore, use: IntendedUse, *, group: str = "validation", sources: CohortSources | None = None
+) -> Cohort:
+    """The cohort of `use` from the warehouse's `group` (the held-out validation set unless told), from
+    `sources` when the caller has listed them already (`list_sources`).
+
+    Returns the Cohort (cases with fresh identifiers) and the counted reasons for exclusion.
+    Raises CohortError when the modality is not a radiograph, or no case, positive or negative is left.
+    """
+    if any(m not in RADIOGRAPH_MODALITIES for m in use.modalities):
+        raise CohortError(
+            f"intended use input {', '.join(use.modalities)}: this version builds radiograph cohorts only (CR, DX)"
+        )
+    sources = sources or list_sources(store, group)
+    group, clinical, metadata = sources.group, sources.clinical, sources.metadata
     metas = _map(store, lambda p: _read_json(store, p.key), metadata)
     images_by_patient: dict[str, list[ImageInfo]] = {}
     for parsed, meta in zip(metadata, metas, strict=True):
@@ -397,7 +439,7 @@ def select_cohort(store: ObjectStore, use: IntendedUse, *, group: str = "validat
 
 
 # -- materialisation -----------------------------------------------------------------------------------
-#: header elements replaced by run-local values, so the model sees no warehouse identifier
+#: header elements replaced by the cohort's own values, so the model sees no warehouse identifier
 _REPLACED_UIDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
 _REMOVED = ("AccessionNumber", "StudyID", "OtherPatientIDsSequence", "ReferencedImageSequence")
 

@@ -3,10 +3,11 @@
 Methods (stated in every report):
 - ROC AUC: scikit-learn's `roc_auc_score` for the whole cohort; its 95 % CI by DeLong's method (DeLong,
   DeLong & Clarke-Pearson 1988, in the fast midrank form of Sun & Xu 2014): AUC +/- 1.96 SE, clipped to
-  [0, 1]. Neither scikit-learn nor SciPy provides DeLong, so the structural components are computed here from
-  SciPy's midranks; tests check them against the O(m n) definition and a worked example. Subgroup AUCs are
-  the mean of those components (the Mann-Whitney form of the same AUC; tests hold it to `roc_auc_score`),
-  which saves scikit-learn's input checks on every one of dozens of small cells.
+  [0, 1]. Neither scikit-learn nor SciPy provides DeLong, so the structural components are computed here
+  (placement values, by binary search: the same floats as from SciPy's midranks); tests check them against
+  the O(m n) definition, SciPy's `rankdata` and a worked example. Subgroup AUCs are the mean of those
+  components (the Mann-Whitney form of the same AUC; tests hold it to `roc_auc_score`), which saves
+  scikit-learn's input checks on every one of dozens of small cells.
 - ROC curve: scikit-learn's `roc_curve`; its 95 % band by a stratified bootstrap (positives and negatives
   resampled separately, a fixed seed) of the true positive rate on a fixed grid of false positive rates,
   the replicates' ROC points computed all at once (a test holds the band equal, to the last digit, to the
@@ -29,8 +30,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-# SciPy and scikit-learn are imported where used: together they take about a second to import, which a
-# validation run spends while the model runs (`warm_up`) rather than before it starts.
+# scikit-learn is imported where used: it takes about a second to import, which a validation run spends while
+# the model runs (`warm_up`) rather than before it starts.
 
 #: the 97.5 % point of the standard normal, as SciPy computes it (`norm.ppf(0.975)`; a test holds them equal)
 Z95 = 1.959963984540054
@@ -57,16 +58,29 @@ def _round(value: float | None, places: int = 4) -> float | None:
 
 
 _IMPORTING = threading.Lock()
+_warm = False
 
 
 def warm_up() -> None:
-    """Import what the metrics use (SciPy's statistics, scikit-learn's metrics and calibration), one thread at
-    a time: two threads importing scikit-learn at once can see it half initialised. A validation run calls this
-    on a helper thread while the model runs; every function here calls it before its first import of them
-    (then it costs microseconds). Returns nothing."""
+    """Import what the metrics use (scikit-learn's metrics and calibration) and call each
+    once on four cases (their first call looks up plug-ins and fills caches: tens of milliseconds), one thread
+    at a time: two threads importing scikit-learn at once can see it half initialised. A validation run calls
+    this on a helper thread while the model runs; every function here calls it before its first import of
+    them (then it costs microseconds). Returns nothing."""
+    global _warm
+    if _warm:
+        return
     with _IMPORTING:
-        for module in ("scipy.stats", "sklearn.calibration", "sklearn.metrics"):
+        if _warm:
+            return
+        for module in ("sklearn.calibration", "sklearn.metrics"):
             importlib.import_module(module)
+        from sklearn.calibration import calibration_curve
+        from sklearn.metrics import brier_score_loss, roc_auc_score, roc_curve
+
+        y, s = np.array([0, 1, 0, 1]), np.array([0.1, 0.4, 0.35, 0.8])
+        roc_auc_score(y, s), roc_curve(y, s), brier_score_loss(y, s), calibration_curve(y, s)
+        _warm = True
 
 
 def wilson(successes: int, trials: int) -> Estimate:
@@ -88,19 +102,20 @@ def wilson(successes: int, trials: int) -> Estimate:
 def delong_components(y_true: np.ndarray, scores: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
     """AUC and the structural components (placement values) V10 of each positive and V01 of each negative.
 
-    V10[i] = P(score of a negative < score of positive i) + 1/2 P(equal); V01[j] likewise for negative j.
+    V10[i] = P(score of a negative < score of positive i) + 1/2 P(equal); V01[j] likewise for negative j. Each
+    is counted by binary search in the other class's sorted scores (below plus below-or-equal, halved): the
+    same floats as the midrank form (overall midrank minus midrank within the class; a test holds them equal
+    to SciPy's `rankdata`), a tenth of the cost, which matters in dozens of subgroup cells.
     """
-    warm_up()
-    from scipy.stats import rankdata
-
     y = np.asarray(y_true).astype(bool)
     s = np.asarray(scores, dtype=float)
     pos, neg = s[y], s[~y]
     m, n = len(pos), len(neg)
-    all_ranks = rankdata(np.concatenate([pos, neg]))
-    pos_ranks, neg_ranks = rankdata(pos), rankdata(neg)
-    v10 = (all_ranks[:m] - pos_ranks) / n
-    v01 = 1.0 - (all_ranks[m:] - neg_ranks) / m
+    pos_sorted, neg_sorted = np.sort(pos), np.sort(neg)
+    negatives_below = np.searchsorted(neg_sorted, pos, "left") + np.searchsorted(neg_sorted, pos, "right")
+    positives_below = np.searchsorted(pos_sorted, neg, "left") + np.searchsorted(pos_sorted, neg, "right")
+    v10 = negatives_below / (2 * n)  # twice the count, ties counted once: exact integers, one rounding
+    v01 = 1.0 - positives_below / (2 * m)
     return float(v10.mean()), v10, v01
 
 
@@ -141,26 +156,75 @@ def roc_points(y_true: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.n
     return np.r_[0.0, fps / fps[-1]], np.r_[0.0, tps / tps[-1]]
 
 
+def roc_points_from_counts(positives: np.ndarray, negatives: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """`roc_points` of many samples at once, each row of `positives` and `negatives` (shape (rows, scores)) the
+    number of that sample's positive and negative cases at each distinct score, highest score first (every row
+    needs a case of each class): returns (fpr, tpr), each of shape (rows, scores + 1), from (0, 0).
+
+    A row's points are those of `roc_points`, with a score none of the row's cases has giving the previous point
+    again. Repeated points change nothing `np.interp` reads (a test holds the interpolated curves equal to those
+    of `roc_points`), and keep every row the same length. Two cumulative sums: no sort per sample."""
+    rates = []
+    for counts in (negatives, positives):
+        rate = np.zeros((counts.shape[0], counts.shape[1] + 1))
+        np.cumsum(counts, axis=1, out=rate[:, 1:])  # counts summed as floats: exact, as integers would be
+        rate /= rate[:, -1:].copy()
+        rates.append(rate)
+    return rates[0], rates[1]
+
+
+def _counts_per_score(ranks: np.ndarray, scores: int) -> np.ndarray:
+    """How many entries of each row of `ranks` (indices of distinct scores, < `scores`) fall on each score: shape
+    (rows, scores)."""
+    rows = len(ranks)
+    flat = (np.arange(rows)[:, None] * scores + ranks).ravel()
+    return np.bincount(flat, minlength=rows * scores).reshape(rows, scores)
+
+
 def bootstrap_roc_points(samples: np.ndarray, positives: int) -> tuple[np.ndarray, np.ndarray]:
     """`roc_points` of every row of `samples` (one bootstrap replicate per row, its first `positives` scores
-    those of positives), computed for all rows at once: returns (fpr, tpr), each of shape (rows, columns + 1).
+    those of positives), computed for all rows at once: returns (fpr, tpr), each of shape (rows, distinct
+    scores in `samples` + 1), the points of `roc_points_from_counts`."""
+    distinct, inverse = np.unique(-samples, return_inverse=True)  # highest score first
+    ranks = inverse.reshape(samples.shape)
+    return roc_points_from_counts(
+        _counts_per_score(ranks[:, :positives], len(distinct)), _counts_per_score(ranks[:, positives:], len(distinct))
+    )
 
-    A row's points are those of `roc_points`, each repeated once per case scored as its last case: a tie block
-    of k cases gives its point k times. Repeated points change nothing `np.interp` reads (a test holds the
-    interpolated curves equal to those of `roc_points`), and keep every row the same length.
-    """
-    rows, width = samples.shape
-    order = np.argsort(-samples, axis=1, kind="mergesort")
-    ranked = np.take_along_axis(samples, order, axis=1)
-    tps = np.cumsum(order < positives, axis=1)
-    fps = np.arange(1, width + 1) - tps
-    position = np.broadcast_to(np.arange(width), (rows, width))
-    last = np.ones((rows, width), dtype=bool)  # the last case at its score
-    last[:, :-1] = ranked[:, 1:] != ranked[:, :-1]
-    block_end = np.minimum.accumulate(np.where(last, position, width)[:, ::-1], axis=1)[:, ::-1]
-    tps, fps = np.take_along_axis(tps, block_end, axis=1), np.take_along_axis(fps, block_end, axis=1)
-    zero = np.zeros((rows, 1))
-    return np.hstack([zero, fps / fps[:, -1:]]), np.hstack([zero, tps / tps[:, -1:]])
+
+def _stratified_draws(rng: np.random.Generator, m: int, n: int, replicates: int) -> np.ndarray:
+    """The indices a stratified bootstrap draws: row r holds `rng.integers(0, m, m)` then `rng.integers(0, n, n)`
+    of replicate r, drawn replicate after replicate; shape (replicates, m + n).
+
+    NumPy draws each such integer from the next 32 bits of the generator by Lemire's multiply-shift, taking more
+    bits only when the low word of the product falls below the range (odds of range / 2**32). So all the words
+    are taken at once and multiplied in one step, and only if one of them could have been refused (or NumPy's
+    generator is not the PCG64 this assumes) are the numbers drawn one call at a time (`_draws_one_by_one`).
+    A test holds the two equal."""
+    bits = rng.bit_generator
+    state = bits.state
+    if m < 2 or n < 2 or state.get("bit_generator") != "PCG64" or state.get("has_uint32") != 0:
+        return _draws_one_by_one(rng, m, n, replicates)
+    count = replicates * (m + n)
+    raw = bits.random_raw((count + 1) // 2)  # each 64-bit output is two 32-bit words, the low one first
+    words = np.empty(2 * len(raw), dtype=np.uint64)
+    words[0::2], words[1::2] = raw & np.uint64(0xFFFFFFFF), raw >> np.uint64(32)
+    ranges = np.r_[np.full(m, m, dtype=np.uint64), np.full(n, n, dtype=np.uint64)]
+    products = words[:count].reshape(replicates, m + n) * ranges
+    if np.any(products & np.uint64(0xFFFFFFFF) < ranges):  # a word NumPy might have refused: draw as it does
+        bits.state = state
+        return _draws_one_by_one(rng, m, n, replicates)
+    return (products >> np.uint64(32)).astype(np.int64)
+
+
+def _draws_one_by_one(rng: np.random.Generator, m: int, n: int, replicates: int) -> np.ndarray:
+    """`_stratified_draws` one call per class and replicate: the draws of rng.choice(pos, m), then
+    rng.choice(neg, n), replicate by replicate."""
+    picks = np.empty((replicates, m + n), dtype=np.int64)
+    for r in range(replicates):
+        picks[r, :m] = rng.integers(0, m, m)
+        picks[r, m:] = rng.integers(0, n, n)
+    return picks
 
 
 def roc_with_band(
@@ -178,14 +242,15 @@ def roc_with_band(
     s = np.asarray(scores, dtype=float)
     fpr, tpr, thresholds = roc_curve(y, s)
     fgrid = np.linspace(0, 1, grid)
-    rng = np.random.default_rng(seed)
     pos, neg = s[y == 1], s[y == 0]
     m, n = len(pos), len(neg)
-    picks = np.empty((replicates, m + n), dtype=np.int64)
-    for r in range(replicates):  # the draws of rng.choice(pos, m), then rng.choice(neg, n), replicate by replicate
-        picks[r, :m] = rng.integers(0, m, m)
-        picks[r, m:] = m + rng.integers(0, n, n)
-    boot_fpr, boot_tpr = bootstrap_roc_points(np.r_[pos, neg][picks], m)
+    distinct = np.unique(s)
+    rank_of = len(distinct) - 1 - np.searchsorted(distinct, np.r_[pos, neg])  # each case's score, highest first
+    picks = _stratified_draws(np.random.default_rng(seed), m, n, replicates)
+    boot_fpr, boot_tpr = roc_points_from_counts(
+        _counts_per_score(rank_of[picks[:, :m]], len(distinct)),
+        _counts_per_score(rank_of[m + picks[:, m:]], len(distinct)),
+    )
     curves = np.array([np.interp(fgrid, boot_fpr[r], boot_tpr[r]) for r in range(replicates)])
     low, high = np.percentile(curves, [2.5, 97.5], axis=0)
     return {

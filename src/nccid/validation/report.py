@@ -1,6 +1,6 @@
-"""The vendor-facing report of a run: one self-contained HTML page (figures as inline SVG, a small inline script
-for the operating-point view, nothing fetched from anywhere), the JSON of every figure and of all results, a
-CSV of the ROC points, and a checksum manifest (SHA256SUMS) of all of them.
+"""The vendor-facing report of a run: one self-contained HTML page (figures as inline SVG drawn by figures.py,
+a small inline script for the operating-point view, nothing fetched from anywhere), the JSON of every figure
+and of all results, a CSV of the ROC points, and a checksum manifest (SHA256SUMS) of all of them.
 
 It holds aggregate results only (see analysis.py): no pseudonym, no SOP Instance UID, no case identifier, no
 per-patient row. It states the model, cohort-manifest and ground-truth hashes, the code version, the run's
@@ -15,127 +15,14 @@ import hashlib
 import io
 import json
 import re
-import threading
 from pathlib import Path
 from typing import Any
 
 import jinja2
 
+from nccid.validation.figures import calibration_figure, forest_figure, roc_figure
+
 FIGURES = ("roc", "calibration", "forest", "operating_point")
-
-
-#: SVG settings: stable element ids (the same results, the same bytes) and text kept as text, which the page's
-#: fonts draw (drawing every glyph as a path made the figures four times larger and the report slower to write)
-_SVG_RC = {"svg.hashsalt": "nccid", "svg.fonttype": "none"}
-
-
-def _svg(figure) -> str:
-    buffer = io.StringIO()
-    figure.savefig(buffer, format="svg", metadata={"Date": None})  # no bbox_inches="tight": it draws twice
-    text = buffer.getvalue()
-    text = re.sub(r"<metadata>.*?</metadata>", "", text, flags=re.DOTALL)  # RDF boilerplate, not needed inline
-    return text[text.index("<svg") :]
-
-
-_IMPORTING = threading.Lock()
-
-
-def _figure(width: float = 5.0, height: float = 4.2):
-    """A figure and its axes, made without pyplot: no global figure list to close, no interactive-mode hooks
-    (pyplot's cost on every artist a figure gets), safe in a server's threads. matplotlib is imported and set
-    up (`_SVG_RC`, for the whole process: a per-figure context would not be thread-safe) by one thread at a
-    time; a validation run does it on a helper thread while the model runs."""
-    with _IMPORTING:
-        import matplotlib
-        from matplotlib.figure import Figure
-
-        matplotlib.rcParams.update(_SVG_RC)
-
-    figure = Figure(figsize=(width, height))
-    return figure, figure.subplots()
-
-
-def warm_up() -> None:
-    """Import and set up matplotlib (see `_figure`) and draw an empty figure once (fonts, caches), so that
-    writing a report after a model run starts warm. Called while the model runs; returns nothing."""
-    _svg(_figure(1, 1)[0])
-
-
-def roc_figure(results: dict) -> tuple[dict, str]:
-    """The ROC curve with its 95% band, the chosen operating point and the AUC: returns the figure's data (for
-    its JSON file) and the SVG. Raises KeyError if `results` lacks roc, overall or operating_point."""
-    roc, auc = results["roc"], results["overall"]["auc"]
-    fig, ax = _figure()
-    band = roc["band"]
-    ax.fill_between(band["fpr"], band["low"], band["high"], color="tab:blue", alpha=0.2, label="95% band")
-    ax.plot([p["fpr"] for p in roc["points"]], [p["tpr"] for p in roc["points"]], color="tab:blue", label="ROC")
-    ax.plot([0, 1], [0, 1], ls=":", color="grey")
-    point = results["operating_point"]
-    se, sp = point["sensitivity"]["value"], point["specificity"]["value"]
-    if se is not None and sp is not None:
-        ax.plot([1 - sp], [se], "o", color="tab:red", label=f"threshold {point['threshold']}")
-    ax.set(xlabel="1 - specificity", ylabel="sensitivity", xlim=(0, 1), ylim=(0, 1))
-    ax.set_title(f"ROC, AUC {auc['value']:.3f} ({auc['low']:.3f}-{auc['high']:.3f})")
-    ax.legend(loc="lower right")
-    return {"points": roc["points"], "band": band, "method": roc["method"], "auc": auc}, _svg(fig)
-
-
-def calibration_figure(results: dict) -> tuple[dict, str]:
-    """Observed fraction positive against mean score per bin (Wilson 95% error bars) and the Brier score:
-    returns the figure's data and the SVG."""
-    cal = results["calibration"]
-    fig, ax = _figure()
-    ax.plot([0, 1], [0, 1], ls=":", color="grey", label="perfect")
-    xs = [b["mean_score"] for b in cal["bins"]]
-    ys = [b["observed"] for b in cal["bins"]]
-    errors = [
-        [max(0.0, b["observed"] - b["observed_ci"]["low"]) for b in cal["bins"]],
-        [max(0.0, b["observed_ci"]["high"] - b["observed"]) for b in cal["bins"]],
-    ]
-    ax.errorbar(xs, ys, yerr=errors, fmt="o-", color="tab:green", label="observed (Wilson 95%)")
-    ax.set(xlabel="mean score in bin", ylabel="observed fraction positive", xlim=(0, 1), ylim=(0, 1))
-    ax.set_title(f"Calibration, Brier score {cal['brier']}")
-    ax.legend(loc="upper left")
-    return cal, _svg(fig)
-
-
-def forest_figure(results: dict) -> tuple[dict, str]:
-    """AUC (or sensitivity, where AUC cannot be computed) with 95% CI for every subgroup and robustness level
-    not suppressed as too small, against the overall AUC: returns the figure's data and the SVG."""
-    rows = []
-    for section in ("subgroups", "robustness"):
-        for table in results[section]:
-            for level in table["levels"]:
-                if level["suppressed"]:
-                    continue
-                metric = "auc" if level["auc"]["value"] is not None else "sensitivity"
-                if level[metric]["value"] is None:
-                    continue
-                rows.append({"section": section, "attribute": table["attribute"], "level": level["level"],
-                             "metric": metric, **level[metric]})  # fmt: skip
-    height = max(2.5, 0.28 * len(rows) + 1)
-    fig, ax = _figure(9.0, height)
-    fig.subplots_adjust(left=0.4, right=0.97, top=1 - 0.5 / height, bottom=0.6 / height)
-    for metric, colour in (("auc", "tab:blue"), ("sensitivity", "tab:orange")):  # one artist per colour
-        shown = [(i, row) for i, row in enumerate(reversed(rows)) if row["metric"] == metric]
-        if shown:
-            ax.errorbar(
-                [r["value"] for _, r in shown],
-                [i for i, _ in shown],
-                fmt="o",
-                color=colour,
-                xerr=[[r["value"] - r["low"] for _, r in shown], [r["high"] - r["value"] for _, r in shown]],
-            )
-    ax.set_yticks([])  # labels as plain text beside each row: a tick per row costs more than the rest
-    ax.set_ylim(-0.5, max(len(rows), 1) - 0.5)
-    for i, row in enumerate(reversed(rows)):
-        label = f"{row['attribute']}: {row['level']} ({'AUC' if row['metric'] == 'auc' else 'sens.'})"
-        ax.text(-0.01, i, label, fontsize=7, ha="right", va="center", transform=ax.get_yaxis_transform())
-    overall = results["overall"]["auc"]["value"]
-    ax.axvline(overall, ls=":", color="grey")
-    ax.set(xlim=(0, 1), xlabel="AUC (blue) or sensitivity (orange), 95% CI")
-    ax.set_title("Subgroups and robustness, 95% CI (small cells not shown)", loc="left")
-    return {"rows": rows, "overall_auc": overall}, _svg(fig)
 
 
 def operating_point_data(results: dict) -> dict:
@@ -257,6 +144,7 @@ $('op-t').addEventListener('input',update);$('op-p').addEventListener('input',up
 <table>
 <tr><th>model (submission) SHA-256</th><td class="mono">{{ c.model_hash }}</td></tr>
 <tr><th>cohort manifest SHA-256</th><td class="mono">{{ c.cohort_hash }}</td></tr>
+{% if c.get("frozen_cohort") %}<tr><th>frozen cohort</th><td><span class="mono">{{ c.frozen_cohort.id[:12] }}</span>, frozen {{ c.frozen_cohort.frozen_at }}: every sealed run of this intended use on this validation set reads the same files</td></tr>{% endif %}
 <tr><th>ground truth SHA-256</th><td class="mono">{{ c.truth_hash }}</td></tr>
 <tr><th>code version</th><td class="mono">{{ c.code_version }}</td></tr>
 <tr><th>started / finished (UTC)</th><td>{{ c.started }} / {{ c.finished }}</td></tr>

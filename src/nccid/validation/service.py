@@ -8,15 +8,19 @@ Workspace layout (owner-only, 0700):
     runs/<run>/private/                     cohort manifest, ground truth, raw outputs, logs (never released)
     runs/<run>/report/                      the vendor-facing report (released by `release`)
     releases/<run>/                         released copies
+    cohorts/<id>/                           frozen cohorts: a sealed run's opaque inputs, kept (see frozen.py)
 
 A dry run uses synthetic radiographs: its report includes the model's logs and raw outputs, which the vendor
-may see. A sealed run uses the warehouse's validation cohort: the materialised inputs are deleted when the
-run ends (the cohort manifest keeps their keys and checksums), and only the report is ever released.
+may see; its inputs are deleted when the run ends. A sealed run uses the warehouse's validation cohort of the
+intended use, frozen by the first sealed run of that intended use on the warehouse as it is (frozen.py): every
+later run of the same intended use reads the same opaque files, until the validation set changes. Only the
+report of a run is ever released.
 """
 
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import datetime as dt
 import hashlib
 import json
@@ -24,6 +28,7 @@ import os
 import random
 import secrets
 import shutil
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,11 +38,11 @@ from typing import Any
 import numpy as np
 
 import nccid
-from nccid.errors import SubmissionError, ValidationRunError
+from nccid.errors import FrozenCohortAltered, SubmissionError, ValidationRunError
 from nccid.files import write_private
 from nccid.store import ObjectStore
 from nccid.synth import dicom as synth_dicom
-from nccid.validation import audit, metrics, report
+from nccid.validation import audit, metrics
 from nccid.validation.analysis import DEFAULT_MIN_CELL, analyse
 from nccid.validation.cohort import (
     Case,
@@ -45,10 +50,19 @@ from nccid.validation.cohort import (
     age_band,
     canonical_hash,
     input_manifest,
+    list_sources,
     opaque_dicom,
     select_cohort,
     write_case,
     write_inputs,
+)
+from nccid.validation.frozen import (
+    CohortShelf,
+    FrozenCohort,
+    FrozenInfo,
+    cohort_code_version,
+    cohort_fingerprint,
+    hash_changes,
 )
 from nccid.validation.manifest import MANIFEST_NAME, TASKS, Manifest, load_manifest
 from nccid.validation.predictions import PREDICTIONS_NAME, read_predictions
@@ -77,12 +91,15 @@ class _RunPlan:
     sub: Submission
     run: str
     folder: Path
+    inputs: Path  # the read-only folder shown to the model as /input
+    discard_inputs: bool  # delete the inputs once the model has ended (a dry run's; a frozen cohort stays)
     cases: list[Case]
     limits: Limits
     min_cell: int
     times: dict[str, float]  # seconds per phase, filled in as the run goes
     started: str
     progress: Progress
+    frozen: FrozenCohort | None = None  # the frozen cohort a sealed run reads
 
 
 @dataclass(frozen=True)
@@ -96,6 +113,7 @@ class RunSummary:
     report_dir: Path
     results: dict[str, Any]
     report_seconds: float = 0.0  # writing the report (figures, HTML, JSON, checksums), after its own times
+    frozen: FrozenCohort | None = None  # a sealed run's frozen cohort (its `reused` says if this run froze it)
 
 
 @dataclass(frozen=True)
@@ -158,6 +176,7 @@ class Workspace:
         elif not self.root.is_dir():
             raise ValidationRunError(f"no validation workspace at {self.root}: submit a model first (it makes one)")
         self.audit_path = self.root / "audit.jsonl"
+        self.cohorts = CohortShelf(self.root)
 
     # -- submissions -----------------------------------------------------------------------------------
     def submit(self, folder: Path, who: str) -> Submission:
@@ -207,6 +226,7 @@ class Workspace:
     # -- runs ------------------------------------------------------------------------------------------
     def _new_run(self, kind: str) -> tuple[str, Path]:
         self.sweep_interrupted()
+        self.cohorts.sweep()
         run = f"{dt.datetime.now(dt.UTC).strftime('%Y%m%dT%H%M%S')}-{kind.split('_')[0]}-{secrets.token_hex(3)}"
         folder = self.root / "runs" / run
         (folder / "private").mkdir(mode=0o700, parents=True)
@@ -214,8 +234,9 @@ class Workspace:
         return run, folder
 
     def sweep_interrupted(self) -> list[str]:
-        """Delete the materialised inputs of runs whose process died before the end (killed, power cut): sealed
-        inputs never outlive their run. Returns the runs swept. A run of a live process is left alone."""
+        """Delete the inputs of runs whose process died before the end (killed, power cut): a dry run's inputs
+        never outlive their run (a sealed run's are its frozen cohort's; a freeze cut short is swept by
+        `CohortShelf.sweep`). Returns the runs swept. A run of a live process is left alone."""
         swept = []
         for inputs in sorted((self.root / "runs").glob("*/private/input")):
             try:
@@ -230,28 +251,29 @@ class Workspace:
         return swept
 
     def _execute(self, plan: _RunPlan, manifest_of: Callable[[], dict[str, Any]]) -> RunSummary:
-        """Run the model on the inputs in `folder/private/input` and write the report; returns the RunSummary.
+        """Run the model on the inputs in `plan.inputs` and write the report; returns the RunSummary.
 
         `manifest_of` returns the private cohort manifest (it hashes the inputs). It runs on a helper thread
         while the model runs, with the ground truth and the code version; a second helper imports and warms
-        the analysis's and report's libraries. The inputs are deleted by a helper as soon as the model has
-        ended, while the predictions are analysed; the run returns only once they are gone. Wall time is the
-        user's wait, and the model uses one core."""
+        the analysis's and report's libraries. Inputs to discard are deleted by a helper as soon as the model
+        has ended, while the predictions are analysed; the run returns only once they are gone. Wall time is
+        the user's wait, and the model uses one core."""
         private = plan.folder / "private"
         output = private / "output"
         prepare_output(output)
         entry, model_dir = plan.sub.manifest.entry, plan.sub.model_dir
-        with cf.ThreadPoolExecutor(max_workers=2, thread_name_prefix="nccid-validation") as helper:
+        with cf.ThreadPoolExecutor(2, "nccid-validation", initializer=_yield_to_the_model) as helper:
             prepared = helper.submit(_prepare_private, private, plan.cases, manifest_of)
             warm = helper.submit(_warm_up)
             plan.progress(f"running the model on {len(plan.cases)} cases in the sandbox")
-            result = run_sandboxed(entry, model_dir, private / "input", output, private / "logs", plan.limits)
+            result = run_sandboxed(entry, model_dir, plan.inputs, output, private / "logs", plan.limits)
             plan.times["model run"] = result.seconds
             truth, cohort_manifest, version = prepared.result()
-            removal = helper.submit(remove_tree, private / "input")  # sealed inputs go as soon as the model ends
+            removal = helper.submit(remove_tree, plan.inputs) if plan.discard_inputs else None
             warm.result()  # the analysis imports nothing the helper is still importing
             summary = self._report(plan, truth, cohort_manifest, version, result)
-            removal.result()  # raises if the inputs could not be deleted
+            if removal:
+                removal.result()  # raises if the inputs could not be deleted
             return summary
 
     def _report(
@@ -296,6 +318,7 @@ class Workspace:
             },
             "model_hash": sub.model_hash,
             "cohort_hash": canonical_hash(cohort_manifest),
+            "frozen_cohort": cohort_manifest.get("frozen_cohort"),
             "truth_hash": canonical_hash(truth),
             "code_version": version,
             "started": plan.started,
@@ -321,8 +344,9 @@ class Workspace:
             truth_hash=context["truth_hash"],
             report_sha256sums=report_hash,
             report_seconds=report_seconds,
+            **({"cohort": context["frozen_cohort"]["id"]} if context["frozen_cohort"] else {}),
         )
-        return RunSummary(run, kind, sub.id, result, folder / "report", results, report_seconds)
+        return RunSummary(run, kind, sub.id, result, folder / "report", results, report_seconds, plan.frozen)
 
     def dry_run(
         self,
@@ -351,8 +375,9 @@ class Workspace:
             times = {"cohort": round(time.monotonic() - clock, 3)}
             manifest = {"cases": manifest_entries, "synthetic_seed": seed}
             plan = _RunPlan(
-                "dry_run", sub, run, folder, chosen, limits or Limits(), DEFAULT_MIN_CELL, times, started, progress
-            )
+                "dry_run", sub, run, folder, folder / "private" / "input", True, chosen, limits or Limits(),
+                DEFAULT_MIN_CELL, times, started, progress,
+            )  # fmt: skip
             return self._execute(plan, lambda: manifest)
         finally:
             remove_tree(folder / "private" / "input")
@@ -366,13 +391,16 @@ class Workspace:
         limits: Limits | None = None,
         min_cell: int = DEFAULT_MIN_CELL,
         require_dry_run: bool = True,
+        fresh_cohort: bool = False,
         progress: Progress | None = None,
     ) -> RunSummary:
-        """Run the submission on the warehouse's validation cohort for its intended use.
+        """Run the submission on the warehouse's validation cohort for its intended use: the frozen cohort of
+        that use on the warehouse as it is, frozen now if there is none (or, with `fresh_cohort`, anew).
 
         Returns the RunSummary. Raises ValidationRunError for an unknown submission or one with no completed dry
-        run (unless `require_dry_run` is False), CohortError when no usable cohort exists. `progress`, if given,
-        is called with a short phrase as each phase begins (for a status page).
+        run (unless `require_dry_run` is False), or a frozen cohort whose files changed during the run (it is
+        dropped); CohortError when no usable cohort exists. `progress`, if given, is called with a short phrase
+        as each phase begins (for a status page).
         """
         progress = progress or _quiet
         sub = self.submission(sub_id)
@@ -385,26 +413,88 @@ class Workspace:
             )
         started, clock = _now(), time.monotonic()
         progress("selecting the cohort of the intended use")
-        cohort = select_cohort(store, sub.manifest.intended_use)
+        use = sub.manifest.intended_use
+        sources = list_sources(store)
+        cohort_id = cohort_fingerprint(use, sources, cohort_code_version())
+        frozen = self._frozen_cohort(cohort_id, who, fresh=fresh_cohort)
+        cohort = frozen.cohort if frozen else select_cohort(store, use, sources=sources)
         times = {"cohort selection": round(time.monotonic() - clock, 3)}
         run, folder = self._new_run("sealed_run")
         write_private(folder / "private" / "who", who)
         clock = time.monotonic()
-        progress(f"preparing {len(cohort.cases)} cases for the sandbox")
-        inputs = folder / "private" / "input"
-        try:
-            write_inputs(store, cohort, inputs)
-            times["materialisation"] = round(time.monotonic() - clock, 3)
-
-            def manifest() -> dict[str, Any]:  # hashed while the model runs
-                return {**input_manifest(cohort, inputs), "patients_considered": cohort.patients_considered}
-
-            plan = _RunPlan(
-                "sealed_run", sub, run, folder, cohort.cases, limits or Limits(), min_cell, times, started, progress
+        if frozen is None:
+            progress(f"preparing {len(cohort.cases)} cases for the sandbox (freezing the cohort)")
+            frozen = self.cohorts.freeze(
+                cohort_id, use, cohort, sources.group, lambda inputs: write_inputs(store, cohort, inputs)
             )
-            return self._execute(plan, manifest)
-        finally:
-            remove_tree(folder / "private" / "input")  # the sealed inputs do not outlive the run
+        else:
+            progress(f"preparing {len(cohort.cases)} cases for the sandbox (the cohort frozen {frozen.frozen_at})")
+        times["materialisation"] = round(time.monotonic() - clock, 3)
+        plan = _RunPlan(
+            "sealed_run", sub, run, folder, frozen.input, False, cohort.cases, limits or Limits(), min_cell, times,
+            started, progress, frozen,
+        )  # fmt: skip
+        with self.cohorts.using(frozen):
+            for dropped, why in self.cohorts.prune(frozen, use):
+                audit.append(self.audit_path, "cohort_dropped", who, cohort=dropped, reason=why)
+            try:
+                return self._execute(plan, lambda: self._frozen_manifest(frozen))
+            except FrozenCohortAltered as exc:
+                self.cohorts.drop(frozen.id)
+                audit.append(self.audit_path, "cohort_dropped", who, cohort=frozen.id, reason=str(exc))
+                raise
+
+    def _frozen_cohort(self, cohort_id: str, who: str, *, fresh: bool) -> FrozenCohort | None:
+        """The intact frozen cohort `cohort_id`, or None. One found altered since it was frozen, or any with
+        `fresh`, is dropped (and audited) so that the run freezes it anew."""
+        frozen, changed = self.cohorts.open(cohort_id)
+        if changed:
+            shown = ", ".join(changed[:3]) + (f" and {len(changed) - 3} more" if len(changed) > 3 else "")
+            reason = f"altered since it was frozen ({shown})"
+        elif frozen and fresh:
+            reason = "a fresh cohort was asked for"
+        else:
+            return frozen
+        if not self.cohorts.drop_idle(cohort_id):
+            raise ValidationRunError(
+                f"the frozen cohort {cohort_id[:12]} ({reason}) is being read by another run: try again when it ends"
+            )
+        audit.append(self.audit_path, "cohort_dropped", who, cohort=cohort_id, reason=reason)
+        return None
+
+    def _frozen_manifest(self, frozen: FrozenCohort) -> dict[str, Any]:
+        """The private cohort manifest of a frozen cohort, from its files as they are now (hashed while the model
+        runs); records the hashes the first time. Raises FrozenCohortAltered when they differ from the record."""
+        manifest = {
+            **input_manifest(frozen.cohort, frozen.input),
+            "patients_considered": frozen.cohort.patients_considered,
+            "frozen_cohort": {"id": frozen.id, "frozen_at": frozen.frozen_at},
+        }
+        hashes = {entry["case"]: entry["sha256"] for entry in manifest["cases"]}
+        if frozen.hashes is not None and (changed := hash_changes(frozen.hashes, hashes)):
+            raise FrozenCohortAltered(
+                f"the frozen cohort {frozen.id[:12]} holds {len(changed)} file(s) whose SHA-256 is not the one "
+                "recorded: it is dropped; run again to freeze it anew"
+            )
+        self.cohorts.record_hashes(frozen, hashes)
+        return manifest
+
+    def frozen_cohorts(self) -> list[FrozenInfo]:
+        """The frozen cohorts of the workspace, most recently used first."""
+        return self.cohorts.listing()
+
+    def drop_cohort(self, prefix: str, who: str) -> str:
+        """Drop the frozen cohort whose id starts with `prefix` (at least 8 hex digits) and log it; the next
+        sealed run of its intended use freezes it anew. Returns the full id. Raises ValidationRunError for no
+        such cohort, an ambiguous prefix, or a cohort a run is reading now."""
+        matches = [c for c in self.cohorts.ids() if len(prefix) >= 8 and c.startswith(prefix)]
+        if len(matches) != 1:
+            why = "more than one frozen cohort starts so" if matches else "no frozen cohort"
+            raise ValidationRunError(f"{why} {prefix}; `nccid validate cohorts` lists them (give 8+ hex digits)")
+        if not self.cohorts.drop_idle(matches[0]):
+            raise ValidationRunError(f"the frozen cohort {prefix} is being read by a run; drop it when that ends")
+        audit.append(self.audit_path, "cohort_dropped", who, cohort=matches[0], reason="dropped by the validator")
+        return matches[0]
 
     # -- release and listing ---------------------------------------------------------------------------
     def release(self, run: str, who: str) -> Path:
@@ -500,10 +590,16 @@ def _plain_id(value: str) -> bool:
 
 
 def _warm_up() -> None:
-    """Import the analysis's and the report's libraries and draw once, while the model runs (a second in a
-    fresh process, such as the CLI's)."""
+    """Import the analysis's libraries and call each once, while the model runs (a second in a fresh process,
+    such as the CLI's)."""
     metrics.warm_up()
-    report.warm_up()
+
+
+def _yield_to_the_model() -> None:
+    """Run this helper thread at the lowest priority (Linux nice values are per thread): its work (hashing the
+    inputs, warming up) waits for a free core rather than slowing the model it runs beside."""
+    with contextlib.suppress(OSError):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
 
 
 def _prepare_private(
