@@ -96,6 +96,41 @@ def test_totp_codes_work_once(db):
     assert not db.verify_totp("boss", "12345", "10.0.0.1")
 
 
+def test_totp_secrets_are_stored_sealed_under_a_key_kept_apart(db, tmp_path):
+    made = db.create_account("boss", "admin", actor="test", password=PASSWORD)
+    key = db.path.with_name("totp.key")
+    assert key.stat().st_mode & 0o777 == 0o600 and len(key.read_bytes()) == 32
+    stored = db.db.execute("SELECT totp_secret FROM users WHERE username = 'boss'").fetchone()[0]  # as stored
+    assert stored.startswith("aesgcm:") and made.totp_secret not in stored
+    assert db.verify_totp("boss", pyotp.TOTP(made.totp_secret).now(), "10.0.0.1")
+    # a copy of the database without its key file (a backup, a leaked file) opens no second factor
+    elsewhere = tmp_path / "copy" / "portal.sqlite"
+    elsewhere.parent.mkdir()
+    source, copy = sqlite3.connect(db.path), sqlite3.connect(elsewhere)
+    source.backup(copy)  # as a backup is made
+    source.close()
+    copy.close()
+    with pytest.raises(PortalError, match=r"totp.key is missing: the second-factor secrets in portal.sqlite"):
+        PortalDB(elsewhere)
+    # a sealed secret moved onto another account does not open there
+    other = db.create_account("deputy", "admin", actor="test", password=PASSWORD)
+    db.db.execute("UPDATE users SET totp_secret = ? WHERE username = 'deputy'", (stored,))
+    with pytest.raises(PortalError, match="second-factor secret of deputy cannot be opened"):
+        db.verify_totp("deputy", pyotp.TOTP(other.totp_secret).now(), "10.0.0.1")
+
+
+def test_plain_totp_secrets_of_an_older_database_are_sealed_when_it_opens(tmp_path):
+    path = tmp_path / "state" / "portal.sqlite"
+    with PortalDB(path) as first:
+        made = first.create_account("boss", "admin", actor="test", password=PASSWORD)
+        first.db.execute("UPDATE users SET totp_secret = ? WHERE username = 'boss'", (made.totp_secret,))
+    path.with_name("totp.key").unlink()  # as a portal.sqlite from before: plain secrets, no key file
+    with PortalDB(path) as reopened:
+        stored = reopened.db.execute("SELECT totp_secret FROM users WHERE username = 'boss'").fetchone()[0]
+        assert stored.startswith("aesgcm:") and made.totp_secret not in stored
+        assert reopened.verify_totp("boss", pyotp.TOTP(made.totp_secret).now(), "10.0.0.1")
+
+
 def test_sessions_end_when_idle_or_too_old_and_store_only_digests(db):
     db.create_account("north-a", "site", site="northfield", actor="test", password=PASSWORD)
     token, _ = db.create_session("north-a", totp_ok=True)

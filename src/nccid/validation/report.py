@@ -144,7 +144,9 @@ $('op-t').addEventListener('input',update);$('op-p').addEventListener('input',up
 <table>
 <tr><th>model (submission) SHA-256</th><td class="mono">{{ c.model_hash }}</td></tr>
 <tr><th>cohort manifest SHA-256</th><td class="mono">{{ c.cohort_hash }}</td></tr>
-{% if c.get("frozen_cohort") %}<tr><th>frozen cohort</th><td><span class="mono">{{ c.frozen_cohort.id[:12] }}</span>, frozen {{ c.frozen_cohort.frozen_at }}: every sealed run of this intended use on this validation set reads the same files</td></tr>{% endif %}
+{% if c.get("frozen_cohort") %}<tr><th>frozen cohort</th><td><span class="mono">{{ c.frozen_cohort.id[:12] }}</span>,
+frozen {{ c.frozen_cohort.frozen_at }}: every sealed run of this intended use on this validation set reads the same
+files</td></tr>{% endif %}
 <tr><th>ground truth SHA-256</th><td class="mono">{{ c.truth_hash }}</td></tr>
 <tr><th>code version</th><td class="mono">{{ c.code_version }}</td></tr>
 <tr><th>started / finished (UTC)</th><td>{{ c.started }} / {{ c.finished }}</td></tr>
