@@ -18,13 +18,15 @@ Layout (in the owner-only workspace):
                                    when it was frozen, and a stamp of every path below input/
     cohorts/<id>/input/            the opaque images, read-only: <case>/image-1.dcm (see cohort.write_inputs)
     cohorts/<id>/sha256.json       case -> SHA-256 of its file, as the first run on the cohort hashed them
-    cohorts/.freezing-<pid>-<hex>/ a cohort being frozen (swept once its process is gone)
+    cohorts/.freezing-<hex>/       a cohort being frozen (locked by its freezer; swept once nobody holds it)
+    cohorts/.dropping-<hex>/       a cohort being deleted (renamed here first, so a cohort is whole or absent)
 
 Integrity. Before a run, the stamp of every path (type and permissions, size, inode, change time) is compared
 with the one taken when the cohort was frozen: a write, a chmod, a file added or removed changes a change time,
-which no user can set back. An altered cohort is dropped (the caller audits it) and a new one is frozen. While
-the model runs, every file is hashed as for a new cohort; a hash that differs from the recorded one fails the run.
-A run holds a shared lock on its cohort, and pruning skips a cohort another run holds.
+which no user can set back; records that cannot be read count as altered. An altered cohort is dropped (the
+caller audits it) and a new one is frozen. While the model runs, every file is hashed as for a new cohort; a
+hash that differs from the recorded one fails the run. A run holds a shared lock on its cohort from opening it
+to its end; dropping and pruning skip a cohort a run holds.
 """
 
 from __future__ import annotations
@@ -37,13 +39,17 @@ import hashlib
 import json
 import os
 import secrets
+import shutil
 import stat
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pydicom
+
 import nccid
+from nccid.errors import ValidationRunError
 from nccid.files import write_private
 from nccid.validation import cohort as cohort_module
 from nccid.validation.cohort import Cohort, CohortSources, canonical_hash
@@ -53,6 +59,7 @@ from nccid.validation.sandbox import remove_tree
 COHORTS_DIR = "cohorts"
 KEEP = 4  # frozen cohorts kept in a workspace, the most recently used first
 _FREEZING = ".freezing-"
+_DROPPING = ".dropping-"
 _SELECTION_FIELDS = ("task", "modalities", "views", "unit", "min_age", "max_age", "window_days")
 
 
@@ -66,9 +73,10 @@ def selection_json(use: IntendedUse) -> dict[str, Any]:
 
 
 def cohort_code_version() -> str:
-    """nccid's version and the SHA-256 of the code that selects and materialises a cohort (cohort.py): a frozen
-    cohort is used only by the code that would have made the same one."""
-    return f"{nccid.__version__} {hashlib.sha256(Path(cohort_module.__file__).read_bytes()).hexdigest()}"
+    """nccid's and pydicom's versions and the SHA-256 of the code that selects and materialises a cohort
+    (cohort.py): a frozen cohort is used only by the code that would have made the same one."""
+    source = hashlib.sha256(Path(cohort_module.__file__).read_bytes()).hexdigest()
+    return f"nccid {nccid.__version__}, pydicom {pydicom.__version__}, cohort.py {source}"
 
 
 def cohort_fingerprint(use: IntendedUse, sources: CohortSources, version: str) -> str:
@@ -116,7 +124,8 @@ def _now() -> str:
 
 @dataclass(frozen=True)
 class FrozenCohort:
-    """A frozen cohort as a run uses it."""
+    """A frozen cohort as a run uses it: opened (or frozen) by `CohortShelf`, which holds a shared lock on it
+    until `CohortShelf.release`, so that no drop or prune deletes it under the run."""
 
     id: str
     folder: Path
@@ -125,6 +134,7 @@ class FrozenCohort:
     frozen_at: str = ""  # UTC, ISO 8601
     reused: bool = False  # False for the run that froze it
     hashes: dict[str, str] | None = field(default=None, repr=False)  # case -> SHA-256, once a run hashed them
+    lock: int = field(default=-1, repr=False, compare=False)  # the folder's descriptor holding the shared lock
 
     @property
     def input(self) -> Path:
@@ -147,46 +157,109 @@ class FrozenInfo:
     in_use: bool
 
 
+def _locked(folder: Path, how: int) -> int | None:
+    """A descriptor of `folder` holding the flock `how` (LOCK_SH, or LOCK_EX | LOCK_NB); None when the folder is
+    not there, or (non-blocking) another holds it."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    try:
+        fcntl.flock(fd, how)
+        if os.fstat(fd).st_ino != os.lstat(folder).st_ino:  # renamed away (dropped) before the lock was ours
+            raise FileNotFoundError(folder)
+    except (BlockingIOError, FileNotFoundError):
+        os.close(fd)
+        return None
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _discard(folder: Path) -> None:
+    """Delete a folder the harness made read-only, tolerating another process deleting it at the same time.
+    Raises OSError if it could not be deleted."""
+    for root, dirs, _files in os.walk(folder):
+        for name in dirs:
+            with contextlib.suppress(OSError):
+                os.chmod(os.path.join(root, name), 0o700)
+    with contextlib.suppress(OSError):
+        folder.chmod(0o700)
+    shutil.rmtree(folder, ignore_errors=True)
+    if folder.exists():
+        remove_tree(folder)  # says why
+
+
 class CohortShelf:
-    """The frozen cohorts of a workspace (`<workspace>/cohorts/`)."""
+    """The frozen cohorts of a workspace (`<workspace>/cohorts/`).
+
+    Locks: a run holds a shared flock on its cohort's folder from `open` or `freeze` to `release`; `drop` takes
+    the exclusive lock without waiting (so it never deletes a cohort a run holds), renames the folder out of the
+    way (`.dropping-*`) and only then deletes it, so that a cohort is whole or absent, never half deleted. A
+    folder being frozen (`.freezing-*`) is locked by its freezer; `sweep` deletes those nobody holds.
+    """
 
     def __init__(self, workspace: Path) -> None:
         self.root = workspace / COHORTS_DIR
+        self._held: set[int] = set()  # descriptors holding a run's lock, each closed once by `release`
 
     def open(self, cohort_id: str) -> tuple[FrozenCohort | None, list[str]]:
-        """The frozen cohort `cohort_id` if it exists and nothing below its input folder changed since it was
-        frozen: (cohort, []). (None, []) when there is none; (None, what changed) when it was altered (it is
-        left for the caller to drop and audit)."""
+        """The frozen cohort `cohort_id`, locked for the caller (see `release`), if it exists and nothing below
+        its input folder changed since it was frozen: (cohort, []). (None, []) when there is none; (None, what
+        is wrong) when it was altered or its records cannot be read (left for the caller to drop and audit)."""
         folder = self.root / cohort_id
-        try:
-            record = json.loads((folder / "cohort.json").read_text())
-        except FileNotFoundError:
+        fd = _locked(folder, fcntl.LOCK_SH)
+        if fd is None:
             return None, []
-        except (OSError, ValueError):
-            return None, ["cohort.json (unreadable)"]
         try:
-            changed = stamp_changes(record["stamps"], tree_stamps(folder / "input"))
-        except FileNotFoundError:
-            changed = ["input (missing)"]
-        if changed:
-            return None, changed
-        hashes = None
-        with contextlib.suppress(FileNotFoundError):
-            hashes = json.loads((folder / "sha256.json").read_text())
-        os.utime(folder)  # last used
-        cohort = Cohort.from_json(record["cohort"])
-        return FrozenCohort(cohort_id, folder, record["group"], cohort, record["frozen_at"], True, hashes), []
+            try:
+                record = json.loads((folder / "cohort.json").read_text())
+                cohort = Cohort.from_json(record["cohort"])
+                changed = stamp_changes(record["stamps"], tree_stamps(folder / "input"))
+            except FileNotFoundError as exc:
+                changed = [f"{Path(exc.filename or '').name or 'a file'} (missing)"]
+            except (OSError, ValueError, KeyError, TypeError):
+                changed = ["cohort.json (unreadable)"]
+            hashes = None
+            if not changed:
+                try:
+                    hashes = json.loads((folder / "sha256.json").read_text())
+                except FileNotFoundError:
+                    pass
+                except (OSError, ValueError):
+                    changed = ["sha256.json (unreadable)"]
+            if changed:
+                os.close(fd)
+                return None, changed
+            os.utime(folder)  # last used
+        except BaseException:
+            os.close(fd)
+            raise
+        self._held.add(fd)
+        frozen = FrozenCohort(cohort_id, folder, record["group"], cohort, record["frozen_at"], True, hashes, fd)
+        return frozen, []
+
+    def release(self, frozen: FrozenCohort | None) -> None:
+        """Let go of the lock `open` or `freeze` took (a run has ended); a second call does nothing."""
+        if frozen is not None and frozen.lock in self._held:
+            self._held.discard(frozen.lock)
+            os.close(frozen.lock)
 
     def freeze(
         self, cohort_id: str, use: IntendedUse, cohort: Cohort, group: str, write: Callable[[Path], None]
     ) -> FrozenCohort:
         """Freeze `cohort` as `cohort_id`: `write(folder)` materialises its inputs into a new folder, then the
         stamps and the selection are recorded and the whole is moved into place in one rename, so a frozen
-        cohort is complete or absent. If another run froze the same cohort meanwhile, that one is returned.
-        Returns the FrozenCohort; raises whatever `write` raises (leaving nothing behind)."""
+        cohort is complete or absent. If another run froze the same cohort meanwhile, that one is returned (with
+        its own cases: use the returned cohort, never `cohort`). The result is locked for the caller (see
+        `release`). Raises whatever `write` raises (leaving nothing behind), or ValidationRunError when the
+        cohort another run froze meanwhile cannot be opened."""
         self.root.mkdir(mode=0o700, exist_ok=True)
-        staging = self.root / f"{_FREEZING}{os.getpid()}-{secrets.token_hex(4)}"
+        staging = self.root / f"{_FREEZING}{secrets.token_hex(6)}"
         staging.mkdir(mode=0o700)
+        fd = _locked(staging, fcntl.LOCK_SH)  # kept through the rename: the lock is the folder's, not the name's
+        assert fd is not None
         try:
             write(staging / "input")
             frozen_at = _now()
@@ -201,64 +274,73 @@ class CohortShelf:
             write_private(staging / "cohort.json", json.dumps(record) + "\n")
             os.rename(staging, self.root / cohort_id)
         except OSError as exc:
-            remove_tree(staging)
+            os.close(fd)
+            _discard(staging)
             if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
                 raise
-            frozen, _changed = self.open(cohort_id)  # frozen by another run meanwhile
+            frozen, changed = self.open(cohort_id)  # frozen by another run meanwhile
             if frozen is None:
-                raise
+                raise ValidationRunError(
+                    f"another run froze the cohort {cohort_id[:12]} meanwhile and it cannot be used "
+                    f"({', '.join(changed) or 'it is gone'}): run again"
+                ) from None
             return frozen
         except BaseException:
-            remove_tree(staging)
+            os.close(fd)
+            _discard(staging)
             raise
-        return FrozenCohort(cohort_id, self.root / cohort_id, group, cohort, frozen_at, False, None)
+        self._held.add(fd)
+        return FrozenCohort(cohort_id, self.root / cohort_id, group, cohort, frozen_at, False, None, fd)
 
     def record_hashes(self, frozen: FrozenCohort, hashes: dict[str, str]) -> None:
-        """Keep the SHA-256 of each input file, as the first run on the cohort hashed them (later runs compare)."""
+        """Keep the SHA-256 of each input file, as the first run on the cohort hashed them (later runs compare).
+        Written whole or not at all (a new file renamed into place)."""
         if frozen.hashes is None:
-            write_private(frozen.folder / "sha256.json", json.dumps(hashes, sort_keys=True, indent=1) + "\n")
-
-    @contextlib.contextmanager
-    def using(self, frozen: FrozenCohort) -> Iterator[None]:
-        """Hold a shared lock on the cohort for a run: `prune` leaves a cohort alone while any run holds it."""
-        fd = os.open(frozen.folder, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH)
-            yield
-        finally:
-            os.close(fd)
-
-    def _busy(self, folder: Path) -> bool:
-        try:
-            fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-        except FileNotFoundError:
-            return False
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True
-        finally:
-            os.close(fd)
-        return False
+            partial = frozen.folder / f".sha256-{secrets.token_hex(4)}.json"
+            write_private(partial, json.dumps(hashes, sort_keys=True, indent=1) + "\n")
+            os.replace(partial, frozen.folder / "sha256.json")
 
     def drop(self, cohort_id: str) -> bool:
-        """Delete a frozen cohort (inputs and record). Returns False if there was none."""
-        folder = self.root / cohort_id
-        if not cohort_id or "/" in cohort_id or cohort_id.startswith(".") or not folder.is_dir():
+        """Delete a frozen cohort (inputs and records) unless a run holds it. Returns False if a run holds it or
+        there is none."""
+        if not cohort_id or "/" in cohort_id or cohort_id.startswith("."):
             return False
-        remove_tree(folder)
+        folder = self.root / cohort_id
+        fd = _locked(folder, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        if fd is None:
+            return False
+        try:
+            grave = self.root / f"{_DROPPING}{secrets.token_hex(6)}"
+            os.rename(folder, grave)
+        finally:
+            os.close(fd)
+        _discard(grave)
         return True
 
-    def drop_idle(self, cohort_id: str) -> bool:
-        """Drop a frozen cohort unless a run holds it. Returns False if it is held (or there is none)."""
-        return not self._busy(self.root / cohort_id) and self.drop(cohort_id)
+    def in_use(self, cohort_id: str) -> bool:
+        """Whether a run holds the cohort now."""
+        fd = _locked(self.root / cohort_id, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        if fd is None:
+            return (self.root / cohort_id).is_dir()
+        os.close(fd)
+        return False
 
     def ids(self) -> list[str]:
         """The ids of the frozen cohorts, most recently used first."""
-        if not self.root.is_dir():
-            return []
-        found = [p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith(".")]
-        return [p.name for p in sorted(found, key=lambda p: p.stat().st_mtime_ns, reverse=True)]
+        found = []
+        with contextlib.suppress(FileNotFoundError), os.scandir(self.root) as entries:
+            for entry in entries:
+                if entry.name.startswith(".") or not entry.is_dir(follow_symlinks=False):
+                    continue
+                with contextlib.suppress(FileNotFoundError):  # dropped meanwhile
+                    found.append((entry.stat(follow_symlinks=False).st_mtime_ns, entry.name))
+        return [name for _, name in sorted(found, reverse=True)]
+
+    def _record(self, cohort_id: str) -> dict[str, Any]:
+        try:
+            return json.loads((self.root / cohort_id / "cohort.json").read_text())
+        except (OSError, ValueError):
+            return {}
 
     def prune(self, keep: FrozenCohort, use: IntendedUse) -> list[tuple[str, str]]:
         """Drop the frozen cohorts that `keep` supersedes (same intended use, older warehouse state) and any
@@ -268,13 +350,9 @@ class CohortShelf:
         for rank, cohort_id in enumerate(self.ids()):
             if cohort_id == keep.id:
                 continue
-            folder = self.root / cohort_id
-            try:
-                record = json.loads((folder / "cohort.json").read_text())
-            except (OSError, ValueError):
-                record = {}
+            record = self._record(cohort_id)
             superseded = record.get("use") == selection and record.get("group") == keep.group
-            if (superseded or rank >= KEEP) and self.drop_idle(cohort_id):
+            if (superseded or rank >= KEEP) and self.drop(cohort_id):
                 why = "least recently used"
                 if superseded:
                     why = f"superseded by {keep.id[:12]} (the validation set changed)"
@@ -282,36 +360,34 @@ class CohortShelf:
         return dropped
 
     def sweep(self) -> list[str]:
-        """Delete cohorts whose freezing process died before the end. Returns the folders swept."""
+        """Delete what an interrupted freeze or drop left (`.freezing-*` nobody holds, `.dropping-*`). Returns the
+        folders swept."""
         swept = []
-        for staging in sorted(self.root.glob(f"{_FREEZING}*")) if self.root.is_dir() else []:
-            pid = staging.name[len(_FREEZING) :].split("-")[0]
-            try:
-                os.kill(int(pid), 0)
-                continue  # still freezing
-            except (ProcessLookupError, ValueError):
-                pass
-            except PermissionError:
-                continue
-            remove_tree(staging)
-            swept.append(staging.name)
+        leftovers = [*self.root.glob(f"{_FREEZING}*"), *self.root.glob(f"{_DROPPING}*")] if self.root.is_dir() else []
+        for folder in sorted(leftovers):
+            fd = _locked(folder, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if fd is None:
+                continue  # still being frozen (or already gone)
+            os.close(fd)
+            _discard(folder)
+            swept.append(folder.name)
         return swept
 
     def listing(self) -> list[FrozenInfo]:
-        """Every frozen cohort, most recently used first, for `nccid validate cohorts`."""
+        """Every frozen cohort, most recently used first, for `nccid validate cohorts` (from the records: no
+        input file is read)."""
         out = []
         for cohort_id in self.ids():
-            folder = self.root / cohort_id
+            record = self._record(cohort_id)
             try:
-                record = json.loads((folder / "cohort.json").read_text())
-            except (OSError, ValueError):
-                continue
-            cases = record["cohort"]["cases"]
-            size = sum(p.stat().st_size for p in (folder / "input").rglob("*.dcm"))
-            used = dt.datetime.fromtimestamp(folder.stat().st_mtime, dt.UTC).isoformat(timespec="seconds")
+                cases = record["cohort"]["cases"]
+                size = sum(stamp[1] for stamp in record["stamps"].values())
+                used = dt.datetime.fromtimestamp((self.root / cohort_id).stat().st_mtime, dt.UTC)
+            except (KeyError, TypeError, OSError):
+                continue  # unreadable or dropped meanwhile
             info = FrozenInfo(
                 cohort_id, record["use"]["task"], record["group"], len(cases), sum(c["label"] for c in cases),
-                size, record["frozen_at"], used, self._busy(folder),
+                size, record["frozen_at"], used.isoformat(timespec="seconds"), self.in_use(cohort_id),
             )  # fmt: skip
             out.append(info)
         return out

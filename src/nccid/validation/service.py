@@ -416,46 +416,51 @@ class Workspace:
         use = sub.manifest.intended_use
         sources = list_sources(store)
         cohort_id = cohort_fingerprint(use, sources, cohort_code_version())
-        frozen = self._frozen_cohort(cohort_id, who, fresh=fresh_cohort)
-        cohort = frozen.cohort if frozen else select_cohort(store, use, sources=sources)
-        times = {"cohort selection": round(time.monotonic() - clock, 3)}
-        run, folder = self._new_run("sealed_run")
-        write_private(folder / "private" / "who", who)
-        clock = time.monotonic()
-        if frozen is None:
-            progress(f"preparing {len(cohort.cases)} cases for the sandbox (freezing the cohort)")
-            frozen = self.cohorts.freeze(
-                cohort_id, use, cohort, sources.group, lambda inputs: write_inputs(store, cohort, inputs)
-            )
-        else:
-            progress(f"preparing {len(cohort.cases)} cases for the sandbox (the cohort frozen {frozen.frozen_at})")
-        times["materialisation"] = round(time.monotonic() - clock, 3)
-        plan = _RunPlan(
-            "sealed_run", sub, run, folder, frozen.input, False, cohort.cases, limits or Limits(), min_cell, times,
-            started, progress, frozen,
-        )  # fmt: skip
-        with self.cohorts.using(frozen):
+        frozen = self._frozen_cohort(cohort_id, who, fresh=fresh_cohort)  # locked until released below
+        try:
+            cohort = frozen.cohort if frozen else select_cohort(store, use, sources=sources)
+            times = {"cohort selection": round(time.monotonic() - clock, 3)}
+            run, folder = self._new_run("sealed_run")
+            write_private(folder / "private" / "who", who)
+            clock = time.monotonic()
+            if frozen is None:
+                progress(f"preparing {len(cohort.cases)} cases for the sandbox (freezing the cohort)")
+                frozen = self.cohorts.freeze(
+                    cohort_id, use, cohort, sources.group, lambda inputs: write_inputs(store, cohort, inputs)
+                )
+                cohort = frozen.cohort  # another run's, if it froze the same cohort first
+            else:
+                progress(f"preparing {len(cohort.cases)} cases for the sandbox (the cohort frozen {frozen.frozen_at})")
+            times["materialisation"] = round(time.monotonic() - clock, 3)
             for dropped, why in self.cohorts.prune(frozen, use):
                 audit.append(self.audit_path, "cohort_dropped", who, cohort=dropped, reason=why)
-            try:
-                return self._execute(plan, lambda: self._frozen_manifest(frozen))
-            except FrozenCohortAltered as exc:
-                self.cohorts.drop(frozen.id)
+            plan = _RunPlan(
+                "sealed_run", sub, run, folder, frozen.input, False, cohort.cases, limits or Limits(), min_cell,
+                times, started, progress, frozen,
+            )  # fmt: skip
+            return self._execute(plan, lambda: self._frozen_manifest(frozen))
+        except FrozenCohortAltered as exc:
+            self.cohorts.release(frozen)
+            if self.cohorts.drop(frozen.id):
                 audit.append(self.audit_path, "cohort_dropped", who, cohort=frozen.id, reason=str(exc))
-                raise
+            raise
+        finally:
+            self.cohorts.release(frozen)
 
     def _frozen_cohort(self, cohort_id: str, who: str, *, fresh: bool) -> FrozenCohort | None:
-        """The intact frozen cohort `cohort_id`, or None. One found altered since it was frozen, or any with
-        `fresh`, is dropped (and audited) so that the run freezes it anew."""
+        """The intact frozen cohort `cohort_id`, locked for this run, or None. One found altered since it was
+        frozen, or any with `fresh`, is dropped (and audited) so that the run freezes it anew. Raises
+        ValidationRunError when it should be dropped but another run is reading it."""
         frozen, changed = self.cohorts.open(cohort_id)
         if changed:
             shown = ", ".join(changed[:3]) + (f" and {len(changed) - 3} more" if len(changed) > 3 else "")
             reason = f"altered since it was frozen ({shown})"
         elif frozen and fresh:
             reason = "a fresh cohort was asked for"
+            self.cohorts.release(frozen)
         else:
             return frozen
-        if not self.cohorts.drop_idle(cohort_id):
+        if not self.cohorts.drop(cohort_id):
             raise ValidationRunError(
                 f"the frozen cohort {cohort_id[:12]} ({reason}) is being read by another run: try again when it ends"
             )
@@ -491,7 +496,7 @@ class Workspace:
         if len(matches) != 1:
             why = "more than one frozen cohort starts so" if matches else "no frozen cohort"
             raise ValidationRunError(f"{why} {prefix}; `nccid validate cohorts` lists them (give 8+ hex digits)")
-        if not self.cohorts.drop_idle(matches[0]):
+        if not self.cohorts.drop(matches[0]):
             raise ValidationRunError(f"the frozen cohort {prefix} is being read by a run; drop it when that ends")
         audit.append(self.audit_path, "cohort_dropped", who, cohort=matches[0], reason="dropped by the validator")
         return matches[0]
