@@ -135,6 +135,7 @@ class FrozenCohort:
     reused: bool = False  # False for the run that froze it
     hashes: dict[str, str] | None = field(default=None, repr=False)  # case -> SHA-256, once a run hashed them
     lock: int = field(default=-1, repr=False, compare=False)  # the folder's descriptor holding the shared lock
+    stamps: dict[str, list[int]] = field(default_factory=dict, repr=False)  # as taken when it was frozen
 
     @property
     def input(self) -> Path:
@@ -237,8 +238,18 @@ class CohortShelf:
             os.close(fd)
             raise
         self._held.add(fd)
-        frozen = FrozenCohort(cohort_id, folder, record["group"], cohort, record["frozen_at"], True, hashes, fd)
+        frozen = FrozenCohort(
+            cohort_id, folder, record["group"], cohort, record["frozen_at"], True, hashes, fd, record["stamps"]
+        )
         return frozen, []
+
+    def changes(self, frozen: FrozenCohort) -> list[str]:
+        """What changed below the cohort's input folder since it was frozen (empty: nothing), for a check after a
+        run: a file changed while the model read it."""
+        try:
+            return stamp_changes(frozen.stamps, tree_stamps(frozen.input))
+        except FileNotFoundError:
+            return ["input (missing)"]
 
     def release(self, frozen: FrozenCohort | None) -> None:
         """Let go of the lock `open` or `freeze` took (a run has ended); a second call does nothing."""
@@ -290,7 +301,9 @@ class CohortShelf:
             _discard(staging)
             raise
         self._held.add(fd)
-        return FrozenCohort(cohort_id, self.root / cohort_id, group, cohort, frozen_at, False, None, fd)
+        return FrozenCohort(
+            cohort_id, self.root / cohort_id, group, cohort, frozen_at, False, None, fd, record["stamps"]
+        )
 
     def record_hashes(self, frozen: FrozenCohort, hashes: dict[str, str]) -> None:
         """Keep the SHA-256 of each input file, as the first run on the cohort hashed them (later runs compare).

@@ -100,6 +100,7 @@ class _RunPlan:
     started: str
     progress: Progress
     frozen: FrozenCohort | None = None  # the frozen cohort a sealed run reads
+    check_inputs: Callable[[], None] | None = None  # raises if the inputs changed while the model ran
 
 
 @dataclass(frozen=True)
@@ -269,6 +270,8 @@ class Workspace:
             result = run_sandboxed(entry, model_dir, plan.inputs, output, private / "logs", plan.limits)
             plan.times["model run"] = result.seconds
             truth, cohort_manifest, version = prepared.result()
+            if plan.check_inputs:
+                plan.check_inputs()
             removal = helper.submit(remove_tree, plan.inputs) if plan.discard_inputs else None
             warm.result()  # the analysis imports nothing the helper is still importing
             summary = self._report(plan, truth, cohort_manifest, version, result)
@@ -436,7 +439,7 @@ class Workspace:
                 audit.append(self.audit_path, "cohort_dropped", who, cohort=dropped, reason=why)
             plan = _RunPlan(
                 "sealed_run", sub, run, folder, frozen.input, False, cohort.cases, limits or Limits(), min_cell,
-                times, started, progress, frozen,
+                times, started, progress, frozen, lambda: self._unchanged_since_frozen(frozen),
             )  # fmt: skip
             return self._execute(plan, lambda: self._frozen_manifest(frozen))
         except FrozenCohortAltered as exc:
@@ -466,6 +469,15 @@ class Workspace:
             )
         audit.append(self.audit_path, "cohort_dropped", who, cohort=cohort_id, reason=reason)
         return None
+
+    def _unchanged_since_frozen(self, frozen: FrozenCohort) -> None:
+        """Raises FrozenCohortAltered if anything below the cohort's inputs changed (checked once the model has
+        ended: the report must describe the files the model read)."""
+        if changed := self.cohorts.changes(frozen):
+            raise FrozenCohortAltered(
+                f"the frozen cohort {frozen.id[:12]} changed while the model ran ({', '.join(changed[:3])}): it is "
+                "dropped; run again to freeze it anew"
+            )
 
     def _frozen_manifest(self, frozen: FrozenCohort) -> dict[str, Any]:
         """The private cohort manifest of a frozen cohort, from its files as they are now (hashed while the model
