@@ -117,3 +117,24 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def loaded_radiograph_warehouse(root, *, seed: int, patients: int, signal: float | None = None):
+    """A warehouse below `root` made by nccid.synth and loaded by the loader: `patients` patients at five
+    hospitals, each with one tiny radiograph (and, with `signal`, the planted sign of disease that strong).
+    Returns its LocalStore."""
+    from nccid.store import LocalStore
+    from nccid.synth.national import SynthSpec, generate
+    from nccid.warehouse.catalog import Catalog
+    from nccid.warehouse.loader import load
+
+    store = LocalStore(root / "store")
+    spec = SynthSpec(seed=seed, patients=patients, scale=0.04, imaged_fraction=1.0, xray_share=1.0, mr_share=0.0)
+    extra = {"signal": signal} if signal is not None else {}
+    generate(store, SynthSpec(**{**spec.__dict__, **extra, "awkward": False, "days": 1}))
+    catalog = Catalog(root / "catalog.sqlite")
+    try:
+        load(store, catalog, workers=1)
+    finally:
+        catalog.close()
+    return store

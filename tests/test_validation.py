@@ -12,19 +12,15 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from helpers import run_cli
+from helpers import loaded_radiograph_warehouse, run_cli
 
 from nccid.errors import CohortError, SubmissionError, ValidationRunError
-from nccid.store import LocalStore
-from nccid.synth.national import SynthSpec, generate
 from nccid.validation import audit
 from nccid.validation.demo import default_models_dir, train_baseline
 from nccid.validation.manifest import MANIFEST_NAME, load_manifest
 from nccid.validation.predictions import PREDICTIONS_NAME, read_predictions
 from nccid.validation.sandbox import Limits
 from nccid.validation.service import Workspace
-from nccid.warehouse.catalog import Catalog
-from nccid.warehouse.loader import load
 
 MODELS = default_models_dir()
 FAST = Limits(memory_mb=1024, processes=32, wall_seconds=60)
@@ -34,17 +30,7 @@ FAST = Limits(memory_mb=1024, processes=32, wall_seconds=60)
 def warehouse(tmp_path_factory):
     """A loaded warehouse: 220 patients at five hospitals, every one with one radiograph (tiny images, the sign
     of disease a little stronger than the default so that this small a set shows it clearly)."""
-    root = tmp_path_factory.mktemp("warehouse")
-    store = LocalStore(root / "store")
-    spec = SynthSpec(seed=3, patients=220, scale=0.04, imaged_fraction=1.0, xray_share=1.0, mr_share=0.0)
-    spec = SynthSpec(**{**spec.__dict__, "signal": 1.5})
-    generate(store, SynthSpec(**{**spec.__dict__, "awkward": False, "days": 1}))
-    catalog = Catalog(root / "catalog.sqlite")
-    try:
-        load(store, catalog, workers=1)
-    finally:
-        catalog.close()
-    return store
+    return loaded_radiograph_warehouse(tmp_path_factory.mktemp("warehouse"), seed=3, patients=220, signal=1.5)
 
 
 @pytest.fixture(scope="module")
