@@ -6,8 +6,6 @@ import hashlib
 import os
 from pathlib import Path
 
-_CHUNK = 1 << 20
-
 
 def write_private(path: Path, text: str) -> None:
     """Write `text` to `path`, owner-only from the first byte: secrets and identifiable reports are never
@@ -20,10 +18,7 @@ def write_private(path: Path, text: str) -> None:
 
 
 def md5_file(path: str | os.PathLike[str]) -> str:
-    """The hex MD5 of the file's bytes, read in 1 MiB chunks (what S3 reports as the ETag of a single-part
-    object). Raises OSError if the file cannot be read."""
-    digest = hashlib.md5(usedforsecurity=False)
-    with open(path, "rb") as handle:
-        while chunk := handle.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
+    """The hex MD5 of the file's bytes (what S3 reports as the ETag of a single-part object), read by the
+    standard library into one reused buffer. Raises OSError if the file cannot be read."""
+    with open(path, "rb", buffering=0) as handle:
+        return hashlib.file_digest(handle, lambda: hashlib.md5(usedforsecurity=False)).hexdigest()

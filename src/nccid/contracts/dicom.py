@@ -22,6 +22,13 @@ What a file must be to be read (each failure has its own reason):
   lengths), compressed pixel data is encapsulated, its fragments are well formed and the first one starts
   with the codestream marker of its transfer syntax (JPEG, JPEG-LS, JPEG 2000, RLE).
 
+Every raw image of every load passes here, so the CPU a header costs is the loader's on a machine with few
+cores. A worker reads many headers of the same series (the same modality, device, sizes, study and series
+UIDs, image after image), so it remembers, per process and bounded, what pydicom made of each short value it
+decoded (see `_decoded_values`) and pydicom's verdict on each set of Image Pixel values: a value seen before
+is not converted again, and its DICOM JSON is pydicom's from the first time. Every value is still checked to
+decode, and the outputs are byte for byte those of converting everything (tests/test_examine_identity.py).
+
 Deflated Explicit VR Little Endian files (1.2.840.10008.1.2.1.99) are inflated, streaming into a spooled
 temporary file (memory bounded, at most `MAX_INFLATED_BYTES`), and the same checks run on the inflated data set.
 
@@ -34,6 +41,8 @@ way `metadata_json` leaves such values out like bulk data and lists them, so a m
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import re
 import struct
@@ -43,12 +52,14 @@ import zlib
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
+import pydicom.config
 import pydicom.uid
 from pydicom.charset import convert_encodings
-from pydicom.datadict import dictionary_VR
-from pydicom.dataelem import DataElement, RawDataElement
+from pydicom.datadict import dictionary_VR, tag_for_keyword
+from pydicom.dataelem import DataElement, RawDataElement, convert_raw_data_element
 from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
 from pydicom.encaps import encapsulate
+from pydicom.hooks import hooks as _pydicom_hooks
 from pydicom.multival import MultiValue
 from pydicom.pixels.decoders.base import DecodeRunner, get_decoder
 from pydicom.pixels.utils import as_pixel_options
@@ -100,6 +111,11 @@ _PIXEL_TAGS = {0x7FE00008, 0x7FE00009, 0x7FE00010}
 _BINARY_VRS = {"OB", "OD", "OF", "OL", "OV", "OW", "UN"}
 _LONG_LENGTH_VRS = {"OB", "OD", "OF", "OL", "OV", "OW", "SQ", "SV", "UC", "UN", "UR", "UT", "UV"}
 _KNOWN_VRS = {vr.value for vr in _VR if len(vr.value) == 2}
+_VR_OF_BYTES = {vr.encode("latin-1"): vr for vr in _KNOWN_VRS}
+#: (group, element) and value lengths of an element header, by endianness (little: True)
+_TAG_OF = {True: struct.Struct("<HH").unpack_from, False: struct.Struct(">HH").unpack_from}
+_SHORT_LENGTH_OF = {True: struct.Struct("<H").unpack_from, False: struct.Struct(">H").unpack_from}
+_LONG_LENGTH_OF = {True: struct.Struct("<L").unpack_from, False: struct.Struct(">L").unpack_from}
 _VALUE_SIZE = {
     "AT": 4, "FL": 4, "FD": 8, "OD": 8, "OF": 4, "OL": 4, "OV": 8, "OW": 2,
     "SL": 4, "SS": 2, "SV": 8, "UL": 4, "US": 2, "UV": 8,
@@ -140,7 +156,7 @@ class Omitted:
 
 def omitted_elements(ds: Dataset) -> dict[int, Omitted]:
     """The elements of this data set (not of its sequence items) whose values `read_header` left unread."""
-    return getattr(ds, "_nccid_omitted", {})
+    return vars(ds).get("_nccid_omitted", {})  # not getattr: a Dataset looks a missing name up as a keyword
 
 
 # -- reading --------------------------------------------------------------------------------------------
@@ -193,23 +209,29 @@ class _Walk:
 
 def _read_dataset(walk: _Walk, end: int | None, implicit: bool, depth: int, encoding, top: bool) -> Dataset:
     """Elements up to `end` (a defined length), an item delimiter (end None, inside a sequence) or the end of
-    the file (end None, top level). Returns the data set; raises ImageRejected naming the element."""
+    the file (end None, top level). Returns the data set; raises ImageRejected naming the element.
+
+    Every image passes here: the loop runs once per element, so it builds no message unless it raises."""
     fp = walk.fp
+    read, tell = fp.read, fp.tell
+    tag_of, short_length_of = _TAG_OF[walk.little], _SHORT_LENGTH_OF[walk.little]
+    bounded, little = walk.bounded, walk.little
+    stop_at_pixels = top and walk.header_only
     elements: dict[BaseTag, RawDataElement | DataElement] = {}
     omitted: dict[int, Omitted] = {}
     last = -1
     while True:
-        pos = fp.tell()
+        pos = tell()
         if end is not None and pos >= end:
             if pos > end:
                 raise ImageRejected(f"element {tag_name(last)} runs past the end of its sequence item")
             break
-        head = fp.read(8)
+        head = read(8)
         if not head and end is None and top:
             break  # the end of the file
         if len(head) < 8:
             raise ImageRejected(f"truncated: the {walk.label} ends inside an element header ({walk.size} bytes)")
-        group, elem = struct.unpack(walk.endian + "HH", head[:4])
+        group, elem = tag_of(head)
         tag = group << 16 | elem
         if tag == _ITEM_END:
             if top or end is not None:
@@ -222,7 +244,7 @@ def _read_dataset(walk: _Walk, end: int | None, implicit: bool, depth: int, enco
         if tag <= last:
             reason = "appears twice" if tag == last else f"comes after {tag_name(last)}"
             raise ImageRejected(f"data elements out of order: {tag_name(tag)} {reason}")
-        if top and walk.header_only and tag in _PIXEL_TAGS:
+        if stop_at_pixels and tag in _PIXEL_TAGS:
             vr, length, header_len = _element_header(walk, head, implicit, tag)
             walk.pixels = _Pixels(tag, vr or "OW", length, pos + header_len)
             break
@@ -230,8 +252,12 @@ def _read_dataset(walk: _Walk, end: int | None, implicit: bool, depth: int, enco
         walk.elements += 1
         if walk.elements > MAX_ELEMENTS:
             raise ImageRejected(f"header too large: more than {MAX_ELEMENTS} data elements")
-        vr, length, _ = _element_header(walk, head, implicit, tag)
-        value_pos = fp.tell()
+        vr = None if implicit else _VR_OF_BYTES.get(head[4:6])
+        if vr is not None and vr not in _LONG_LENGTH_VRS:  # most elements: explicit VR, a 2-byte length
+            length, value_pos = short_length_of(head, 6)[0], pos + 8
+        else:  # implicit VR, a 4-byte length, or an unknown VR (rejected there)
+            vr, length, header_len = _element_header(walk, head, implicit, tag)
+            value_pos = pos + header_len
         if length == _UNDEFINED:
             element = _undefined_length(walk, tag, vr, implicit, depth, encoding, value_pos)
             if isinstance(element, Omitted):
@@ -251,18 +277,27 @@ def _read_dataset(walk: _Walk, end: int | None, implicit: bool, depth: int, enco
             seq = _read_sequence(walk, tag, value_pos + length, implicit, depth, encoding)
             elements[BaseTag(tag)] = DataElement(BaseTag(tag), "SQ", seq, value_pos, is_undefined_length=False)
             continue
-        _check_value_size(tag, effective_vr, length)
-        if walk.bounded and tag != _CHARSET and length > _value_limit(effective_vr):
+        size = _value_size(effective_vr)
+        if size and length % size:
+            raise ImageRejected(
+                f"{tag_name(tag)} VR {effective_vr}: a length of {length} bytes is not a multiple of {size}"
+            )
+        if bounded and tag != _CHARSET and length > _value_limit(effective_vr):
             omitted[tag] = Omitted(tag, effective_vr or "UN", length)
             fp.seek(value_pos + length)
             continue
-        walk.keep(length)
-        value = walk.read(length, f"the value of {tag_name(tag)}")
+        walk.kept += length
+        if bounded and walk.kept > MAX_HEADER_BYTES:
+            walk.keep(0)  # raises, with the one message for it
+        value = read(length)
+        if len(value) < length:
+            walk.read(length, f"the value of {tag_name(tag)}")  # raises: the file is shorter than its size
         if tag == _CHARSET:
-            encoding = _encodings(value, walk.little)
-        elements[BaseTag(tag)] = RawDataElement(BaseTag(tag), vr, length, value, value_pos, implicit, walk.little)
+            encoding = _encodings(value, little)
+        btag = BaseTag(tag)
+        elements[btag] = RawDataElement(btag, vr, length, value, value_pos, implicit, little)
     ds = Dataset(elements, parent_encoding=encoding)
-    ds.set_original_encoding(implicit, walk.little, encoding)
+    ds.set_original_encoding(implicit, little, encoding)
     if omitted:
         ds._nccid_omitted = omitted
     return ds
@@ -271,17 +306,16 @@ def _read_dataset(walk: _Walk, end: int | None, implicit: bool, depth: int, enco
 def _element_header(walk: _Walk, head: bytes, implicit: bool, tag: int) -> tuple[str | None, int, int]:
     """(VR or None for implicit VR, value length, header length) of the element whose first 8 bytes are `head`."""
     if implicit:
-        (length,) = struct.unpack(walk.endian + "L", head[4:8])
-        return None, length, 8
-    raw_vr = head[4:6]
-    vr = raw_vr.decode("latin-1")
-    if vr not in _KNOWN_VRS:
-        raise ImageRejected(f"unknown VR {raw_vr!r} in {tag_name(tag)}")
+        return None, _LONG_LENGTH_OF[walk.little](head, 4)[0], 8
+    vr = _VR_OF_BYTES.get(head[4:6])
+    if vr is None:
+        raise ImageRejected(f"unknown VR {head[4:6]!r} in {tag_name(tag)}")
     if vr in _LONG_LENGTH_VRS:
-        (length,) = struct.unpack(walk.endian + "L", walk.read(4, f"the header of {tag_name(tag)}"))
-        return vr, length, 12
-    (length,) = struct.unpack(walk.endian + "H", head[6:8])
-    return vr, length, 8
+        data = walk.fp.read(4)
+        if len(data) < 4:
+            walk.read(4, f"the header of {tag_name(tag)}")  # raises: truncated
+        return vr, _LONG_LENGTH_OF[walk.little](data)[0], 12
+    return vr, _SHORT_LENGTH_OF[walk.little](head, 6)[0], 8
 
 
 def _dictionary_vr(tag: int) -> str | None:
@@ -291,26 +325,27 @@ def _dictionary_vr(tag: int) -> str | None:
         return None
 
 
+@functools.lru_cache(maxsize=512)  # a few dozen VRs and dictionary VR spellings ('US or SS', 'OB or OW')
 def _value_limit(vr: str | None) -> int:
     if vr is None or vr in _BINARY_VRS or vr.startswith("OB") or vr.endswith("OW"):
         return BULK_THRESHOLD
     return LARGE_VALUE_THRESHOLD
 
 
-def _check_value_size(tag: int, vr: str | None, length: int) -> None:
+@functools.lru_cache(maxsize=512)
+def _value_size(vr: str | None) -> int:
+    """The size of one value of `vr` (the smallest of an ambiguous VR's), 0 if values have no fixed size."""
     sizes = [_VALUE_SIZE.get(one) for one in (vr or "").split(" or ")]
-    size = min((s for s in sizes if s), default=0) if all(sizes) else 0
-    if size and length % size:
-        raise ImageRejected(f"{tag_name(tag)} VR {vr}: a length of {length} bytes is not a multiple of {size}")
+    return min((s for s in sizes if s), default=0) if all(sizes) else 0
 
 
 def _encodings(value: bytes, little: bool):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
-            return convert_encodings(convert_string(value, little))
-        except Exception as exc:  # an unknown or garbled character set name
-            raise ImageRejected(f"unreadable SpecificCharacterSet (0008,0005): {type(exc).__name__}") from exc
+    """The Python encodings of a SpecificCharacterSet value (pydicom's warnings about it are silenced by the
+    public reader that runs this)."""
+    try:
+        return convert_encodings(convert_string(value, little))
+    except Exception as exc:  # an unknown or garbled character set name
+        raise ImageRejected(f"unreadable SpecificCharacterSet (0008,0005): {type(exc).__name__}") from exc
 
 
 def _undefined_length(walk: _Walk, tag: int, vr: str | None, implicit: bool, depth: int, encoding, pos: int):
@@ -434,7 +469,7 @@ def _read_file(reader: BinaryIO, size: int, header_only: bool, bounded: bool) ->
             raise ImageRejected(f"file meta element {tag_name(tag)} appears twice")
         value = meta_walk.read(length, f"the value of {tag_name(tag)}")
         elements[BaseTag(tag)] = RawDataElement(BaseTag(tag), vr, length, value, pos + 8, False, True)
-    file_meta = FileMetaDataset(Dataset(elements))
+    file_meta = FileMetaDataset(elements)  # the same data set as FileMetaDataset(Dataset(elements)), one fewer
     transfer_syntax = _transfer_syntax(file_meta)
     if transfer_syntax == _DEFLATED:
         fp = _inflate(reader)
@@ -666,21 +701,75 @@ def _decode_rle_frame(fragment: bytes, ds: Dataset, title: str) -> None:
 
 
 def _check_pixel_module(ds: Dataset, syntax: UID, pixels: _Pixels) -> int:
-    """pydicom's own checks of the Image Pixel attributes; returns the expected native length in bytes."""
+    """pydicom's own checks of the Image Pixel attributes; returns the expected native length in bytes.
+
+    Its answer depends only on the transfer syntax, the pixel element and the Image Pixel values, so a worker
+    remembers it for values it read before (a series repeats them image after image)."""
+    key = _pixel_module_key(ds, syntax, pixels)
+    if key is None:
+        return _pixel_module_length(ds, syntax, pixels)
+    known = _PIXEL_MODULES.get(key)
+    if isinstance(known, str):
+        raise ImageRejected(known)
+    if known is not None:
+        return known
+    try:
+        expected = _pixel_module_length(ds, syntax, pixels)
+    except ImageRejected as exc:
+        _remember(_PIXEL_MODULES, _PIXEL_MODULES_MAX, key, exc.reason)
+        raise
+    return _remember(_PIXEL_MODULES, _PIXEL_MODULES_MAX, key, expected)
+
+
+def _remember(memo: dict, limit: int, key, value):
+    """`memo[key] = value`, the oldest entry dropped first when the memo holds `limit` (memory stays bounded
+    however many headers a worker reads); returns `value`."""
+    if len(memo) >= limit:
+        with contextlib.suppress(KeyError, RuntimeError, StopIteration):  # another thread dropped it first
+            del memo[next(iter(memo))]
+    memo[key] = value
+    return value
+
+
+#: (transfer syntax, pixel tag and VR, the memo keys of the Image Pixel values) -> expected length or reason
+_PIXEL_MODULES: dict[tuple, int | str] = {}
+_PIXEL_MODULES_MAX = 1024
+#: what pydicom's `as_pixel_options` reads (Image Pixel values; with an extended offset table, no memo)
+_PIXEL_MODULE_TAGS = (0x00280002, 0x00280004, 0x00280006, 0x00280008, 0x00280010, 0x00280011, 0x00280100,
+                      0x00280101, 0x00280103)  # fmt: skip
+_EXTENDED_OFFSETS = (0x7FE00001, 0x7FE00002)
+
+
+def _pixel_module_key(ds: Dataset, syntax: UID, pixels: _Pixels) -> tuple | None:
+    """The memo key of `_check_pixel_module`: None unless every Image Pixel value present is one read_header
+    left as read (see `_known_values`), so that the key holds its bytes."""
+    known_values = _known_values(ds)
+    if not known_values or any(tag in ds for tag in _EXTENDED_OFFSETS):
+        return None
+    parts = []
+    for tag in _PIXEL_MODULE_TAGS:
+        raw = ds.get_item(tag)
+        if raw is None:
+            parts.append(None)
+            continue
+        entry = known_values.get(tag)
+        if entry is None or entry[0] is not raw:
+            return None
+        parts.append(entry[1])
+    return syntax, pixels.tag, pixels.vr, tuple(parts)
+
+
+def _pixel_module_length(ds: Dataset, syntax: UID, pixels: _Pixels) -> int:
     keyword = {0x7FE00008: "FloatPixelData", 0x7FE00009: "DoubleFloatPixelData"}.get(pixels.tag, "PixelData")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
-            runner = DecodeRunner(syntax)
-            runner.set_options(**as_pixel_options(ds), pixel_keyword=keyword, pixel_vr=pixels.vr)
-            runner._validate_options()  # validate() also wants the pixel bytes, which a header reader skips
-            frame = runner.frame_length(unit="bytes")
-            return int(-(-frame * runner.number_of_frames // 1))
-        except (AttributeError, ValueError, TypeError, KeyError, OverflowError) as exc:
-            message = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
-            raise ImageRejected(
-                f"Image Pixel attributes (0028,xxxx) do not describe the pixel data: {message}"
-            ) from exc
+    try:  # pydicom's warnings are silenced by the public reader that runs this
+        runner = DecodeRunner(syntax)
+        runner.set_options(**as_pixel_options(ds), pixel_keyword=keyword, pixel_vr=pixels.vr)
+        runner._validate_options()  # validate() also wants the pixel bytes, which a header reader skips
+        frame = runner.frame_length(unit="bytes")
+        return int(-(-frame * runner.number_of_frames // 1))
+    except (AttributeError, ValueError, TypeError, KeyError, OverflowError) as exc:
+        message = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
+        raise ImageRejected(f"Image Pixel attributes (0028,xxxx) do not describe the pixel data: {message}") from exc
 
 
 # -- public readers -----------------------------------------------------------------------------------------
@@ -689,31 +778,38 @@ def read_header(reader: BinaryIO, size: int, *, bounded: bool = False) -> Datase
 
     By default every value is read: a gate looking for identifiers (`nccid site check`) must see them all.
     `bounded=True` (the warehouse loader) bounds memory instead: values over the bulk thresholds are skipped,
-    not read (see `omitted_elements`), and at most `MAX_HEADER_BYTES` of values are kept.
+    not read (see `omitted_elements`), and at most `MAX_HEADER_BYTES` of values are kept; and a value this
+    process has decoded before (see `_decoded_values`) is known to decode, so it is left for pydicom to
+    convert when first used (as in any lazily read data set), and `image_facts` and `metadata_json` take what
+    pydicom made of it then.
     Raises ImageRejected with a one-line reason naming the tag or defect; StoreError passes through (the
     store failed to deliver bytes: not the file's fault, never quarantined).
     """
-    ds, walk = _guarded(reader, size, header_only=True, bounded=bounded)
-    try:
-        _convert_all(ds)
-        _guard(lambda: _check_pixels(ds, walk))
-    finally:
-        if walk.fp is not reader:
-            walk.fp.close()
+    with warnings.catch_warnings():  # pydicom warns about odd values it reads anyway; the reasons say enough
+        warnings.simplefilter("ignore")
+        ds, walk = _guarded(reader, size, header_only=True, bounded=bounded)
+        try:
+            _convert_all(ds, _decoded_values() if bounded else None)
+            _guard(lambda: _check_pixels(ds, walk))
+        finally:
+            if walk.fp is not reader:
+                walk.fp.close()
     return ds
 
 
 def read_image(reader: BinaryIO, size: int) -> Dataset:
     """The whole object, pixel data and any trailing elements included, after the same structural and
     completeness checks as `read_header` (the pixel length against Rows and Columns is the caller's)."""
-    ds, walk = _guarded(reader, size, header_only=False, bounded=False)
-    try:
-        _convert_all(ds)
-        if not any(tag in ds for tag in _PIXEL_TAGS):
-            _guard(lambda: _check_pixels(ds, walk))  # only says whether an object without pixels is whole
-    finally:
-        if walk.fp is not reader:
-            walk.fp.close()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ds, walk = _guarded(reader, size, header_only=False, bounded=False)
+        try:
+            _convert_all(ds, None)
+            if not any(tag in ds for tag in _PIXEL_TAGS):
+                _guard(lambda: _check_pixels(ds, walk))  # only says whether an object without pixels is whole
+        finally:
+            if walk.fp is not reader:
+                walk.fp.close()
     return ds
 
 
@@ -723,37 +819,154 @@ def _guarded(reader: BinaryIO, size: int, header_only: bool, bounded: bool) -> t
 
 def _guard(step):
     """Run a reading step: ImageRejected and StoreError pass; anything else a corrupt file provokes (pydicom
-    or struct raising on odd bytes) becomes ImageRejected naming the exception type, never a traceback."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
-            return step()
-        except (ImageRejected, StoreError):
-            raise
-        except RecursionError as exc:
-            raise ImageRejected(f"sequences nested deeper than {MAX_SEQUENCE_DEPTH} levels") from exc
-        except MemoryError as exc:
-            raise ImageRejected("header too large to read") from exc
-        except Exception as exc:  # pydicom raises many types for corrupt data
-            raise ImageRejected(f"unreadable DICOM header: {type(exc).__name__}") from exc
+    or struct raising on odd bytes) becomes ImageRejected naming the exception type, never a traceback.
+    (The public readers that run it silence pydicom's warnings.)"""
+    try:
+        return step()
+    except (ImageRejected, StoreError):
+        raise
+    except RecursionError as exc:
+        raise ImageRejected(f"sequences nested deeper than {MAX_SEQUENCE_DEPTH} levels") from exc
+    except MemoryError as exc:
+        raise ImageRejected("header too large to read") from exc
+    except Exception as exc:  # pydicom raises many types for corrupt data
+        raise ImageRejected(f"unreadable DICOM header: {type(exc).__name__}") from exc
 
 
-def _convert_all(ds: Dataset, path: str = "") -> None:
+def _convert_all(ds: Dataset, decoded: dict | None, path: str = "") -> None:
     """Convert every value now (pydicom converts lazily, on first use), so that a value that cannot be
-    decoded is a reason here, not an exception in whoever touches it later."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        for tag in list(ds.keys()):
-            try:
-                element = ds[tag]
-            except Exception as exc:
-                vr = getattr(ds.get_item(tag), "VR", None) or "UN"
-                raise ImageRejected(
-                    f"{path}{tag_name(tag)} VR {vr}: the value cannot be decoded ({type(exc).__name__})"
-                ) from exc
-            if element.VR == "SQ":
-                for item in element.value:
-                    _convert_all(item, f"{path}{tag_name(tag)} > ")
+    decoded is a reason here, not an exception in whoever touches it later. With `decoded` (the memo of
+    `_decoded_values`), a value decoded before is known to decode and stays as read; one not decoded before
+    is decoded aside, remembered, and stays as read too (pydicom decodes it the same way when it is used).
+    What pydicom made of each value left as read is noted on its data set (see `_known`)."""
+    encoding = _encoding_key(ds) if decoded is not None else None
+    known_here: dict[int, tuple[RawDataElement, tuple, tuple]] = {}
+    for tag, raw in list(ds.items()):
+        if encoding is not None:
+            key = _decoded_key(raw, encoding)  # None: not a value the memo keeps
+            if key is not None:
+                known = decoded.get(key) or _decode_aside(decoded, key, raw, ds, path)
+                if known is not None:
+                    known_here[key[0]] = (raw, key, known)
+                    continue
+        try:
+            element = ds[tag]
+        except Exception as exc:
+            vr = getattr(ds.get_item(tag), "VR", None) or "UN"
+            raise ImageRejected(
+                f"{path}{tag_name(tag)} VR {vr}: the value cannot be decoded ({type(exc).__name__})"
+            ) from exc
+        if element.VR == "SQ":
+            for item in element.value:
+                _convert_all(item, decoded, f"{path}{tag_name(tag)} > ")
+    if known_here:
+        ds._nccid_known = known_here
+
+
+# -- values decoded before ----------------------------------------------------------------------------------
+# A series repeats most of its header from image to image (the same modality, manufacturer, rows, spacing,
+# study and series UIDs, ...), and a loader worker reads thousands of headers: pydicom's conversion of a raw
+# value and its DICOM JSON are the bulk of the CPU a header costs, so a worker remembers, for each value it
+# decoded, what pydicom made of it. The key holds everything pydicom's conversion of an explicit-VR public
+# element depends on (tag, VR, bytes, endianness, character set; pydicom's settings empty the memo when they
+# change), and the memo keeps pydicom's own results: nothing is decoded or written here but by pydicom.
+#: (tag, VR, value bytes, little endian, implicit VR, character set) -> (left out of the metadata JSON as too
+#: large, the element's DICOM JSON by pydicom as `json.dumps` writes it, its text for image_facts or None)
+_DECODED: dict[tuple, tuple[bool, str, str | None]] = {}
+_DECODED_MAX = 4096  # entries; with values of at most _DECODED_VALUE_MAX bytes, a few MB at most
+_DECODED_VALUE_MAX = 512
+_decoded_settings: tuple = ()
+
+
+def _decoded_values() -> dict | None:
+    """The memo of values decoded in this process, emptied when a pydicom setting that shapes a decoded value
+    changes; None (no memo) when a data element callback or hook arguments are set."""
+    global _decoded_settings
+    config = pydicom.config
+    if config.data_element_callback is not None or _pydicom_hooks.raw_element_kwargs:
+        return None
+    settings = (
+        config.settings.reading_validation_mode,
+        config.use_DS_numpy,
+        config.use_IS_numpy,
+        config.use_DS_decimal,
+        config.datetime_conversion,
+        config.convert_wrong_length_to_UN,
+        config.use_none_as_empty_text_VR_value,
+        _pydicom_hooks.raw_element_vr,
+        _pydicom_hooks.raw_element_value,
+    )
+    if settings != _decoded_settings:
+        _DECODED.clear()
+        _decoded_settings = settings
+    return _DECODED
+
+
+def _encoding_key(ds: Dataset):
+    """The character set pydicom decodes this data set's values with, hashable; None when it is not known
+    from the reading (then nothing of this data set is remembered)."""
+    encoding = ds.original_character_set
+    if not encoding:
+        return None
+    return encoding if isinstance(encoding, str) else tuple(encoding)
+
+
+def _decoded_key(raw, encoding) -> tuple | None:
+    """The memo key of a raw element: None unless it is a raw explicit-VR public element of a short defined
+    length whose conversion depends on nothing else (not UN, SQ, pixel data or SpecificCharacterSet)."""
+    if not isinstance(raw, RawDataElement):
+        return None
+    tag, vr, value = int(raw.tag), raw.VR, raw.value
+    if (
+        vr is None
+        or vr == "UN"
+        or vr == "SQ"
+        or tag & 0x10000  # a private group: its VR and creator come from the data set
+        or tag == _CHARSET
+        or tag in _PIXEL_TAGS
+        or value is None
+        or raw.length != len(value)
+        or raw.length > _DECODED_VALUE_MAX
+    ):
+        return None
+    return tag, vr, value, raw.is_little_endian, raw.is_implicit_VR, encoding
+
+
+def _decode_aside(decoded: dict, key: tuple, raw: RawDataElement, ds: Dataset, path: str) -> tuple | None:
+    """Decode `raw` as `ds[tag]` would (the same pydicom call) without changing `ds`, and remember and return
+    what pydicom made of it (None if pydicom cannot write it as JSON); raises ImageRejected if it cannot be
+    decoded."""
+    tag = key[0]
+    try:
+        element = convert_raw_data_element(raw, encoding=ds.original_character_set, ds=ds)
+    except Exception as exc:
+        raise ImageRejected(
+            f"{path}{tag_name(tag)} VR {raw.VR}: the value cannot be decoded ({type(exc).__name__})"
+        ) from exc
+    try:
+        value = element.value
+        large = value is not None and _too_large(element)
+        as_json = _dumps(element.to_json_dict(None, LARGE_VALUE_THRESHOLD))
+        text = ("" if value is None else str(value).strip()) if tag in _FACT_TAGS else None
+    except Exception:  # pydicom cannot write it: it is converted again, and metadata_json names it
+        return None
+    return _remember(decoded, _DECODED_MAX, key, (large, as_json, text))
+
+
+def _known_values(ds: Dataset) -> dict[int, tuple[RawDataElement, tuple, tuple]]:
+    """What `read_header` noted of the values of `ds` it left as read: tag -> (the raw element, its memo key,
+    (too large, JSON, text))."""
+    return vars(ds).get("_nccid_known", _NOTHING_KNOWN)
+
+
+_NOTHING_KNOWN: dict = {}
+
+
+def _known(known: dict, tag: int, raw) -> tuple[bool, str, str | None] | None:
+    """What pydicom made of `raw` (the element now at `tag`), if it is still the one read_header left as read:
+    a caller that changed or converted it has put another object there."""
+    entry = known.get(tag)
+    return entry[2] if entry is not None and entry[0] is raw else None
 
 
 # -- facts and metadata -------------------------------------------------------------------------------------
@@ -767,17 +980,40 @@ def _text(ds: Dataset, keyword: str) -> str:
     return str(value).strip()
 
 
-def _identifying(ds: Dataset, keyword: str, tag: str) -> str:
+#: the tags image_facts reads, by keyword
+_FACT_KEYWORDS = ("PatientID", "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "Modality", *STUDY_FIELDS)
+_FACT_TAG_OF: dict[str, int] = {keyword: tag_for_keyword(keyword) for keyword in _FACT_KEYWORDS}
+_FACT_TAGS = frozenset(_FACT_TAG_OF.values())
+
+
+def _fact_text(ds: Dataset, keyword: str, known_values: dict) -> str:
+    """`_text` of an element image_facts reads, from what pydicom made of its value before when it is known."""
+    tag = _FACT_TAG_OF[keyword]
+    raw = ds.get_item(tag)
+    if raw is None:
+        return ""
+    known = _known(known_values, tag, raw)
+    if known is not None and known[2] is not None:
+        return known[2]
+    if isinstance(raw, RawDataElement):  # pydicom converts it now: silence its warnings, as read_header does
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return _text(ds, keyword)
+    return _text(ds, keyword)
+
+
+def _identifying(ds: Dataset, keyword: str, tag: str, known_values: dict) -> str:
     """The value of an identifying tag; one too long to have been read is a reason of its own."""
-    skipped = omitted_elements(ds).get(int(tag.strip("()").replace(",", ""), 16))
+    skipped = omitted_elements(ds).get(_FACT_TAG_OF[keyword])
     if skipped is not None:
         raise ImageRejected(f"{keyword} {tag} is {skipped.length} bytes long: not an identifier")
-    return _text(ds, keyword)
+    return _fact_text(ds, keyword, known_values)
 
 
 def image_facts(ds: Dataset) -> ImageFacts:
     """Check the identifying tags and the modality; the reason names the tag."""
-    patient = _identifying(ds, "PatientID", "(0010,0020)")
+    known_values = _known_values(ds)
+    patient = _identifying(ds, "PatientID", "(0010,0020)", known_values)
     if not patient:
         raise ImageRejected("missing PatientID (0010,0020)")
     if not is_pseudonym(patient):
@@ -791,13 +1027,13 @@ def image_facts(ds: Dataset) -> ImageFacts:
         ("SeriesInstanceUID", "(0020,000E)"),
         ("SOPInstanceUID", "(0008,0018)"),
     ):
-        value = _identifying(ds, keyword, tag).rstrip("\x00")
+        value = _identifying(ds, keyword, tag, known_values).rstrip("\x00")
         if not value:
             raise ImageRejected(f"missing {keyword} {tag}")
         if not is_uid(value):
             raise ImageRejected(f"invalid {keyword} {tag}: not a DICOM UID (value not shown)")
         uids[keyword] = value
-    modality = _identifying(ds, "Modality", "(0008,0060)").upper()
+    modality = _identifying(ds, "Modality", "(0008,0060)", known_values).upper()
     if not modality:
         raise ImageRejected("missing Modality (0008,0060)")
     folder = MODALITY_FOLDER.get(modality)
@@ -811,22 +1047,34 @@ def image_facts(ds: Dataset) -> ImageFacts:
         sop=uids["SOPInstanceUID"],
         modality=modality,
         folder=folder,
-        fields={name: _text(ds, name)[:64] for name in STUDY_FIELDS},
+        fields={name: _fact_text(ds, name, known_values)[:64] for name in STUDY_FIELDS},
     )
 
 
 def _strip_bulk(ds: Dataset) -> None:
-    """Remove pixel data and bulk values; list every other value left out in a private block of its data set."""
+    """Remove pixel data and bulk values; list every other value left out in a private block of its data set.
+    A value decoded before is judged by what pydicom made of it then; any other is converted, all of them
+    first and in tag order (as iterating the data set does), before anything is removed."""
     left_out = [o.tag for o in omitted_elements(ds).values()]
-    for elem in list(ds):
-        if elem.tag in _PIXEL_TAGS:
-            del ds[elem.tag]
+    known_values = _known_values(ds)
+    raws = dict(ds.items())
+    elements = []
+    for tag in sorted(raws, key=int):  # tag order (ints compare faster than pydicom's tags)
+        known = _known(known_values, int(tag), raws[tag])
+        elements.append((tag, known, ds[tag] if known is None else None))
+    for tag, known, elem in elements:
+        if tag in _PIXEL_TAGS:
+            del ds[tag]
+        elif known is not None:
+            if known[0]:
+                del ds[tag]
+                left_out.append(int(tag))
         elif elem.VR == "SQ":
             for item in elem.value:
                 _strip_bulk(item)
         elif elem.value is not None and _too_large(elem):
-            del ds[elem.tag]
-            left_out.append(int(elem.tag))
+            del ds[tag]
+            left_out.append(int(tag))
     if left_out:
         block = ds.private_block(OMITTED_GROUP, OMITTED_CREATOR, create=True)
         block.add_new(0x01, "AT", sorted(set(left_out)))
@@ -844,6 +1092,28 @@ def _too_large(elem: DataElement) -> bool:
     return len(str(value)) > limit
 
 
+def _json_text(ds: Dataset) -> str:
+    """`json.dumps(ds.to_json_dict(bulk_data_threshold=LARGE_VALUE_THRESHOLD), sort_keys=True,
+    separators=(",", ":"))`, each element's JSON written by pydicom and serialised by `json.dumps` with the
+    same options: taken from the memo for a value decoded before, else made now (sequences by pydicom's own
+    recursion). The elements' JSON texts are joined in the order `sort_keys` puts their keys in (the keys are
+    the tags in 8 upper-case hex digits, so text order is tag order)."""
+    known_values = _known_values(ds)
+    parts = []
+    for tag, raw in ds.items():
+        known = _known(known_values, int(tag), raw)
+        if known is not None:
+            parts.append((f"{tag:08X}", known[1]))
+        else:
+            parts.append((f"{tag:08X}", _dumps(ds[tag].to_json_dict(None, LARGE_VALUE_THRESHOLD))))
+    parts.sort()
+    return "{" + ",".join(f'"{key}":{text}' for key, text in parts) + "}"
+
+
+def _dumps(doc) -> str:
+    return json.dumps(doc, sort_keys=True, separators=(",", ":"))
+
+
 def metadata_json(ds: Dataset) -> bytes:
     """The DICOM JSON model (PS3.18 Annex F) of the header, pixels and bulk values left out.
 
@@ -857,8 +1127,11 @@ def metadata_json(ds: Dataset) -> bytes:
         warnings.simplefilter("ignore")
         try:
             _strip_bulk(ds)
-            doc = ds.to_json_dict(bulk_data_threshold=LARGE_VALUE_THRESHOLD)
-            return (json.dumps(doc, sort_keys=True, separators=(",", ":")) + "\n").encode()
+            try:
+                text = _json_text(ds)
+            except Exception:  # pydicom's own walk names the element in its log and raises the same error
+                text = _dumps(ds.to_json_dict(bulk_data_threshold=LARGE_VALUE_THRESHOLD))
+            return (text + "\n").encode()
         except Exception as exc:
             where = _json_culprit(ds)
             raise ImageRejected(f"header cannot be written as DICOM JSON: {where}{type(exc).__name__}") from exc
