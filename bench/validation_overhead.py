@@ -3,7 +3,8 @@
     python3 bench/validation_overhead.py [--store ./nccid-demo/store] [--repeat 5] [--fresh]
 
 The baseline model is trained on the store's training set (examples/models/baseline/train.py). First, once: a
-direct run and the sealed run that freezes the cohort (materialises it; see nccid/validation/frozen.py). Then,
+direct run and the sealed run that freezes the cohort (materialises it; see nccid/validation/frozen.py), and
+the time `nccid validate freeze` takes to freeze it ahead instead (after a load, before any run). Then,
 interleaved `--repeat` times:
 - harness: a whole sealed run (`Workspace.sealed_run`): listing the store's validation set, the frozen cohort
   checked (or, with --fresh, selected and materialised anew, as every first run of an intended use does), the
@@ -116,12 +117,16 @@ def main() -> None:
             harness.append(end - start)
             stages.append(wall_stages(start, marks, end))
             sandboxed.append(summary.sandbox.seconds)
+        clock = time.perf_counter()
+        space.freeze_cohort(sub.id, store, "bench", fresh=True)
+        ahead = time.perf_counter() - clock
         remove_tree(inputs)
     ratio = statistics.median(harness) / statistics.median(direct)
     print(
         f"first run (freezes the cohort): direct {first_direct:.2f} s, harness {first_harness:.2f} s: "
         f"harness / direct {first_harness / first_direct:.2f}"
     )
+    print(f"or frozen ahead (`nccid validate freeze`, once per intended use and validation set): {ahead:.2f} s")
     later = "every run freezing its cohort anew (--fresh)" if args.fresh else "later runs, on the frozen cohort"
     print(f"{later}:")
     print(f"direct entry command:       {spread(direct, ' s')}")

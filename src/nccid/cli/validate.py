@@ -139,6 +139,31 @@ def sealed_run(
     _show_run(summary)
 
 
+@app.command("freeze")
+def freeze(
+    submission: str = typer.Argument(..., help="A submission whose intended use's cohort to freeze."),
+    store: str = StoreOption,
+    workspace: Path = WorkspaceOption,
+    who: str | None = WhoOption,
+    fresh: bool = typer.Option(False, "--fresh", help="Freeze it anew even if it is frozen and intact."),
+) -> None:
+    """Freeze the validation cohort of a submission's intended use now (after a load, say), so that the sealed
+    runs of every submission with that intended use start at once."""
+    from nccid.validation.service import Workspace
+
+    frozen = Workspace(workspace).freeze_cohort(
+        submission, open_store_option(store), who or default_actor("validator"), fresh=fresh
+    )
+    cases = frozen.cohort.cases
+    done = f"the cohort {frozen.id[:12]} was frozen already ({frozen.frozen_at}; its files checked)"
+    if not frozen.reused:
+        done = f"froze the cohort {frozen.id[:12]}"
+    console.print(
+        f"{done}: {len(cases)} cases ({sum(c.label for c in cases)} positive) in {frozen.folder}; the sealed runs of "
+        "this intended use read it until the validation set changes"
+    )
+
+
 @app.command("cohorts")
 def cohorts(
     workspace: Path = WorkspaceOption,

@@ -64,7 +64,7 @@ from nccid.validation.frozen import (
     cohort_fingerprint,
     hash_changes,
 )
-from nccid.validation.manifest import MANIFEST_NAME, TASKS, Manifest, load_manifest
+from nccid.validation.manifest import MANIFEST_NAME, TASKS, IntendedUse, Manifest, load_manifest
 from nccid.validation.predictions import PREDICTIONS_NAME, read_predictions
 from nccid.validation.report import write_report
 from nccid.validation.sandbox import Limits, SandboxResult, prepare_output, remove_tree, run_sandboxed
@@ -414,32 +414,14 @@ class Workspace:
             raise ValidationRunError(
                 f"submission {sub_id} has no completed dry run: run `nccid validate dry-run {sub_id}` first"
             )
-        started, clock = _now(), time.monotonic()
-        progress("selecting the cohort of the intended use")
-        use = sub.manifest.intended_use
-        sources = list_sources(store)
-        cohort_id = cohort_fingerprint(use, sources, cohort_code_version())
-        frozen = self._frozen_cohort(cohort_id, who, fresh=fresh_cohort)  # locked until released below
+        started = _now()
+        frozen, times = self._hold_cohort(sub.manifest.intended_use, store, who, fresh=fresh_cohort, progress=progress)
         try:
-            cohort = frozen.cohort if frozen else select_cohort(store, use, sources=sources)
-            times = {"cohort selection": round(time.monotonic() - clock, 3)}
             run, folder = self._new_run("sealed_run")
             write_private(folder / "private" / "who", who)
-            clock = time.monotonic()
-            if frozen is None:
-                progress(f"preparing {len(cohort.cases)} cases for the sandbox (freezing the cohort)")
-                frozen = self.cohorts.freeze(
-                    cohort_id, use, cohort, sources.group, lambda inputs: write_inputs(store, cohort, inputs)
-                )
-                cohort = frozen.cohort  # another run's, if it froze the same cohort first
-            else:
-                progress(f"preparing {len(cohort.cases)} cases for the sandbox (the cohort frozen {frozen.frozen_at})")
-            times["materialisation"] = round(time.monotonic() - clock, 3)
-            for dropped, why in self.cohorts.prune(frozen, use):
-                audit.append(self.audit_path, "cohort_dropped", who, cohort=dropped, reason=why)
             plan = _RunPlan(
-                "sealed_run", sub, run, folder, frozen.input, False, cohort.cases, limits or Limits(), min_cell,
-                times, started, progress, frozen, lambda: self._unchanged_since_frozen(frozen),
+                "sealed_run", sub, run, folder, frozen.input, False, frozen.cohort.cases, limits or Limits(),
+                min_cell, times, started, progress, frozen, lambda: self._unchanged_since_frozen(frozen),
             )  # fmt: skip
             return self._execute(plan, lambda: self._frozen_manifest(frozen))
         except FrozenCohortAltered as exc:
@@ -449,6 +431,61 @@ class Workspace:
             raise
         finally:
             self.cohorts.release(frozen)
+
+    def freeze_cohort(
+        self, sub_id: str, store: ObjectStore, who: str, *, fresh: bool = False, progress: Progress | None = None
+    ) -> FrozenCohort:
+        """Freeze the cohort of a submission's intended use now (after a load, say), so that its sealed runs,
+        and those of every submission with the same intended use, start at once; a cohort frozen already is
+        checked and kept (with `fresh`, frozen anew). The files are hashed here, for the runs to compare.
+
+        Returns the FrozenCohort (`reused` True if it was frozen before). Raises ValidationRunError for an
+        unknown submission, FrozenCohortAltered if the files changed while they were hashed (the cohort is
+        dropped), CohortError when no usable cohort exists."""
+        frozen, _times = self._hold_cohort(
+            self.submission(sub_id).manifest.intended_use, store, who, fresh=fresh, progress=progress or _quiet
+        )
+        try:
+            self._frozen_manifest(frozen)
+            self._unchanged_since_frozen(frozen)
+            return frozen
+        except FrozenCohortAltered as exc:
+            self.cohorts.release(frozen)
+            if self.cohorts.drop(frozen.id):
+                audit.append(self.audit_path, "cohort_dropped", who, cohort=frozen.id, reason=str(exc))
+            raise
+        finally:
+            self.cohorts.release(frozen)
+
+    def _hold_cohort(
+        self, use: IntendedUse, store: ObjectStore, who: str, *, fresh: bool, progress: Progress
+    ) -> tuple[FrozenCohort, dict[str, float]]:
+        """The frozen cohort of `use` on the warehouse as it is now, locked (the caller releases it): the one
+        frozen already if intact (and not `fresh`), else selected and frozen now; frozen cohorts it supersedes
+        are dropped. Returns it with the seconds spent selecting and materialising."""
+        clock = time.monotonic()
+        progress("selecting the cohort of the intended use")
+        sources = list_sources(store)
+        cohort_id = cohort_fingerprint(use, sources, cohort_code_version())
+        frozen = self._frozen_cohort(cohort_id, who, fresh=fresh)
+        cohort = frozen.cohort if frozen else select_cohort(store, use, sources=sources)
+        times = {"cohort selection": round(time.monotonic() - clock, 3)}
+        clock = time.monotonic()
+        if frozen is None:
+            progress(f"preparing {len(cohort.cases)} cases for the sandbox (freezing the cohort)")
+            frozen = self.cohorts.freeze(
+                cohort_id, use, cohort, sources.group, lambda inputs: write_inputs(store, cohort, inputs)
+            )  # another run's cohort, with its cases, if it froze the same one first
+        else:
+            progress(f"preparing {len(cohort.cases)} cases for the sandbox (the cohort frozen {frozen.frozen_at})")
+        times["materialisation"] = round(time.monotonic() - clock, 3)
+        try:
+            for dropped, why in self.cohorts.prune(frozen, use):
+                audit.append(self.audit_path, "cohort_dropped", who, cohort=dropped, reason=why)
+        except BaseException:
+            self.cohorts.release(frozen)
+            raise
+        return frozen, times
 
     def _frozen_cohort(self, cohort_id: str, who: str, *, fresh: bool) -> FrozenCohort | None:
         """The intact frozen cohort `cohort_id`, locked for this run, or None. One found altered since it was
