@@ -30,7 +30,7 @@ import secrets
 import shutil
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -416,7 +416,7 @@ class Workspace:
             )
         started = _now()
         frozen, times = self._hold_cohort(sub.manifest.intended_use, store, who, fresh=fresh_cohort, progress=progress)
-        try:
+        with self._holding(frozen, who):
             run, folder = self._new_run("sealed_run")
             write_private(folder / "private" / "who", who)
             plan = _RunPlan(
@@ -424,13 +424,6 @@ class Workspace:
                 min_cell, times, started, progress, frozen, lambda: self._unchanged_since_frozen(frozen),
             )  # fmt: skip
             return self._execute(plan, lambda: self._frozen_manifest(frozen))
-        except FrozenCohortAltered as exc:
-            self.cohorts.release(frozen)
-            if self.cohorts.drop(frozen.id):
-                audit.append(self.audit_path, "cohort_dropped", who, cohort=frozen.id, reason=str(exc))
-            raise
-        finally:
-            self.cohorts.release(frozen)
 
     def freeze_cohort(
         self, sub_id: str, store: ObjectStore, who: str, *, fresh: bool = False, progress: Progress | None = None
@@ -445,10 +438,17 @@ class Workspace:
         frozen, _times = self._hold_cohort(
             self.submission(sub_id).manifest.intended_use, store, who, fresh=fresh, progress=progress or _quiet
         )
-        try:
+        with self._holding(frozen, who):
             self._frozen_manifest(frozen)
             self._unchanged_since_frozen(frozen)
             return frozen
+
+    @contextlib.contextmanager
+    def _holding(self, frozen: FrozenCohort, who: str) -> Iterator[None]:
+        """Release the cohort's lock when the block ends; if the block found it altered (FrozenCohortAltered),
+        drop it (unless another run reads it) and audit that, and let the error go on."""
+        try:
+            yield
         except FrozenCohortAltered as exc:
             self.cohorts.release(frozen)
             if self.cohorts.drop(frozen.id):
@@ -508,11 +508,11 @@ class Workspace:
         return None
 
     def _unchanged_since_frozen(self, frozen: FrozenCohort) -> None:
-        """Raises FrozenCohortAltered if anything below the cohort's inputs changed (checked once the model has
-        ended: the report must describe the files the model read)."""
+        """Raises FrozenCohortAltered if anything below the cohort's inputs changed since it was frozen (checked
+        again once the model has ended: the report must describe the files the model read)."""
         if changed := self.cohorts.changes(frozen):
             raise FrozenCohortAltered(
-                f"the frozen cohort {frozen.id[:12]} changed while the model ran ({', '.join(changed[:3])}): it is "
+                f"the frozen cohort {frozen.id[:12]} changed while it was read ({', '.join(changed[:3])}): it is "
                 "dropped; run again to freeze it anew"
             )
 
