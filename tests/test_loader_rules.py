@@ -112,6 +112,16 @@ def test_what_is_looked_at_again():
     pending = RawRow("k", 10, "c1", "image", Outcome.PENDING, patient="Covid1")
     assert not rules.image_needs_examining(pending, 10, "c1", set())
     assert rules.image_needs_examining(pending, 10, "c1", {"Covid1"})  # its patient now has a group
+    # the re-run's fast path on (size, checksum, outcome) agrees with the whole-row rule wherever it says "nothing"
+    for row in (seen, pending, replace_outcome(seen, Outcome.UNFILED), replace_outcome(seen, Outcome.HELD), None):
+        for size, checksum in ((10, "c1"), (11, "c1"), (10, "c2"), (10, "")):
+            state = (row.size, row.checksum, str(row.outcome)) if row else None
+            if rules.settled_and_unchanged(state, size, checksum):
+                assert not rules.image_needs_examining(row, size, checksum, {"Covid1"}), (row, size, checksum)
+    assert rules.settled_and_unchanged((10, "c1", "filed"), 10, "c1")
+    assert not rules.settled_and_unchanged((10, "c1", "pending"), 10, "c1")  # its patient may have a group now
+    assert not rules.settled_and_unchanged((10, "c1", "filed"), 10, "c2")
+    assert not rules.settled_and_unchanged(None, 10, "c1")
     held = RawRow("k", 10, "c1", "clinical", Outcome.HELD)
     assert rules.clinical_needs_checking(held, 10, "c1")  # the configuration may have changed
     assert not rules.clinical_needs_checking(replace_outcome(held, Outcome.FILED), 10, "c1")

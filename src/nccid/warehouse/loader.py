@@ -617,8 +617,13 @@ class Loader:
         return len(parts) == 4 and parts[2] == "data" and is_upload_date(parts[1])
 
     def _select_images(self, batch: list[ObjectInfo]) -> list[ObjectInfo]:
-        """The images of the batch to examine; unchanged ones are counted, stray files held (and recorded)."""
-        known = self.catalog.raw_rows([i.key for i in batch])
+        """The images of the batch to examine; unchanged ones are counted, stray files held (and recorded).
+        Whole catalog rows are read only for objects not settled and unchanged (on a re-run, hardly any)."""
+        states = self.catalog.raw_states([i.key for i in batch])
+        unsettled = [i for i in batch if not rules.settled_and_unchanged(states.get(i.key), i.size, i.checksum)]
+        self.report.unchanged += len(batch) - len(unsettled)
+        batch = unsettled
+        known = self.catalog.raw_rows([i.key for i in batch]) if batch else {}
         pending_patients = {r.patient for r in known.values() if r.outcome == Outcome.PENDING}
         grouped = self.catalog.patient_groups(pending_patients) if pending_patients else {}
         todo: list[ObjectInfo] = []

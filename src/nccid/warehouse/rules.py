@@ -52,6 +52,13 @@ def clinical_needs_checking(row: RawRow | None, size: int, checksum: str) -> boo
     return not is_unchanged(row, size, checksum) or (row is not None and row.outcome == Outcome.HELD)
 
 
+def settled_and_unchanged(state: tuple[int, str, str] | None, size: int, checksum: str) -> bool:
+    """The raw object is the one the catalog recorded and its outcome cannot change unless it does: nothing to
+    do. Decided on the catalog's (size, checksum, outcome) alone, so that a re-run need not read whole rows for
+    the many objects this holds for; when it is False, `image_needs_examining` decides on the whole row."""
+    return state is not None and state[0] == size and state[1] == checksum and state[2] in SETTLED
+
+
 def image_needs_examining(row: RawRow | None, size: int, checksum: str, grouped: Container[str]) -> bool:
     """An image is examined when new or changed, or pending while its patient now has a group."""
     if not is_unchanged(row, size, checksum):
