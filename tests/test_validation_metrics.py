@@ -118,33 +118,6 @@ def test_fast_roc_points_equal_scikit_learns():
         np.testing.assert_allclose(mine[1], tpr)
 
 
-def _draws_in_a_loop(seed: int, m: int, n: int, replicates: int) -> np.ndarray:
-    """A stratified bootstrap's indices as first written: per replicate, m draws below m then n below n."""
-    rng = np.random.default_rng(seed)
-    return np.array([np.r_[rng.integers(0, m, m), rng.integers(0, n, n)] for _ in range(replicates)])
-
-
-@pytest.mark.parametrize(("m", "n", "replicates"), [(109, 40, 500), (2, 3, 7), (1, 30, 4), (30, 1, 4), (13, 13, 51)])
-def test_stratified_draws_are_the_generators_own(m, n, replicates):
-    for seed in range(3):
-        drawn = metrics._stratified_draws(np.random.default_rng(seed), m, n, replicates)
-        assert np.array_equal(drawn, _draws_in_a_loop(seed, m, n, replicates))
-
-
-def test_stratified_draws_follow_numpy_where_it_refuses_a_word():
-    """For a range of 20000, seed 8's stream holds a word NumPy refuses (it takes the next one instead), and
-    seed 5's a word it checks but keeps: both are drawn as NumPy draws them."""
-    m = n = 20000
-    for seed in (5, 8):
-        assert np.array_equal(
-            metrics._stratified_draws(np.random.default_rng(seed), m, n, 1), _draws_in_a_loop(seed, m, n, 1)
-        )
-    raw = np.random.default_rng(8).bit_generator.random_raw(m)
-    words = np.c_[raw & np.uint64(0xFFFFFFFF), raw >> np.uint64(32)].ravel()
-    one_word_each = (words * np.uint64(m)) >> np.uint64(32)
-    assert not np.array_equal(one_word_each.astype(np.int64), _draws_in_a_loop(8, m, n, 1)[0])  # the refusal shows
-
-
 def test_roc_points_from_counts_interpolate_like_roc_points():
     rng = np.random.default_rng(3)
     distinct = 12  # scores 11/11 ... 0/11, highest first; some unused by a row, some shared by both classes

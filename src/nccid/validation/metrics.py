@@ -194,32 +194,8 @@ def bootstrap_roc_points(samples: np.ndarray, positives: int) -> tuple[np.ndarra
 
 def _stratified_draws(rng: np.random.Generator, m: int, n: int, replicates: int) -> np.ndarray:
     """The indices a stratified bootstrap draws: row r holds `rng.integers(0, m, m)` then `rng.integers(0, n, n)`
-    of replicate r, drawn replicate after replicate; shape (replicates, m + n).
-
-    NumPy draws each such integer from the next 32 bits of the generator by Lemire's multiply-shift, taking more
-    bits only when the low word of the product falls below the range (odds of range / 2**32). So all the words
-    are taken at once and multiplied in one step, and only if one of them could have been refused (or NumPy's
-    generator is not the PCG64 this assumes) are the numbers drawn one call at a time (`_draws_one_by_one`).
-    A test holds the two equal."""
-    bits = rng.bit_generator
-    state = bits.state
-    if m < 2 or n < 2 or state.get("bit_generator") != "PCG64" or state.get("has_uint32") != 0:
-        return _draws_one_by_one(rng, m, n, replicates)
-    count = replicates * (m + n)
-    raw = bits.random_raw((count + 1) // 2)  # each 64-bit output is two 32-bit words, the low one first
-    words = np.empty(2 * len(raw), dtype=np.uint64)
-    words[0::2], words[1::2] = raw & np.uint64(0xFFFFFFFF), raw >> np.uint64(32)
-    ranges = np.r_[np.full(m, m, dtype=np.uint64), np.full(n, n, dtype=np.uint64)]
-    products = words[:count].reshape(replicates, m + n) * ranges
-    if np.any(products & np.uint64(0xFFFFFFFF) < ranges):  # a word NumPy might have refused: draw as it does
-        bits.state = state
-        return _draws_one_by_one(rng, m, n, replicates)
-    return (products >> np.uint64(32)).astype(np.int64)
-
-
-def _draws_one_by_one(rng: np.random.Generator, m: int, n: int, replicates: int) -> np.ndarray:
-    """`_stratified_draws` one call per class and replicate: the draws of rng.choice(pos, m), then
-    rng.choice(neg, n), replicate by replicate."""
+    of replicate r (the draws of rng.choice(pos, m), then rng.choice(neg, n)), replicate after replicate; shape
+    (replicates, m + n). Two calls of NumPy's own generator per replicate, a few milliseconds in all."""
     picks = np.empty((replicates, m + n), dtype=np.int64)
     for r in range(replicates):
         picks[r, :m] = rng.integers(0, m, m)
