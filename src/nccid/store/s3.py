@@ -30,7 +30,7 @@ from boto3.s3.transfer import TransferConfig
 from botocore.auth import S3SigV4Auth, S3SigV4QueryAuth
 from botocore.awsrequest import AWSRequest
 from botocore.config import Config
-from botocore.exceptions import BotoCoreError, ClientError
+from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
 from nccid.store.base import (
     ObjectExists,
@@ -198,6 +198,8 @@ class S3Store(ObjectStore):
             yield from self.client.get_paginator("list_objects_v2").paginate(**params)
         except ClientError as exc:
             raise self._fail(exc, prefix) from exc
+        except BotoCoreError as exc:  # connection trouble after botocore's retries: an error, never an empty listing
+            raise StoreError(f"{self.url}{prefix}: {exc}") from exc
 
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
         for page in self._pages(prefix, None):
@@ -460,6 +462,13 @@ class S3Store(ObjectStore):
                 raise StoreMissing(f"bucket {self.bucket} does not exist at {self.endpoint_url or 'AWS S3'}") from exc
             if _code(exc) not in ("403", "AccessDenied", "Forbidden"):
                 raise self._fail(exc, "") from exc
+        except NoCredentialsError as exc:
+            raise StoreError(
+                f"{self.url}: no S3 credentials found: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or "
+                "AWS_PROFILE (`nccid s3 env` prints them for nccid's own server)"
+            ) from exc
+        except BotoCoreError as exc:  # no endpoint, connection refused, ...: the store cannot be reached
+            raise StoreError(f"{self.url}: {exc}") from exc
 
     def create_bucket(self) -> None:
         """For tests and a fresh local server; production buckets are made by their owners."""

@@ -203,7 +203,7 @@ class CohortShelf:
 
     def __init__(self, workspace: Path) -> None:
         self.root = workspace / COHORTS_DIR
-        self._held: set[int] = set()  # descriptors holding a run's lock, each closed once by `release`
+        self._held: dict[int, FrozenCohort] = {}  # descriptor -> the cohort whose lock it holds (closed once)
 
     def open(self, cohort_id: str) -> tuple[FrozenCohort | None, list[str]]:
         """The frozen cohort `cohort_id`, locked for the caller (see `release`), if it exists and nothing below
@@ -217,7 +217,8 @@ class CohortShelf:
             try:
                 record = json.loads((folder / "cohort.json").read_text())
                 cohort = Cohort.from_json(record["cohort"])
-                changed = stamp_changes(record["stamps"], tree_stamps(folder / "input"))
+                group, frozen_at, stamps = str(record["group"]), str(record["frozen_at"]), dict(record["stamps"])
+                changed = stamp_changes(stamps, tree_stamps(folder / "input"))
             except FileNotFoundError as exc:
                 changed = [f"{Path(exc.filename or '').name or 'a file'} (missing)"]
             except (OSError, ValueError, KeyError, TypeError):
@@ -234,13 +235,11 @@ class CohortShelf:
                 os.close(fd)
                 return None, changed
             os.utime(folder)  # last used
+            frozen = FrozenCohort(cohort_id, folder, group, cohort, frozen_at, True, hashes, fd, stamps)
         except BaseException:
             os.close(fd)
             raise
-        self._held.add(fd)
-        frozen = FrozenCohort(
-            cohort_id, folder, record["group"], cohort, record["frozen_at"], True, hashes, fd, record["stamps"]
-        )
+        self._held[fd] = frozen
         return frozen, []
 
     def changes(self, frozen: FrozenCohort) -> list[str]:
@@ -252,9 +251,10 @@ class CohortShelf:
             return ["input (missing)"]
 
     def release(self, frozen: FrozenCohort | None) -> None:
-        """Let go of the lock `open` or `freeze` took (a run has ended); a second call does nothing."""
-        if frozen is not None and frozen.lock in self._held:
-            self._held.discard(frozen.lock)
+        """Let go of the lock `open` or `freeze` took (a run has ended); a second call does nothing (nor does it
+        close a descriptor that has since been reused for another cohort's lock)."""
+        if frozen is not None and self._held.get(frozen.lock) is frozen:
+            del self._held[frozen.lock]
             os.close(frozen.lock)
 
     def freeze(
@@ -267,10 +267,11 @@ class CohortShelf:
         `release`). Raises whatever `write` raises (leaving nothing behind), or ValidationRunError when the
         cohort another run froze meanwhile cannot be opened."""
         self.root.mkdir(mode=0o700, exist_ok=True)
-        staging = self.root / f"{_FREEZING}{secrets.token_hex(6)}"
-        staging.mkdir(mode=0o700)
-        fd = _locked(staging, fcntl.LOCK_SH)  # kept through the rename: the lock is the folder's, not the name's
-        assert fd is not None
+        fd = None
+        while fd is None:  # a sweep may take a new folder before its lock is ours: then make another
+            staging = self.root / f"{_FREEZING}{secrets.token_hex(6)}"
+            staging.mkdir(mode=0o700)
+            fd = _locked(staging, fcntl.LOCK_SH)  # kept through the rename: the lock is the folder's, not its name's
         try:
             write(staging / "input")
             frozen_at = _now()
@@ -300,10 +301,11 @@ class CohortShelf:
             os.close(fd)
             _discard(staging)
             raise
-        self._held.add(fd)
-        return FrozenCohort(
+        frozen = FrozenCohort(
             cohort_id, self.root / cohort_id, group, cohort, frozen_at, False, None, fd, record["stamps"]
         )
+        self._held[fd] = frozen
+        return frozen
 
     def record_hashes(self, frozen: FrozenCohort, hashes: dict[str, str]) -> None:
         """Keep the SHA-256 of each input file, as the first run on the cohort hashed them (later runs compare).
@@ -381,8 +383,10 @@ class CohortShelf:
             fd = _locked(folder, fcntl.LOCK_EX | fcntl.LOCK_NB)
             if fd is None:
                 continue  # still being frozen (or already gone)
-            os.close(fd)
-            _discard(folder)
+            try:
+                _discard(folder)  # under the lock: a freezer that makes a folder and locks it finds it gone
+            finally:
+                os.close(fd)
             swept.append(folder.name)
         return swept
 
