@@ -119,6 +119,24 @@ def test_totp_secrets_are_stored_sealed_under_a_key_kept_apart(db, tmp_path):
         db.verify_totp("deputy", pyotp.TOTP(other.totp_secret).now(), "10.0.0.1")
 
 
+def test_a_damaged_or_exposed_totp_key_is_refused_with_its_reason(tmp_path):
+    path = tmp_path / "state" / "portal.sqlite"
+    with PortalDB(path) as first:
+        first.create_account("boss", "admin", actor="test", password=PASSWORD)
+    key = path.with_name("totp.key")
+    whole = key.read_bytes()
+    key.write_bytes(whole[:5])  # cut short
+    with pytest.raises(PortalError, match=r"totp.key is not a whole key \(5 bytes, not 32\)"):
+        PortalDB(path)
+    key.write_bytes(whole)
+    key.chmod(0o644)
+    with pytest.raises(PortalError, match="may be read by others: make it owner-only"):
+        PortalDB(path)
+    key.chmod(0o600)
+    PortalDB(path).close()
+    assert [p.name for p in key.parent.iterdir() if p.name.startswith(".totp.key")] == []  # no partial key left
+
+
 def test_plain_totp_secrets_of_an_older_database_are_sealed_when_it_opens(tmp_path):
     path = tmp_path / "state" / "portal.sqlite"
     with PortalDB(path) as first:
@@ -485,6 +503,21 @@ def test_the_totp_form_refuses_even_the_right_code_after_too_many_wrong_ones(tmp
         assert answer.status_code == 401 and "locked" in answer.text
         assert client.get("/admin").url.path == "/login"  # not logged in
         assert client.get("/login/totp").url.path == "/login"  # and the pending session is gone
+
+
+def test_a_totp_key_that_does_not_open_the_secret_is_the_servers_fault_not_a_wrong_code(tmp_path):
+    client, secret = _portal_client(tmp_path)
+    key = tmp_path / "state" / "totp.key"
+    key.write_bytes(bytes(32))  # another key (restored from the wrong backup)
+    with client:
+        _login(client, "boss")
+        csrf = _form_token(client, "/login/totp")
+        answer = client.post("/login/totp", data={"csrf": csrf, "code": pyotp.TOTP(secret).now()})
+        assert answer.status_code == 503 and "cannot be checked on this server now" in answer.text
+        assert "Traceback" not in answer.text and secret not in answer.text
+    with PortalDB(tmp_path / "state" / "portal.sqlite") as db:
+        [event] = [e for e in db.audit_log(20) if e["action"] == "login.totp"]
+    assert event["outcome"] == "failed" and "cannot be opened with this portal's totp.key" in event["detail"]
 
 
 def test_a_broken_multipart_upload_gets_a_400_with_one_line(tmp_path):

@@ -126,14 +126,24 @@ async def totp(request: Request) -> Response:
             db.audit(session.username, "csrf", "POST /login/totp", outcome="refused", address=address(request))
             raise Forbidden()
         settings = request.app.state.settings
-        verdict = db.verify_totp(
-            session.username,
-            form.get("code", ""),
-            address(request),
-            account_limit=settings.account_lock_after,
-            window_s=settings.lock_window_s,
-            lock_s=settings.lock_s,
-        )
+        try:
+            verdict = db.verify_totp(
+                session.username,
+                form.get("code", ""),
+                address(request),
+                account_limit=settings.account_lock_after,
+                window_s=settings.lock_window_s,
+                lock_s=settings.lock_s,
+            )
+        except PortalError as exc:  # the secret cannot be opened with this server's key file: the server's fault
+            db.audit(session.username, "login.totp", str(exc), outcome="failed", address=address(request))
+            return render(
+                request,
+                "totp.html",
+                status=503,
+                pending_csrf=session.csrf,
+                error="Second factors cannot be checked on this server now: tell the portal's administrator.",
+            )
         if verdict is None:
             db.end_session(token)
             response = _pre_page(
