@@ -142,7 +142,7 @@ def test_validator_submits_runs_views_and_releases_a_report(page, world, browser
     events = Workspace(world.state / "validation").events()
     rows = page.locator("#audit tr").all_inner_texts()[1:]
     assert [r.split("\t")[2:4] for r in rows] == [[e["event"], e["who"]] for e in events]
-    assert [e["event"] for e in events] == ["submission", "dry_run", "sealed_run"]
+    assert [e["event"] for e in events] == ["submission", "dry_run", "cohort_frozen", "sealed_run"]
     # the sealed run froze its cohort: listed as `nccid validate cohorts` lists it
     [frozen] = Workspace(world.state / "validation").frozen_cohorts()
     cohorts_table = page.inner_text("#cohorts")

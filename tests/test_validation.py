@@ -500,7 +500,9 @@ def test_the_commands_print_what_they_did(warehouse, tmp_path):
     released = run_cli("validate", "release", run_id, "-w", ws, "--as", "rel", check=True).stdout
     assert f"released the report of {run_id} to" in released and (ws / "releases" / run_id / "report.html").exists()
     listed = run_cli("validate", "runs", "-w", ws, check=True).stdout
-    assert "4 event(s)" in listed
+    assert "5 event(s)" in listed and "cohort_frozen" in listed  # the sealed run froze its cohort
+    missing = run_cli("validate", "runs", "-w", ws.parent / "typo")
+    assert missing.returncode == 1 and "give yours with -w/--workspace or $NCCID_VALIDATION" in missing.stderr
 
 
 def test_inputs_of_an_interrupted_run_are_swept_by_the_next(space, tmp_path):

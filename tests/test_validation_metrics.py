@@ -174,24 +174,40 @@ def test_calibration_matches_scikit_learn_and_suppresses_small_bins(decimals):
 
 def test_subgroups_suppress_small_cells_and_report_the_largest_gap():
     y, s = _vectors(5, 300)
-    levels = np.where(np.arange(300) < 5, "tiny", np.where(np.arange(300) % 2, "odd", "even"))
+    levels = np.where(np.arange(300) < 5, "tiny", np.where(np.arange(300) % 3 == 0, "third", "rest"))
+    levels[5:40] = "mid"
     table = metrics.subgroups(y, s, levels.tolist(), 0.5, min_cell=10)
     rows = {r["level"]: r for r in table["levels"]}
     assert rows["tiny"] == {"level": "tiny", "suppressed": True, "n": "<10"}
-    for name in ("odd", "even"):
+    # tiny alone hidden would follow from the totals: the smallest other level (mid) is hidden with it
+    assert rows["mid"] == {"level": "mid", "suppressed": True, "n": "suppressed"}
+    for name in ("third", "rest"):
         mask = levels == name
         assert rows[name]["auc"]["value"] == round(roc_auc_score(y[mask], s[mask]), 4)
+        assert rows[name]["positives"] + rows[name]["negatives"] == rows[name]["n"] == int(mask.sum())
     gap = table["largest_gap"]["auc"]
-    assert gap["gap"] == pytest.approx(abs(rows["odd"]["auc"]["value"] - rows["even"]["auc"]["value"]), abs=2e-4)
+    assert gap["gap"] == pytest.approx(abs(rows["third"]["auc"]["value"] - rows["rest"]["auc"]["value"]), abs=2e-4)
 
 
-def test_a_level_with_few_positives_shows_no_sensitivity_or_auc():
-    y = [1] * 3 + [0] * 20
-    s = [0.9] * 23
-    (row,) = metrics.subgroups(y, s, ["a"] * 23, 0.5, min_cell=10)["levels"]
-    assert row["n"] == 23 and row["positives"] == "suppressed"
-    assert row["sensitivity"]["value"] is None and row["auc"]["value"] is None
-    assert row["specificity"]["value"] == 0.0
+def test_a_level_with_a_small_class_shows_nothing_that_gives_that_count_away():
+    y = [1] * 24 + [0] * 6 + [1] * 30 + [0] * 30 + [1] * 20 + [0] * 20
+    s = [0.9] * 30 + [0.6] * 60 + [0.4] * 40
+    levels = ["60-79"] * 30 + ["40-59"] * 60 + ["18-39"] * 40
+    rows = {r["level"]: r for r in metrics.subgroups(y, s, levels, 0.5, min_cell=10)["levels"]}
+    # 6 negatives: n (30) less the positives, or the sensitivity's interval, would give them away
+    assert rows["60-79"] == {"level": "60-79", "suppressed": True, "n": "suppressed"}
+    assert rows["18-39"]["suppressed"] and not rows["40-59"]["suppressed"]  # secondary: the smallest other level
+    shown = [r for r in rows.values() if not r["suppressed"]]
+    assert all(r["positives"] in (0,) or r["positives"] >= 10 for r in shown)
+    assert all(r["negatives"] in (0,) or r["negatives"] >= 10 for r in shown)
+
+
+def test_a_level_of_one_class_shows_its_rate_and_no_auc():
+    y, s = [1] * 23 + [0] * 40, [0.9] * 23 + [0.2] * 40
+    rows = {r["level"]: r for r in metrics.subgroups(y, s, ["a"] * 23 + ["b"] * 40, 0.5, min_cell=10)["levels"]}
+    assert (rows["a"]["n"], rows["a"]["positives"], rows["a"]["negatives"]) == (23, 23, 0)
+    assert rows["a"]["sensitivity"]["value"] == 1.0 and rows["a"]["auc"]["value"] is None
+    assert rows["a"]["specificity"]["value"] is None and rows["b"]["specificity"]["value"] == 1.0
 
 
 # -- predictions ---------------------------------------------------------------------------------------
@@ -297,7 +313,7 @@ def test_attribute_rules():
         "cardiovascular disease": "no",
         "lung disease": "unknown",
     }
-    assert set(comorbidities(None).values()) == {"unknown"}
+    assert set(comorbidities(None).values()) == {"not recorded (no positive test record)"}  # kept from 'unknown'
 
 
 def test_opaque_dicom_keeps_the_pixels_and_replaces_every_identifier():

@@ -37,11 +37,11 @@ REPORT_FILES = {
 
 def _results(seed: int = 7, cases: int = 160) -> dict:
     """analyse's results for a synthetic cohort with a signal, a hostile site name, a long scanner model name
-    and a level too small to show (site 'tiny')."""
+    and two levels too small to show (sites 'tiny' and 'tiny2': with two hidden, no other needs hiding)."""
     rng = np.random.default_rng(seed)
     truth = {}
     for i in range(cases):
-        site = "tiny" if i < 4 else (HOSTILE_SITE if i % 2 else "Northfield")
+        site = "tiny" if i < 4 else "tiny2" if i < 8 else (HOSTILE_SITE if i % 2 else "Northfield")
         truth[f"c{i:03d}"] = {"label": int(i % 3 != 0), "sex": "female" if i % 4 < 2 else "male", "site": site,
                               "scanner model": LONG_MODEL if i % 5 else "CR 85-X"}  # fmt: skip
     scores = {c: float(np.clip(rng.normal(0.35 + 0.3 * t["label"], 0.18), 0, 1)) for c, t in truth.items()}

@@ -63,7 +63,7 @@ def _show_run(summary) -> None:
         console.print(f"  {results['status']}")
     frozen = summary.frozen
     if frozen and frozen.reused:
-        console.print(f"  cohort: the frozen cohort {frozen.id[:12]} of {frozen.frozen_at} (its earlier runs' files)")
+        console.print(f"  cohort: the frozen cohort {frozen.id[:12]} of {frozen.frozen_at} (reused: the same files)")
     elif frozen:
         console.print(f"  cohort: froze the cohort {frozen.id[:12]} in {frozen.folder.parent} for later runs")
     console.print(f"  report: {summary.report_dir / 'report.html'}")
@@ -167,7 +167,9 @@ def freeze(
 @app.command("cohorts")
 def cohorts(
     workspace: Path = WorkspaceOption,
-    drop: str | None = typer.Option(None, "--drop", help="Drop the frozen cohort whose id starts with this."),
+    drop: str | None = typer.Option(
+        None, "--drop", help="Drop the frozen cohort whose id starts with this (8 or more hex digits)."
+    ),
     who: str | None = WhoOption,
 ) -> None:
     """The frozen cohorts (the opaque inputs sealed runs reuse), or drop one."""
@@ -175,7 +177,7 @@ def cohorts(
     from nccid.validation.service import Workspace
 
     space = Workspace(workspace)
-    if drop:
+    if drop is not None:
         dropped = space.drop_cohort(drop, who or default_actor("validator"))
         console.print(f"dropped the frozen cohort {dropped[:12]}; the next sealed run of its use freezes it anew")
         return

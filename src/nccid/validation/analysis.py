@@ -85,6 +85,9 @@ def analyse(
             "proportion_ci": "Wilson score interval, 95 % (scipy.stats.binomtest)",
             "ppv_npv": "Bayes' rule at each stated prevalence; bounds from the Wilson bounds of sens./spec.",
             "calibration": "Brier score; 10 equal-width bins (sklearn.calibration.calibration_curve)",
-            "suppression": f"cells with fewer than {min_cell} cases are not shown",
+            "suppression": (
+                f"a subgroup level with fewer than {min_cell} cases, or with 1 to {min_cell - 1} cases of a class, is "
+                "not shown; where that hides one level of an attribute, the smallest other level is hidden too"
+            ),
         },
     }

@@ -1,5 +1,5 @@
 """The validation audit log: one JSON line per event (submission, dry run, sealed run, report release, frozen
-cohort dropped), each saying who and when, appended under a lock and never rewritten.
+cohort frozen or dropped), each saying who and when, appended under a lock and never rewritten.
 
 Each line carries the SHA-256 of the line before it, so a removed or edited line breaks the chain and
 `verify` names the first broken line. The log holds identifiers of submissions and runs, never of patients.
@@ -17,7 +17,7 @@ from typing import Any
 
 from nccid.errors import ValidationRunError
 
-EVENTS = ("submission", "dry_run", "sealed_run", "release", "cohort_dropped")
+EVENTS = ("submission", "dry_run", "sealed_run", "release", "cohort_frozen", "cohort_dropped")
 GENESIS = "0" * 64
 
 

@@ -66,6 +66,7 @@ _DATE_FORMATS = ("%m/%d/%Y", "%d/%m/%Y", "%Y-%m-%d")
 _POSITIVE_TEXT = re.compile(r"\b(positive|detected)\b", re.IGNORECASE)
 _NEGATIVE_TEXT = re.compile(r"\b(negative|not detected)\b", re.IGNORECASE)
 UNKNOWN = "unknown"
+NOT_RECORDED = "not recorded (no positive test record)"
 
 
 # -- pure rules ----------------------------------------------------------------------------------------
@@ -168,10 +169,12 @@ def ethnicity_group(record: dict) -> str:
 
 
 def comorbidities(record: dict | None) -> dict[str, str]:
-    """'yes' / 'no' / 'unknown' per comorbidity of the positive record (negatives' status records hold none)."""
+    """'yes' / 'no' / 'unknown' per comorbidity of the positive record; `NOT_RECORDED` for a patient with none (a
+    COVID-19 negative: status records hold no comorbidities), kept apart from 'unknown' so that a robustness row
+    never mixes positives of unknown history with every negative."""
     out = {}
     for name, fields in COMORBIDITIES.items():
-        value = UNKNOWN
+        value = UNKNOWN if record is not None else NOT_RECORDED
         if record is not None:
             code = next((_code(record[f]) for f in fields if f in record), None)
             if code == 0:

@@ -360,10 +360,15 @@ def subgroups(
 ) -> dict:
     """Performance per level of one attribute, with small cells suppressed, and the largest gap.
 
-    A level with fewer than `min_cell` cases shows only that it was suppressed. Within a shown level, the
-    positive and negative counts, sensitivity and specificity are shown only when their class has at least
-    `min_cell` cases, and the AUC only when both classes do. The largest gap is the difference between the
-    highest and lowest shown AUC (and sensitivity, and specificity).
+    Suppression, so that no count under `min_cell` can be read or worked out from the report:
+    - a level with fewer than `min_cell` cases, or with from 1 to `min_cell` - 1 cases of a class, shows only
+      that it was suppressed (its other counts and its rates would give the small count away: n minus the
+      other class, or a rate's confidence interval);
+    - when that hides exactly one level of the attribute, the smallest other level is hidden too: the cohort's
+      totals minus the levels shown would otherwise give the hidden one's counts.
+    A shown level gives n, both class counts (each 0 or at least `min_cell`), sensitivity where it has positives,
+    specificity where it has negatives, and the AUC where it has both. The largest gap is the difference
+    between the highest and lowest shown AUC (and sensitivity, and specificity).
     """
     y = np.asarray(y_true).astype(int)
     s = np.asarray(scores, dtype=float)
@@ -377,21 +382,27 @@ def subgroups(
             continue
         yl, sl = y[mask], s[mask]
         positives, negatives = int(yl.sum()), int(n - yl.sum())
+        if 0 < positives < min_cell or 0 < negatives < min_cell:
+            rows.append({"level": level, "suppressed": True, "n": "suppressed"})
+            continue
         point = operating_point(yl, sl, threshold)
-        show_pos, show_neg = positives >= min_cell, negatives >= min_cell
-        auc = auc_with_ci(yl, sl, checked=False)[0] if show_pos and show_neg else NONE
+        auc = auc_with_ci(yl, sl, checked=False)[0] if positives and negatives else NONE
         rows.append(
             {
                 "level": level,
                 "suppressed": False,
                 "n": n,
-                "positives": positives if show_pos and show_neg else ("0" if positives == 0 else "suppressed"),
-                "negatives": negatives if show_pos and show_neg else ("0" if negatives == 0 else "suppressed"),
+                "positives": positives,
+                "negatives": negatives,
                 "auc": auc.to_json(),
-                "sensitivity": (point.sensitivity if show_pos else NONE).to_json(),
-                "specificity": (point.specificity if show_neg else NONE).to_json(),
+                "sensitivity": (point.sensitivity if positives else NONE).to_json(),
+                "specificity": (point.specificity if negatives else NONE).to_json(),
             }
         )
+    hidden, shown_rows = [r for r in rows if r["suppressed"]], [r for r in rows if not r["suppressed"]]
+    if len(hidden) == 1 and shown_rows:  # secondary suppression: see the docstring
+        smallest = min(shown_rows, key=lambda r: (r["n"], r["level"]))
+        rows[rows.index(smallest)] = {"level": smallest["level"], "suppressed": True, "n": "suppressed"}
     gaps = {}
     for metric in ("auc", "sensitivity", "specificity"):
         shown = [

@@ -123,8 +123,9 @@ $('op-t').value=Math.round(d.threshold*h.steps);$('op-p').value=0.1;
 $('op-t').addEventListener('input',update);$('op-p').addEventListener('input',update);update();})();
 </script>
 <h2>Subgroups and robustness</h2>
-<p>Cells with fewer than {{ r.min_cell }} cases are suppressed; counts and rates of a class with fewer than
-{{ r.min_cell }} cases in a cell are not shown.</p>
+<p>A level with fewer than {{ r.min_cell }} cases, or with 1 to {{ r.min_cell - 1 }} cases of a class, is
+suppressed; where that hides one level of an attribute, the smallest other level is suppressed too, so that no
+small count follows from the totals.</p>
 <div class="fig wide">{{ svg.forest|safe }}</div>
 {% for section in ('subgroups', 'robustness') %}{% for t in r[section] %}
 {% set gap = t.largest_gap.get('auc') %}

@@ -175,7 +175,10 @@ class Workspace:
         if create:
             self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
         elif not self.root.is_dir():
-            raise ValidationRunError(f"no validation workspace at {self.root}: submit a model first (it makes one)")
+            raise ValidationRunError(
+                f"no validation workspace at {self.root}: give yours with -w/--workspace or $NCCID_VALIDATION "
+                "(`nccid validate demo` makes nccid-demo/validation), or submit a model to make one"
+            )
         self.audit_path = self.root / "audit.jsonl"
         self.cohorts = CohortShelf(self.root)
 
@@ -476,6 +479,12 @@ class Workspace:
             frozen = self.cohorts.freeze(
                 cohort_id, use, cohort, sources.group, lambda inputs: write_inputs(store, cohort, inputs)
             )  # another run's cohort, with its cases, if it froze the same one first
+            if not frozen.reused:
+                cases = frozen.cohort.cases
+                audit.append(
+                    self.audit_path, "cohort_frozen", who, cohort=frozen.id, cases=len(cases),
+                    positives=sum(c.label for c in cases),
+                )  # fmt: skip
         else:
             progress(f"preparing {len(cohort.cases)} cases for the sandbox (the cohort frozen {frozen.frozen_at})")
         times["materialisation"] = round(time.monotonic() - clock, 3)
@@ -541,10 +550,14 @@ class Workspace:
         """Drop the frozen cohort whose id starts with `prefix` (at least 8 hex digits) and log it; the next
         sealed run of its intended use freezes it anew. Returns the full id. Raises ValidationRunError for no
         such cohort, an ambiguous prefix, or a cohort a run is reading now."""
-        matches = [c for c in self.cohorts.ids() if len(prefix) >= 8 and c.startswith(prefix)]
+        if len(prefix) < 8:
+            raise ValidationRunError(
+                f"give at least 8 hex digits of the cohort's id, not {prefix!r}: `nccid validate cohorts` lists them"
+            )
+        matches = [c for c in self.cohorts.ids() if c.startswith(prefix)]
         if len(matches) != 1:
             why = "more than one frozen cohort starts so" if matches else "no frozen cohort"
-            raise ValidationRunError(f"{why} {prefix}; `nccid validate cohorts` lists them (give 8+ hex digits)")
+            raise ValidationRunError(f"{why} {prefix}; `nccid validate cohorts` lists them")
         if not self.cohorts.drop(matches[0]):
             raise ValidationRunError(f"the frozen cohort {prefix} is being read by a run; drop it when that ends")
         audit.append(self.audit_path, "cohort_dropped", who, cohort=matches[0], reason="dropped by the validator")
