@@ -82,7 +82,7 @@ def analyse(
         "methods": {
             "auc_ci": "DeLong (fast midrank form), 95 %, normal interval clipped to [0, 1]",
             "roc_band": "stratified bootstrap, 500 replicates, fixed seed",
-            "proportion_ci": "Wilson score interval, 95 % (scipy.stats.binomtest)",
+            "proportion_ci": "Wilson score interval, 95 % (the bounds of scipy.stats.binomtest, tested equal)",
             "ppv_npv": "Bayes' rule at each stated prevalence; bounds from the Wilson bounds of sens./spec.",
             "calibration": "Brier score; 10 equal-width bins (sklearn.calibration.calibration_curve)",
             "suppression": (

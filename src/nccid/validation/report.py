@@ -46,6 +46,16 @@ def roc_csv(results: dict) -> str:
     return out.getvalue()
 
 
+#: the report's names for the keys of results["methods"]
+METHOD_TITLES = {
+    "auc_ci": "ROC AUC, 95 % CI",
+    "roc_band": "ROC curve band",
+    "proportion_ci": "sensitivity, specificity: 95 % CI",
+    "ppv_npv": "PPV and NPV",
+    "calibration": "calibration",
+    "suppression": "small cells",
+}
+
 _TEMPLATE = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined).from_string(
     """<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
@@ -66,10 +76,11 @@ th{background:#f3f3f3}.fig{display:inline-block;vertical-align:top;margin:.5em}
 <tr><th>task</th><td>{{ c.task_text }}</td></tr>
 <tr><th>input</th><td>{{ c.use.modalities|join(', ') }} radiograph, views {{ c.use.views|join(', ') }}</td></tr>
 <tr><th>unit</th><td>{{ c.use.unit }}</td></tr>
-<tr><th>population</th><td>ages {{ c.use.min_age if c.use.min_age is not none else 'any' }} to
- {{ c.use.max_age if c.use.max_age is not none else 'any' }}{% if c.use.window_days is not none %}, image within
- {{ c.use.window_days }} days of the swab{% endif %}
- {% if c.use.population %}; {{ c.use.population }}{% endif %}</td></tr>
+<tr><th>population</th><td>{% set lo, hi = c.use.min_age, c.use.max_age -%}
+{% if lo is not none and hi is not none %}ages {{ lo }} to {{ hi }}{% elif lo is not none %}ages {{ lo }} and over
+{%- elif hi is not none %}ages up to {{ hi }}{% else %}any age{% endif %}
+{%- if c.use.window_days is not none %}, image within {{ c.use.window_days }} days of the swab{% endif %}
+{%- if c.use.population %}; {{ c.use.population }}{% endif %}</td></tr>
 <tr><th>output</th><td>score in [0, 1], vendor's threshold {{ c.use.threshold }}</td></tr>
 </table>
 <h2>Cohort and predictions</h2>
@@ -137,7 +148,8 @@ small count follows from the totals.</p>
 {% else %}<tr><td>{{ l.level }}</td><td>{{ l.n }}</td><td>{{ l.positives }}</td><td>{{ l.negatives }}</td>
 <td>{{ fmt(l.auc) }}</td><td>{{ fmt(l.sensitivity) }}</td><td>{{ fmt(l.specificity) }}</td></tr>{% endif %}
 {% endfor %}</table>{% endfor %}{% endfor %}
-<h2>Methods</h2><table>{% for k, v in r.methods.items() %}<tr><th>{{ k }}</th><td>{{ v }}</td></tr>{% endfor %}</table>
+<h2>Methods</h2><table>{% for k, v in r.methods.items() %}<tr><th>{{ METHOD_TITLES.get(k, k) }}</th><td>{{ v }}</td>
+</tr>{% endfor %}</table>
 {% endif %}
 {% if c.logs %}<h2>Logs of the dry run (synthetic data)</h2>
 <h3>standard output</h3><pre>{{ c.logs.stdout }}</pre><h3>standard error</h3><pre>{{ c.logs.stderr }}</pre>{% endif %}
@@ -188,7 +200,9 @@ def write_report(
         files["figures/operating_point.json"] = json.dumps(operating_point_data(results), indent=1)
         files["roc_points.csv"] = roc_csv(results)
     op_json = json.dumps(operating_point_data(results)) if svgs else "{}"
-    html = _TEMPLATE.render(c=context, r=results, svg=svgs, fmt=_fmt, op_json=op_json.replace("</", "<\\/"))
+    html = _TEMPLATE.render(
+        c=context, r=results, svg=svgs, fmt=_fmt, op_json=op_json.replace("</", "<\\/"), METHOD_TITLES=METHOD_TITLES
+    )
     files["report.html"] = html
     files["report.json"] = json.dumps({"run": context_for_json(context), "results": results}, indent=1)
     sums = {}
