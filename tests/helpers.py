@@ -138,3 +138,38 @@ def loaded_radiograph_warehouse(root, *, seed: int, patients: int, signal: float
     finally:
         catalog.close()
     return store
+
+
+def header_end(data: bytes) -> int:
+    """Where the header of a DICOM file's bytes ends: after the pixel data element's tag, VR and length (the
+    whole file when it has none)."""
+    return data.rindex(b"\xe0\x7f\x10\x00") + 12 if b"\xe0\x7f\x10\x00" in data else len(data)
+
+
+def header_mutants(seeds: dict[str, bytes], *, within: int | None = None):
+    """A hypothesis strategy: one of `seeds` with 1 to 4 random edits (a bit flipped, a byte set, the file cut,
+    bytes inserted or deleted) after the preamble and inside its header (its first `within` bytes, if given)."""
+    from hypothesis import strategies as st
+
+    @st.composite
+    def mutants(draw) -> bytes:
+        seed = seeds[draw(st.sampled_from(sorted(seeds)))]
+        data = bytearray(seed)
+        end = header_end(seed) if within is None else min(header_end(seed), within)
+        for _ in range(draw(st.integers(1, 4))):
+            kind = draw(st.sampled_from(["flip", "byte", "cut", "insert", "delete"]))
+            at = draw(st.integers(128, max(128, min(end, len(data)) - 1)))
+            if kind == "flip":
+                data[at] ^= 1 << draw(st.integers(0, 7))
+            elif kind == "byte":
+                data[at] = draw(st.integers(0, 255))
+            elif kind == "cut":
+                del data[at:]
+                break
+            elif kind == "insert":
+                data[at:at] = draw(st.binary(min_size=1, max_size=8))
+            else:
+                del data[at : at + draw(st.integers(1, 8))]
+        return bytes(data)
+
+    return mutants()

@@ -25,9 +25,8 @@ import pydicom
 import pydicom.config
 import pydicom.data
 import pytest
-from helpers import image
+from helpers import header_end, header_mutants, image
 from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 from pydicom.charset import convert_encodings
 from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
@@ -858,7 +857,7 @@ def test_crafted_headers_and_quarantined_files_give_what_the_code_before_gave():
 def test_a_file_shorter_than_the_store_listed_gives_what_the_code_before_gave(name):
     """The store lists a size, then delivers fewer bytes (the file was cut meanwhile): the same reasons."""
     data = cases()[name]
-    for cut in [*range(132, min(_header_end(data) + 16, 4096)), len(data) - 1]:  # every byte of the header
+    for cut in [*range(132, min(header_end(data) + 16, 4096)), len(data) - 1]:  # every byte of the header
         found = outcome(data[:cut], reference=False, bounded=True, size=len(data))
         assert found == outcome(data[:cut], reference=True, bounded=True, size=len(data)), (name, cut)
 
@@ -914,34 +913,8 @@ def _seed_files() -> dict[str, bytes]:
 SEEDS = _seed_files()
 
 
-def _header_end(data: bytes) -> int:
-    return data.rindex(b"\xe0\x7f\x10\x00") + 12 if b"\xe0\x7f\x10\x00" in data else len(data)
-
-
-@st.composite
-def mutants(draw) -> bytes:
-    seed = SEEDS[draw(st.sampled_from(sorted(SEEDS)))]
-    data = bytearray(seed)
-    end = min(_header_end(seed), 4096)
-    for _ in range(draw(st.integers(1, 4))):
-        kind = draw(st.sampled_from(["flip", "byte", "cut", "insert", "delete"]))
-        at = draw(st.integers(128, max(128, min(end, len(data)) - 1)))
-        if kind == "flip":
-            data[at] ^= 1 << draw(st.integers(0, 7))
-        elif kind == "byte":
-            data[at] = draw(st.integers(0, 255))
-        elif kind == "cut":
-            del data[at:]
-            break
-        elif kind == "insert":
-            data[at:at] = draw(st.binary(min_size=1, max_size=8))
-        else:
-            del data[at : at + draw(st.integers(1, 8))]
-    return bytes(data)
-
-
 @settings(max_examples=300, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
-@given(mutants())
+@given(header_mutants(SEEDS, within=4096))
 def test_any_mutant_gives_what_the_code_before_gave(data):
     assert_same("a mutant", data)
     assert_same("the mutant again (values seen before)", data, whole_object=False)

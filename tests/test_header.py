@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from helpers import configure, image, listing, put_clinical
+from helpers import configure, header_mutants, image, listing, put_clinical
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydicom.dataset import Dataset
@@ -463,34 +463,8 @@ SEEDS["rle"] = encode((lambda d: (d.compress(RLELossless), d)[1])(dataset("DX"))
 SEEDS["deflated"] = written(dataset("CT"), DeflatedExplicitVRLittleEndian)
 
 
-def _header_end(data: bytes) -> int:
-    return data.rindex(b"\xe0\x7f\x10\x00") + 12 if b"\xe0\x7f\x10\x00" in data else len(data)
-
-
-@st.composite
-def mutants(draw) -> bytes:
-    seed = SEEDS[draw(st.sampled_from(sorted(SEEDS)))]
-    data = bytearray(seed)
-    end = _header_end(seed)
-    for _ in range(draw(st.integers(1, 4))):
-        kind = draw(st.sampled_from(["flip", "byte", "cut", "insert", "delete"]))
-        at = draw(st.integers(128, max(128, min(end, len(data)) - 1)))
-        if kind == "flip":
-            data[at] ^= 1 << draw(st.integers(0, 7))
-        elif kind == "byte":
-            data[at] = draw(st.integers(0, 255))
-        elif kind == "cut":
-            del data[at:]
-            break
-        elif kind == "insert":
-            data[at:at] = draw(st.binary(min_size=1, max_size=8))
-        else:
-            del data[at : at + draw(st.integers(1, 8))]
-    return bytes(data)
-
-
 @settings(max_examples=300, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
-@given(mutants())
+@given(header_mutants(SEEDS))
 def test_any_mutant_is_one_named_reason_or_a_file_pydicom_reads_with_its_pixels(data):
     reason = examine(data)  # raises if anything but ImageRejected escapes
     assert examine(data, bounded=False) == reason  # small headers: both modes agree
