@@ -173,3 +173,14 @@ def header_mutants(seeds: dict[str, bytes], *, within: int | None = None):
         return bytes(data)
 
     return mutants()
+
+
+def written(ds, syntax: str | None = None) -> bytes:
+    """The bytes of `ds` as pydicom writes a DICOM file (in transfer syntax `syntax`, if given)."""
+    import io
+
+    if syntax is not None:
+        ds.file_meta.TransferSyntaxUID = syntax
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()

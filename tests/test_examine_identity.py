@@ -25,7 +25,7 @@ import pydicom
 import pydicom.config
 import pydicom.data
 import pytest
-from helpers import header_end, header_mutants, image
+from helpers import header_end, header_mutants, image, written
 from hypothesis import HealthCheck, given, settings
 from pydicom.charset import convert_encodings
 from pydicom.dataelem import DataElement, RawDataElement
@@ -700,14 +700,6 @@ STUDY, SERIES, SOP = "1.2.826.0.1.9", "1.2.826.0.1.9.1", "1.2.826.0.1.9.1.1"
 
 def base(modality: str = "CR") -> Dataset:
     return image("Covid7", STUDY, SERIES, SOP, modality=modality)[0]
-
-
-def written(ds: Dataset, syntax: str | None = None) -> bytes:
-    if syntax is not None:
-        ds.file_meta.TransferSyntaxUID = syntax
-    buffer = io.BytesIO()
-    ds.save_as(buffer, enforce_file_format=True)
-    return buffer.getvalue()
 
 
 def item(**values) -> Dataset:

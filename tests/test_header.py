@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from helpers import configure, header_mutants, image, listing, put_clinical
+from helpers import configure, header_mutants, image, listing, put_clinical, written
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydicom.dataset import Dataset
@@ -45,14 +45,6 @@ STUDY, SERIES, SOP = "1.2.826.7", "1.2.826.7.1", "1.2.826.7.1.1"
 
 def dataset(modality: str = "CR") -> Dataset:
     return image("Covid1", STUDY, SERIES, SOP, modality=modality)[0]
-
-
-def written(ds: Dataset, syntax: str | None = None) -> bytes:
-    if syntax is not None:
-        ds.file_meta.TransferSyntaxUID = syntax
-    buffer = io.BytesIO()
-    ds.save_as(buffer, enforce_file_format=True)
-    return buffer.getvalue()
 
 
 def examine(data: bytes, bounded: bool = True) -> str:
