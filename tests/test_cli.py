@@ -40,7 +40,7 @@ def test_demo_goes_from_identifiable_hospital_data_to_a_clean_warehouse(tmp_path
         assert {u.username for u in db.users()} >= {"admin", "datamanager", "validator", "northfield-uploader"}
 
     # the demo's own "try:" commands find the demo's catalog through the store alone (no --catalog)
-    assert f"nccid stats --store {store}" in out
+    assert f"nccid stats --store {store}" in out and f"nccid validate demo --store {store}" in out
     again_stats = nccid("stats", "--store", store).stdout
     total = re.compile(r"Total patients\s*│\s*\d+\s*│\s*\d+\s*│\s*([1-9]\d*)\s*│")
     assert total.search(again_stats) and total.search(again_stats)[1] == total.search(out)[1], again_stats

@@ -334,3 +334,4 @@ def run_demo(
         f"  nccid site check --store {where} --identifiers {sites[0].identifiers} "
         f"--key-file {directory / 'site.key'} --vault {directory / 'vault.sqlite'}"
     )
+    console.print(f"  nccid validate demo --store {where}   (AI models on the held-out set; the validation extra)")
