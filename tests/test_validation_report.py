@@ -159,6 +159,19 @@ def test_forest_plot_shows_every_level_not_suppressed_with_escaped_labels(result
     assert "&lt;script&gt;alert(&#39;site&#39;)&lt;/script&gt;" in html
 
 
+def test_a_level_of_negatives_only_shows_its_specificity_in_the_forest_plot():
+    truth = {f"c{i:03d}": {"label": int(i % 3 != 0), "site": "Northfield"} for i in range(60)}
+    truth |= {f"n{i:03d}": {"label": 0, "site": "Riverside"} for i in range(12)}  # a site that sent negatives only
+    scores = "".join(f"{c},{0.8 if t['label'] else 0.3}\n" for c, t in truth.items())
+    results = analyse(truth, parse_predictions("case,score\n" + scores, set(truth)), 0.5)
+    rows = {(r["attribute"], r["level"]): r for r in figures.forest_rows(results)}
+    assert rows[("site", "Riverside")]["metric"] == "specificity" and rows[("site", "Riverside")]["value"] == 1.0
+    assert rows[("site", "Northfield")]["metric"] == "auc"
+    _data, svg = figures.forest_figure(results)
+    labels = [t.text for t in ET.fromstring(svg).iter(f"{SVG}text")]
+    assert "site: Riverside (spec.)" in labels and "specificity (no AUC)" in labels
+
+
 def test_figures_still_draw_when_every_cell_is_suppressed(tmp_path):
     rng = np.random.default_rng(2)
     truth = {f"c{i}": {"label": i % 2, "site": "Northfield"} for i in range(40)}

@@ -72,7 +72,10 @@ class LegendEntry:
     label: str
 
 
-FOREST_LEGEND = [LegendEntry("line-dot", BLUE, "AUC"), LegendEntry("line-dot", ORANGE, "sensitivity (AUC not shown)"),
+#: what a forest row shows where a level's AUC cannot be computed (one class only), in order of preference
+FOREST_METRICS = {"auc": ("AUC", BLUE), "sensitivity": ("sens.", ORANGE), "specificity": ("spec.", GREEN)}
+FOREST_LEGEND = [LegendEntry("line-dot", BLUE, "AUC"), LegendEntry("line-dot", ORANGE, "sensitivity (no AUC)"),
+                 LegendEntry("line-dot", GREEN, "specificity (no AUC)"),
                  LegendEntry("dotted", GREY, "overall AUC")]  # fmt: skip
 
 
@@ -162,10 +165,11 @@ def _render(name: str, **values: Any) -> str:
 
 
 def _legend(plot: Plot, entries: list[LegendEntry]) -> list[dict[str, str]]:
-    """The legend's entries laid out in one row, centred under the plot (never over the data): each entry's
-    mark, colour and label with the x of its mark's start, middle and end and of its label."""
+    """The legend's entries laid out in one row, centred under the plot (never over the data; a legend wider than
+    the plot reaches left of it, never past the figure's left edge): each entry's mark, colour and label with
+    the x of its mark's start, middle and end and of its label."""
     widths = [46 + 6.2 * len(e.label) for e in entries]  # the mark, a gap, the label at ~6.2 px a character
-    x = max(plot.left, plot.left + (plot.width - sum(widths)) / 2)
+    x = max(8.0, plot.left + (plot.width - sum(widths)) / 2)
     laid_out = []
     for entry, width in zip(entries, widths, strict=True):
         laid_out.append({"mark": entry.mark, "colour": entry.colour, "label": entry.label, "x": _px(x),
@@ -232,16 +236,16 @@ def calibration_figure(results: dict) -> tuple[dict, str]:
 
 
 def forest_rows(results: dict) -> list[dict]:
-    """Every subgroup and robustness level not suppressed, with its AUC (or its sensitivity, where the AUC is
-    not shown) and 95% CI, in the report's order; levels with neither are left out."""
+    """Every subgroup and robustness level not suppressed, with its AUC (or, where the AUC is not shown, its
+    sensitivity, or for a level of negatives only its specificity) and 95% CI, in the report's order."""
     rows = []
     for section in ("subgroups", "robustness"):
         for table in results[section]:
             for level in table["levels"]:
                 if level["suppressed"]:
                     continue
-                metric = "auc" if level["auc"]["value"] is not None else "sensitivity"
-                if level[metric]["value"] is None:
+                metric = next((m for m in FOREST_METRICS if level[m]["value"] is not None), None)
+                if metric is None:
                     continue
                 rows.append({"section": section, "attribute": table["attribute"], "level": level["level"],
                              "metric": metric, **level[metric]})  # fmt: skip
@@ -254,21 +258,21 @@ def _cut(label: str) -> str:
 
 
 def forest_figure(results: dict) -> tuple[dict, str]:
-    """AUC (or sensitivity, where AUC cannot be computed) with 95% CI for every subgroup and robustness level
-    not suppressed as too small, against the overall AUC: returns the figure's data and the SVG."""
+    """AUC (or sensitivity or specificity, where AUC cannot be computed) with 95% CI for every subgroup and
+    robustness level not suppressed as too small, against the overall AUC: returns the figure's data and the SVG."""
     rows = forest_rows(results)
     row_height, top = 22, 38
     plot = Plot(left=360, top=top, width=510, height=row_height * max(len(rows), 1))
     drawn = []
     for i, row in enumerate(rows):
-        name = "AUC" if row["metric"] == "auc" else "sens."
+        name, colour = FOREST_METRICS[row["metric"]]
         value = row["value"]
         low = value if row["low"] is None else row["low"]
         high = value if row["high"] is None else row["high"]
         label = f"{row['attribute']}: {row['level']} ({name})"
         drawn.append({
             "y": _px(top + row_height * (i + 0.5)), "x": plot.x(value), "low": plot.x(low), "high": plot.x(high),
-            "colour": BLUE if row["metric"] == "auc" else ORANGE, "label": _cut(label),
+            "colour": colour, "label": _cut(label),
             "text": f"{label}: {value:.3f} ({low:.3f}-{high:.3f})",
         })  # fmt: skip
     overall = results["overall"]["auc"]["value"]
