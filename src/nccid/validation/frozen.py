@@ -39,7 +39,6 @@ import hashlib
 import json
 import os
 import secrets
-import shutil
 import stat
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -178,20 +177,6 @@ def _locked(folder: Path, how: int) -> int | None:
     return fd
 
 
-def _discard(folder: Path) -> None:
-    """Delete a folder the harness made read-only, tolerating another process deleting it at the same time.
-    Raises OSError if it could not be deleted."""
-    for root, dirs, _files in os.walk(folder):
-        for name in dirs:
-            with contextlib.suppress(OSError):
-                os.chmod(os.path.join(root, name), 0o700)
-    with contextlib.suppress(OSError):
-        folder.chmod(0o700)
-    shutil.rmtree(folder, ignore_errors=True)
-    if folder.exists():
-        remove_tree(folder)  # says why
-
-
 class CohortShelf:
     """The frozen cohorts of a workspace (`<workspace>/cohorts/`).
 
@@ -287,7 +272,7 @@ class CohortShelf:
             os.rename(staging, self.root / cohort_id)
         except OSError as exc:
             os.close(fd)
-            _discard(staging)
+            remove_tree(staging)
             if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
                 raise
             frozen, changed = self.open(cohort_id)  # frozen by another run meanwhile
@@ -299,7 +284,7 @@ class CohortShelf:
             return frozen
         except BaseException:
             os.close(fd)
-            _discard(staging)
+            remove_tree(staging)
             raise
         frozen = FrozenCohort(
             cohort_id, self.root / cohort_id, group, cohort, frozen_at, False, None, fd, record["stamps"]
@@ -329,7 +314,7 @@ class CohortShelf:
             os.rename(folder, grave)
         finally:
             os.close(fd)
-        _discard(grave)
+        remove_tree(grave)
         return True
 
     def in_use(self, cohort_id: str) -> bool:
@@ -384,7 +369,7 @@ class CohortShelf:
             if fd is None:
                 continue  # still being frozen (or already gone)
             try:
-                _discard(folder)  # under the lock: a freezer that makes a folder and locks it finds it gone
+                remove_tree(folder)  # under the lock: a freezer that makes a folder and locks it finds it gone
             finally:
                 os.close(fd)
             swept.append(folder.name)

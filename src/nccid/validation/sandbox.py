@@ -259,11 +259,19 @@ def run_direct(entry: list[str] | tuple[str, ...], model: Path, inputs: Path, ou
 
 
 def remove_tree(path: Path) -> None:
-    """Delete a folder the harness made read-only (the materialised cohort) or the sandbox's user filled."""
-    if not path.exists():
-        return
+    """Delete a folder the harness made read-only (a cohort's inputs) or the sandbox's user filled. Entries that
+    another process deletes at the same time are no error; raises OSError if the folder cannot be deleted."""
     for root, dirs, _files in os.walk(path):
         for name in dirs:
-            os.chmod(os.path.join(root, name), 0o700)
-    path.chmod(0o700)
-    shutil.rmtree(path)
+            with contextlib.suppress(FileNotFoundError):
+                os.chmod(os.path.join(root, name), 0o700)
+    try:
+        path.chmod(0o700)
+    except FileNotFoundError:
+        return
+
+    def gone_meanwhile(_function, _name, info) -> None:
+        if not isinstance(info[1], FileNotFoundError):
+            raise info[1]
+
+    shutil.rmtree(path, onerror=gone_meanwhile)

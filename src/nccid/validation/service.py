@@ -92,15 +92,13 @@ class _RunPlan:
     run: str
     folder: Path
     inputs: Path  # the read-only folder shown to the model as /input
-    discard_inputs: bool  # delete the inputs once the model has ended (a dry run's; a frozen cohort stays)
     cases: list[Case]
     limits: Limits
     min_cell: int
     times: dict[str, float]  # seconds per phase, filled in as the run goes
     started: str
     progress: Progress
-    frozen: FrozenCohort | None = None  # the frozen cohort a sealed run reads
-    check_inputs: Callable[[], None] | None = None  # raises if the inputs changed while the model ran
+    frozen: FrozenCohort | None = None  # a sealed run's frozen cohort (kept); a dry run's inputs are deleted
 
 
 @dataclass(frozen=True)
@@ -273,9 +271,9 @@ class Workspace:
             result = run_sandboxed(entry, model_dir, plan.inputs, output, private / "logs", plan.limits)
             plan.times["model run"] = result.seconds
             truth, cohort_manifest, version = prepared.result()
-            if plan.check_inputs:
-                plan.check_inputs()
-            removal = helper.submit(remove_tree, plan.inputs) if plan.discard_inputs else None
+            if plan.frozen:
+                self._unchanged_since_frozen(plan.frozen)
+            removal = helper.submit(remove_tree, plan.inputs) if plan.frozen is None else None
             warm.result()  # the analysis imports nothing the helper is still importing
             summary = self._report(plan, truth, cohort_manifest, version, result)
             if removal:
@@ -381,7 +379,7 @@ class Workspace:
             times = {"cohort": round(time.monotonic() - clock, 3)}
             manifest = {"cases": manifest_entries, "synthetic_seed": seed}
             plan = _RunPlan(
-                "dry_run", sub, run, folder, folder / "private" / "input", True, chosen, limits or Limits(),
+                "dry_run", sub, run, folder, folder / "private" / "input", chosen, limits or Limits(),
                 DEFAULT_MIN_CELL, times, started, progress,
             )  # fmt: skip
             return self._execute(plan, lambda: manifest)
@@ -423,8 +421,8 @@ class Workspace:
             run, folder = self._new_run("sealed_run")
             write_private(folder / "private" / "who", who)
             plan = _RunPlan(
-                "sealed_run", sub, run, folder, frozen.input, False, frozen.cohort.cases, limits or Limits(),
-                min_cell, times, started, progress, frozen, lambda: self._unchanged_since_frozen(frozen),
+                "sealed_run", sub, run, folder, frozen.input, frozen.cohort.cases, limits or Limits(), min_cell,
+                times, started, progress, frozen,
             )  # fmt: skip
             return self._execute(plan, lambda: self._frozen_manifest(frozen))
 
@@ -454,8 +452,7 @@ class Workspace:
             yield
         except FrozenCohortAltered as exc:
             self.cohorts.release(frozen)
-            if self.cohorts.drop(frozen.id):
-                audit.append(self.audit_path, "cohort_dropped", who, cohort=frozen.id, reason=str(exc))
+            self._drop_cohort(frozen.id, who, str(exc))
             raise
         finally:
             self.cohorts.release(frozen)
@@ -490,7 +487,7 @@ class Workspace:
         times["materialisation"] = round(time.monotonic() - clock, 3)
         try:
             for dropped, why in self.cohorts.prune(frozen, use):
-                audit.append(self.audit_path, "cohort_dropped", who, cohort=dropped, reason=why)
+                self._audit_drop(dropped, who, why)
         except BaseException:
             self.cohorts.release(frozen)
             raise
@@ -509,12 +506,21 @@ class Workspace:
             self.cohorts.release(frozen)
         else:
             return frozen
-        if not self.cohorts.drop(cohort_id):
+        if not self._drop_cohort(cohort_id, who, reason):
             raise ValidationRunError(
                 f"the frozen cohort {cohort_id[:12]} ({reason}) is being read by another run: try again when it ends"
             )
-        audit.append(self.audit_path, "cohort_dropped", who, cohort=cohort_id, reason=reason)
         return None
+
+    def _drop_cohort(self, cohort_id: str, who: str, reason: str) -> bool:
+        """Drop a frozen cohort unless a run holds it, and audit the drop. Returns whether it was dropped."""
+        dropped = self.cohorts.drop(cohort_id)
+        if dropped:
+            self._audit_drop(cohort_id, who, reason)
+        return dropped
+
+    def _audit_drop(self, cohort_id: str, who: str, reason: str) -> None:
+        audit.append(self.audit_path, "cohort_dropped", who, cohort=cohort_id, reason=reason)
 
     def _unchanged_since_frozen(self, frozen: FrozenCohort) -> None:
         """Raises FrozenCohortAltered if anything below the cohort's inputs changed since it was frozen (checked
@@ -558,9 +564,8 @@ class Workspace:
         if len(matches) != 1:
             why = "more than one frozen cohort starts so" if matches else "no frozen cohort"
             raise ValidationRunError(f"{why} {prefix}; `nccid validate cohorts` lists them")
-        if not self.cohorts.drop(matches[0]):
+        if not self._drop_cohort(matches[0], who, "dropped by the validator"):
             raise ValidationRunError(f"the frozen cohort {prefix} is being read by a run; drop it when that ends")
-        audit.append(self.audit_path, "cohort_dropped", who, cohort=matches[0], reason="dropped by the validator")
         return matches[0]
 
     # -- release and listing ---------------------------------------------------------------------------
