@@ -159,3 +159,44 @@ def test_a_load_costs_one_header_get_one_metadata_put_and_one_copy_per_image(sea
     assert not [r for r in records if r["operation"] == "REST.HEAD.OBJECT"]
     images = [r for r in records if "/images/" in r["key"] or r["key"].endswith(".dcm") or "-metadata/" in r["key"]]
     assert not [r for r in images if int(r.get("status") or 0) >= 400]  # no image request refused or repeated
+
+
+def test_a_write_whose_connection_drops_after_its_headers_stores_nothing(s3, monkeypatch):
+    """As when a loader is killed mid-write: the request's headers reach the server, its body never does. The
+    object must not appear (SeaweedFS keeps an empty one unless the body's Content-MD5 comes with it)."""
+    import socket
+    import threading
+    from urllib.parse import urlparse
+
+    upstream = urlparse(s3.endpoint_url)
+    listener = socket.create_server(("127.0.0.1", 0))
+    stop = threading.Event()
+
+    def cut_after_headers() -> None:
+        while not stop.is_set():
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return
+            with client, socket.create_connection((upstream.hostname, upstream.port)) as server:
+                head = b""
+                while b"\r\n\r\n" not in head and (part := client.recv(65536)):
+                    head += part
+                server.sendall(head.split(b"\r\n\r\n", 1)[0] + b"\r\n\r\n")  # the headers, no body
+                time.sleep(0.05)
+
+    proxy = threading.Thread(target=cut_after_headers, daemon=True)
+    proxy.start()
+    try:
+        port = listener.getsockname()[1]
+        monkeypatch.setattr("nccid.store.s3.ATTEMPTS", 2)  # botocore tries again once, not for a minute
+        cut = S3Store(s3.bucket, s3.prefix, endpoint_url=f"http://127.0.0.1:{port}")
+        with pytest.raises(StoreError, match=r"training/xray-metadata/P/1/2/3\.json"):
+            cut.write("training/xray-metadata/P/1/2/3.json", b'{"whole": "metadata"}' * 50, overwrite=False)
+    finally:
+        stop.set()
+        listener.close()
+        proxy.join(timeout=10)
+    time.sleep(0.5)  # the server has seen every cut request by now
+    assert s3.stat("training/xray-metadata/P/1/2/3.json") is None
+    s3.write("training/xray-metadata/P/1/2/3.json", b"{}", overwrite=False)  # and the next run can write it

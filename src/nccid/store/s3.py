@@ -14,6 +14,8 @@ botocore, for its retries and its error codes; the requests and their meaning ar
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import io
 import os
 import re
@@ -43,6 +45,7 @@ from nccid.store.base import (
     check_prefix,
 )
 
+ATTEMPTS = 8  # botocore's tries of a request that fails (standard retry mode, backing off up to 20 s)
 BLOCK = 16 * 1024  # ranged-read granularity: one GET covers most DICOM headers
 MULTIPART = 64 * 1024 * 1024
 _NOT_FOUND = {"404", "NoSuchKey", "NotFound"}
@@ -141,7 +144,7 @@ class S3Store(ObjectStore):
                 if self._client is None or self._pid != os.getpid():
                     session = boto3.session.Session(profile_name=self.profile)
                     config = Config(
-                        retries={"max_attempts": 8, "mode": "standard"},
+                        retries={"max_attempts": ATTEMPTS, "mode": "standard"},
                         max_pool_connections=64,
                         s3={"addressing_style": "path"} if self.endpoint_url else {},
                         tcp_keepalive=True,
@@ -368,7 +371,9 @@ class S3Store(ObjectStore):
     # -- writing ---------------------------------------------------------------------------------------
     def write(self, key: str, data: bytes | BinaryIO, *, overwrite: bool = True) -> ObjectInfo:
         """PutObject for bytes (create-only by `If-None-Match: *` with `overwrite=False`), a managed upload
-        (multipart above MULTIPART bytes) for a file object; S3 makes either visible whole or not at all.
+        (multipart above MULTIPART bytes) for a file object; S3 makes either visible whole or not at all. Bytes
+        go with their Content-MD5, so that a server never keeps a body cut short (SeaweedFS stores an empty
+        object when the connection drops right after the headers, as when a loader is killed mid-write).
         Returns the stored object's info; raises ObjectExists on an existing key with `overwrite=False`, and
         StoreError naming the key and the server's error code for any other refusal."""
         full = self._key(key)
@@ -376,26 +381,31 @@ class S3Store(ObjectStore):
         try:
             if isinstance(data, bytes | bytearray | memoryview):
                 body = bytes(data)
+                digest = base64.b64encode(hashlib.md5(body, usedforsecurity=False).digest()).decode()
                 if body:
-                    info = self._lean_put(key, full, body, overwrite)
+                    info = self._lean_put(key, full, body, overwrite, digest)
                     if info is not None:
                         return info
                 client = self.client if body else self._closing_client()
-                reply = client.put_object(Bucket=self.bucket, Key=full, Body=body, **extra)
+                reply = client.put_object(Bucket=self.bucket, Key=full, Body=body, ContentMD5=digest, **extra)
                 return ObjectInfo(key=key, size=len(body), checksum=reply["ETag"].strip('"'), mtime=time.time())
             if not overwrite and self.stat(key) is not None:
                 raise ObjectExists(f"object {key!r} already exists in {self.url}")
             self.client.upload_fileobj(data, self.bucket, full, Config=TransferConfig(multipart_threshold=MULTIPART))
         except ClientError as exc:
             raise self._fail(exc, key) from exc
+        except BotoCoreError as exc:  # the connection failed after botocore's retries: nothing was stored
+            raise StoreError(f"{self.url}{key}: {exc}") from exc
         info = self.stat(key)
         assert info is not None
         return info
 
-    def _lean_put(self, key: str, full: str, body: bytes, overwrite: bool) -> ObjectInfo | None:
-        """PutObject through urllib3: the stored object's info, ObjectExists (412 on a create-only write), or
-        None for any other answer (the caller asks again through botocore for its retries and error codes)."""
-        reply = self._lean("PUT", full, {} if overwrite else {"If-None-Match": "*"}, body)
+    def _lean_put(self, key: str, full: str, body: bytes, overwrite: bool, digest: str) -> ObjectInfo | None:
+        """PutObject through urllib3 (`digest`: the body's Content-MD5): the stored object's info, ObjectExists
+        (412 on a create-only write), or None for any other answer (the caller asks again through botocore for
+        its retries and error codes)."""
+        headers = {"Content-MD5": digest, **({} if overwrite else {"If-None-Match": "*"})}
+        reply = self._lean("PUT", full, headers, body)
         if reply is None:
             return None
         status, headers, _ = reply
